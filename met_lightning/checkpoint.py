@@ -1,0 +1,77 @@
+"""Trainable-only checkpoints: the adapters and heads in safetensors, plus the config to rebuild.
+
+Like HF peft's `save_pretrained`: the frozen backbone is not stored; `load_trainable` rebuilds it
+from the recorded `backbone` config and loads the trainable tensors on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from met_lightning.builders import build_backbone, build_network
+from met_lightning.errors import CheckpointError
+
+FORMAT = "met_lightning.trainable/1"
+FILENAME = "trainable.safetensors"
+
+
+def save_trainable(net: torch.nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
+    """Write `net.trainable_state_dict()` and `config` (JSON in the metadata) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.trainable_state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config) of a trainable checkpoint; a clear error if missing or not ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not safetensors: {err}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a met_lightning trainable checkpoint "
+            f"(format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
+    return tensors, json.loads(metadata["config"])
+
+
+def load_trainable(path: str | Path, weights_file: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network of a trainable checkpoint (backbone from its recorded config).
+
+    `weights_file` overrides the recorded backbone weights file (e.g. after moving it).
+    """
+    tensors, config = read_trainable(path)
+    backbone_cfg = dict(config["backbone"])
+    if weights_file is not None:
+        backbone_cfg["weights_file"] = weights_file
+    backbone = build_backbone(backbone_cfg)
+    net = build_network(config["method"], config["model"], backbone, config["num_classes"])
+    expected = set(net.trainable_state_dict())
+    if set(tensors) != expected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the network its config builds "
+            f"(missing {sorted(expected - set(tensors))[:5]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:5]})"
+        )
+    net.load_state_dict(tensors, strict=False)
+    return net.eval(), config

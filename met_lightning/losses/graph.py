@@ -1,0 +1,73 @@
+"""Graph regularization of the early-exit features (scale-free Laplacian-energy ratio)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GRAPH_KINDS = ("label", "teacher")
+
+
+def pairwise_sq_dist(features: torch.Tensor) -> torch.Tensor:
+    """Squared distances [B, B] between the L2-normalized rows of features [B, d]."""
+    f = F.normalize(features, dim=-1)
+    return (2.0 - 2.0 * f @ f.T).clamp_min(0.0)
+
+
+def label_affinity(labels: torch.Tensor) -> torch.Tensor:
+    """Edges [B, B] (bool) between different samples with the same label."""
+    same = labels[:, None] == labels[None, :]
+    return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+
+
+def knn_affinity(teacher: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetric k-nearest-neighbour edges [B, B] (bool) by cosine similarity of teacher [B, d]."""
+    n = teacher.shape[0]
+    k = min(int(k), n - 1)
+    if k <= 0:
+        return torch.zeros(n, n, dtype=torch.bool, device=teacher.device)
+    t = F.normalize(teacher.detach(), dim=-1)
+    sim = t @ t.T
+    sim.fill_diagonal_(float("-inf"))
+    nearest = sim.topk(k, dim=1).indices
+    edges = torch.zeros(n, n, dtype=torch.bool, device=teacher.device)
+    edges.scatter_(1, nearest, True)
+    return edges | edges.T
+
+
+def graph_energy_ratio(features: torch.Tensor, edges: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean squared distance over `edges` / (mean over all pairs i != j + eps).
+
+    1 when the graph's edges are no closer than random pairs, towards 0 when they are tight;
+    0 when the graph has no edge.
+    """
+    n = features.shape[0]
+    if n < 2 or not bool(edges.any()):
+        return features.new_zeros(())
+    dist = pairwise_sq_dist(features)
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    within = dist[edges].mean()
+    total = dist[off_diag].mean()
+    return within / (total + eps)
+
+
+class GraphRegularizer(torch.nn.Module):
+    """`G_k` for one early exit: label graph, or k-NN graph of the last exit's (teacher) features."""
+
+    def __init__(self, kind: str = "label", teacher_knn: int = 4) -> None:
+        super().__init__()
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"graph kind {kind!r} not in {GRAPH_KINDS}")
+        self.kind = kind
+        self.teacher_knn = int(teacher_knn)
+
+    def edges(self, labels: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """The batch graph [B, B] shared by all early exits."""
+        if self.kind == "label":
+            return label_affinity(labels)
+        if teacher is None:
+            raise ValueError("graph=teacher needs the last exit's features")
+        return knn_affinity(teacher, self.teacher_knn)
+
+    def forward(self, features: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        return graph_energy_ratio(features, edges)

@@ -1,0 +1,60 @@
+"""The MET training objective: weighted per-exit cross-entropy + graph regularization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from met_lightning.losses.graph import GraphRegularizer
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # scalar
+    ce: torch.Tensor  # [K] cross-entropy of each exit
+    graph: torch.Tensor  # [K-1] G_k of each early exit (zeros when off)
+
+
+class MultiExitLoss(nn.Module):
+    """`L = sum_k w_k CE(head_k, y) + lambda * sum_{k<K} G_k`."""
+
+    def __init__(
+        self,
+        num_exits: int,
+        exit_weights: Sequence[float] | None = None,
+        graph: str = "label",
+        graph_weight: float = 0.1,
+        teacher_knn: int = 4,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
+        if len(weights) != num_exits:
+            raise ValueError(f"{len(weights)} exit weights for {num_exits} exits")
+        self.register_buffer("exit_weights", torch.tensor(weights), persistent=False)
+        self.graph_weight = float(graph_weight)
+        self.graph = GraphRegularizer(graph, teacher_knn)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> LossParts:
+        """logits [B, K, C], features [B, K, d] (head inputs), labels [B]."""
+        num_exits = logits.shape[1]
+        ce = torch.stack(
+            [
+                F.cross_entropy(logits[:, k], labels, label_smoothing=self.label_smoothing)
+                for k in range(num_exits)
+            ]
+        )
+        total = (self.exit_weights.to(ce.dtype) * ce).sum()
+        graph = ce.new_zeros(num_exits - 1)
+        if self.graph_weight > 0 and num_exits > 1:
+            edges = self.graph.edges(labels, features[:, -1])
+            graph = torch.stack(
+                [self.graph(features[:, k].float(), edges) for k in range(num_exits - 1)]
+            )
+            total = total + self.graph_weight * graph.sum()
+        return LossParts(total=total, ce=ce.detach(), graph=graph.detach())

@@ -1,0 +1,117 @@
+"""Training entry: `python -m met_lightning [overrides]` (a Hydra app; the demo by default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from dotenv import load_dotenv
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from met_lightning.builders import build_backbone, build_loss, build_network
+from met_lightning.checkpoint import FILENAME, save_trainable
+from met_lightning.config import config_dir, validate_config
+from met_lightning.data.base import InputSpec
+from met_lightning.errors import CheckpointError, MetError
+from met_lightning.training.module import MultiExitClassifier
+from met_lightning.training.summary import report_summary
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a callbacks / logger group."""
+    if not group:
+        return []
+    return [instantiate(item) for item in group.values() if item and "_target_" in item]
+
+
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    if ckpt_path is None:
+        return None
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path!r} does not exist; give a Lightning .ckpt file")
+    return str(ckpt_path)
+
+
+def rebuild_config(cfg: DictConfig, num_classes: int, input_spec: InputSpec) -> dict[str, Any]:
+    """What a trainable checkpoint records to rebuild its network without the training config."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "method": container["method"],
+        "model": container["model"],
+        "backbone": container["backbone"],
+        "num_classes": num_classes,
+        "input_spec": asdict(input_spec),
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build, fit, test, export the trainable weights and print the summary."""
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    L.seed_everything(cfg.seed, workers=True)
+
+    backbone = build_backbone(cfg.backbone)
+    datamodule = instantiate(cfg.data)
+    input_spec = InputSpec.from_timm(backbone)
+    datamodule.set_input_spec(input_spec)
+    net = build_network(cfg.method, cfg.model, backbone, datamodule.num_classes)
+    module = MultiExitClassifier(
+        net,
+        build_loss(cfg.model, net.num_exits),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = dict(trainer.callback_metrics)
+    if cfg.get("test", True):
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(trainer.callback_metrics)
+
+    save_trainable(net, output_dir / FILENAME, rebuild_config(cfg, datamodule.num_classes, input_spec))
+    report_summary(net, metrics, output_dir)
+    log.info("run folder: %s", output_dir)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _task(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except MetError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def main() -> None:
+    """Console entry point: load `.env`, then run the Hydra app."""
+    load_dotenv(override=False)
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""LightningModule that trains every exit of a multi-exit network jointly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from met_lightning.errors import CheckpointError
+from met_lightning.losses.multi_exit import MultiExitLoss
+
+STAGES = ("train", "val", "test")
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters())
+
+
+class MultiExitClassifier(L.LightningModule):
+    """Logs `stage/acc_exit{k}` for every exit and `stage/acc` for the last one.
+
+    Checkpoints hold the trainable parameters only: the frozen backbone is rebuilt from config.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: MultiExitLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.strict_loading = False  # the frozen backbone is not in our checkpoints
+        num_exits, num_classes = net.num_exits, net.num_classes
+        # keys are "train_acc" etc.: a plain "train" would shadow nn.Module.train
+        self.accuracy = nn.ModuleDict(
+            {
+                f"{stage}_acc": nn.ModuleList(
+                    MulticlassAccuracy(num_classes=num_classes, average="micro")
+                    for _ in range(num_exits)
+                )
+                for stage in STAGES
+            }
+        )
+        self.val_loss = MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.num_trainable, self.num_total = count_parameters(net)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of every exit [B, K, C]."""
+        return self.net(images).logits
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str):
+        images, labels = batch
+        out = self.net(images)
+        parts = self.loss(out.logits, out.features, labels)
+        for k, metric in enumerate(self.accuracy[f"{stage}_acc"]):
+            metric.update(out.logits[:, k].detach(), labels)
+        return parts
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        parts = self._shared_step(batch, "train")
+        if not torch.isfinite(parts.total):
+            raise FloatingPointError(
+                f"non-finite training loss {parts.total.item()} at step {self.global_step} "
+                f"(ce per exit {parts.ce.tolist()}, graph {parts.graph.tolist()})"
+            )
+        bs = batch[0].shape[0]
+        self.log("train/loss", parts.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        logs = {f"train/ce_exit{k + 1}": v for k, v in enumerate(parts.ce)}
+        logs.update({f"train/graph_exit{k + 1}": v for k, v in enumerate(parts.graph)})
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=bs)
+        return parts.total
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        parts = self._shared_step(batch, "val")
+        self.val_loss.update(parts.total, weight=batch[0].shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    # ------------------------------------------------------------------ epoch ends
+    def _log_accuracy(self, stage: str) -> torch.Tensor:
+        values = [metric.compute() for metric in self.accuracy[f"{stage}_acc"]]
+        for metric in self.accuracy[f"{stage}_acc"]:
+            metric.reset()
+        self.log_dict({f"{stage}/acc_exit{k + 1}": v for k, v in enumerate(values)})
+        self.log(f"{stage}/acc", values[-1], prog_bar=True)
+        return values[-1]
+
+    def on_train_epoch_end(self) -> None:
+        self._log_accuracy("train")
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self._log_accuracy("val")
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(acc)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def on_fit_start(self) -> None:
+        counts = {"params/trainable": self.num_trainable, "params/total": self.num_total}
+        for logger in self.loggers:
+            logger.log_hyperparams(counts)
+            logger.log_metrics(counts, step=0)
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, total_steps=total, steps_per_epoch=total / epochs
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = set(checkpoint.get("state_dict", {}))
+        expected = self._trainable_keys()
+        if stored != expected:
+            missing, extra = sorted(expected - stored), sorted(stored - expected)
+            raise CheckpointError(
+                "checkpoint does not match this model's trainable parameters "
+                f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                f"{extra[:5]}{'...' if len(extra) > 5 else ''}): it was made with another "
+                "method / model / backbone config"
+            )
