@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from met_lightning.errors import ConfigError
 from met_lightning.losses.graph import GRAPH_KINDS
@@ -83,16 +83,30 @@ class BackboneSchema:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def _schema_fields(schema: type, path: list[str]) -> list[str]:
+    """Field names of the (nested) dataclass that `path` points into."""
+    for part in path:
+        field_type = schema.__dataclass_fields__[part].type
+        schema = field_type if isinstance(field_type, type) else globals()[field_type]
+    return list(schema.__dataclass_fields__)
+
+
 def _typed(cfg: DictConfig, key: str, schema: type) -> DictConfig:
     """cfg[key] resolved and merged into `schema`: unknown keys and wrong types raise ConfigError."""
     try:
         plain = OmegaConf.to_container(cfg[key], resolve=True)
         return OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except ConfigKeyError as err:
+        parts = str(err.full_key).split(".")
+        try:
+            valid = ", ".join(_schema_fields(schema, parts[:-1]))
+        except (KeyError, TypeError):
+            valid = ", ".join(_schema_fields(schema, []))
+        raise ConfigError(f"{key}.{err.full_key}: unknown key (valid keys there: {valid})") from None
     except OmegaConfBaseException as err:
         full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
-        valid = ", ".join(f.name for f in schema.__dataclass_fields__.values())
         msg = getattr(err, "msg", str(err)).splitlines()[0]
-        raise ConfigError(f"{full_key}: {msg} (valid keys of {key}: {valid})") from None
+        raise ConfigError(f"{full_key}: {msg}") from None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
 
 log = logging.getLogger(__name__)
+
+# The frozen backbone is in eval mode on purpose; the run folder holds config.yaml before metrics.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from met_lightning.errors import BackboneError
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+HUB_HOST = "huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,22 @@ def create_backbone(
                 f"backbone.name={name!r}: {type(err).__name__}: {_first_line(err)}"
             ) from None
     elif pretrained:
+        # Offline, huggingface_hub would retry for about a minute before using its cache.
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not hub_reachable()
         try:
-            model = _create(name, model_kwargs, pretrained=True)
+            with _hub_offline() if offline else nullcontext():
+                model = _create(name, model_kwargs, pretrained=True)
         except BackboneError:
             raise
         except Exception as err:  # noqa: BLE001 - network / hub errors come in many types
+            reason = (
+                f"{HUB_HOST} is not reachable and they are not in the local cache"
+                if offline
+                else f"{type(err).__name__}: {_first_line(err)}"
+            )
             raise BackboneError(
                 f"could not get pretrained weights for backbone.name={name!r} from the hub "
-                f"({type(err).__name__}: {_first_line(err)}). Either connect to the internet "
+                f"({reason}). Either connect to the internet "
                 "(weights are cached under HF_HOME / TORCH_HOME), or download them elsewhere and "
                 "pass backbone.weights_file=/path/to/weights.(npz|pth|safetensors), or train "
                 "from random weights with backbone.pretrained=false."
@@ -147,6 +160,28 @@ def create_backbone(
         model = _create(name, model_kwargs, pretrained=False)
     _check_supported(model, name)
     return freeze(model)
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the weights hub opens within `timeout` seconds."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Serve hub downloads from the local cache only (huggingface_hub's offline mode)."""
+    import huggingface_hub.constants as hub_constants
+
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
 
 
 def freeze(model: nn.Module) -> nn.Module:

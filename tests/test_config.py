@@ -1,0 +1,71 @@
+"""Config validation fails before training, naming the key; the real configs compose."""
+
+import pytest
+
+from met_lightning.config import validate_config
+from met_lightning.errors import ConfigError
+from tests.conftest import compose_config, run_cli
+
+
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["model.exits=[3,6,9,13]"], "model.exits", "outside 1..12"),
+        (["model.exits=[6,3,9,12]"], "model.exits", "not sorted"),
+        (["model.exits=[3,3,9,12]"], "model.exits", "duplicate"),
+        (["model.exits=[3,6,9]"], "model.exits", "last block 12"),
+        (["model.adapter.rank=0"], "model.adapter.rank", "positive"),
+        (["model.adapter.rank=-4"], "model.adapter.rank", "positive"),
+        (
+            ["model.adapter.separate_cls=false", "model.adapter.exit_specific=true"],
+            "model.adapter.exit_specific",
+            "separate_cls",
+        ),
+        (["+model.adapter.rnk=4"], "model.adapter.rnk", "valid keys there: rank, exit_specific"),
+        (["model.adapter.rank=abc"], "model.adapter.rank", "could not be converted"),
+        (["model.adapter.sites=[attn,ffn]"], "model.adapter.sites", "attn"),
+        (["model.loss.graph=knn"], "model.loss.graph", "label"),
+        (["model.loss.graph_weight=-1"], "model.loss.graph_weight", ">= 0"),
+        (["model.loss.exit_weights=[1,1]"], "model.loss.exit_weights", "one weight per exit"),
+        (["data.batch_size=0"], "data.batch_size", "positive"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs", "positive"),
+        (["+modle.exits=[1]"], "modle", "unknown top-level"),
+        (["backbone.name=vit_nonexistent"], "backbone.name", "not a timm model"),
+    ],
+)
+def test_invalid_config_names_key(tmp_path, overrides, key, hint):
+    cfg = compose_config(overrides, tmp_path)
+    with pytest.raises(Exception) as info:
+        validate_config(cfg)
+    assert info.type.__name__ in ("ConfigError", "BackboneError")
+    assert key in str(info.value) and hint in str(info.value)
+
+
+def test_default_config_is_valid(tmp_path):
+    validate_config(compose_config([], tmp_path))
+
+
+def test_experiment_composes(tmp_path):
+    cfg = compose_config(["+experiment=demo", "model.adapter.rank=4"], tmp_path)
+    validate_config(cfg)
+    assert cfg.model.adapter.rank == 4 and cfg.backbone.name == "vit_tiny_patch16_224"
+
+
+def test_cli_config_error_is_one_line_without_traceback(tmp_path):
+    result = run_cli(["model.exits=[3,6,9,14]", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.exits" in result.stderr and "outside 1..12" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # failed before training
+
+
+def test_cli_unknown_override_key_is_reported(tmp_path):
+    result = run_cli(["model.adapter.rnk=4", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "model.adapter.rnk" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_error_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        validate_config(compose_config(["model.adapter.rank=0"], tmp_path))
