@@ -20,7 +20,9 @@ def build_backbone(backbone_cfg: Any) -> nn.Module:
     return instantiate(as_config(backbone_cfg))
 
 
-def build_network(method_cfg: Any, model_cfg: Any, backbone: nn.Module, num_classes: int) -> nn.Module:
+def build_network(
+    method_cfg: Any, model_cfg: Any, backbone: nn.Module, num_classes: int
+) -> nn.Module:
     """The method's network (MET: a MultiExitViT) around `backbone`."""
     build = instantiate(as_config(method_cfg).build)
     return build(backbone=backbone, num_classes=num_classes, model=as_config(model_cfg))

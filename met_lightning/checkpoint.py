@@ -46,7 +46,9 @@ def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not safetensors: {err}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not safetensors: {err}"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a met_lightning trainable checkpoint "
@@ -55,7 +57,9 @@ def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, json.loads(metadata["config"])
 
 
-def load_trainable(path: str | Path, weights_file: str | None = None) -> tuple[torch.nn.Module, dict]:
+def load_trainable(
+    path: str | Path, weights_file: str | None = None
+) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network of a trainable checkpoint (backbone from its recorded config).
 
     `weights_file` overrides the recorded backbone weights file (e.g. after moving it).

@@ -92,7 +92,7 @@ def _schema_fields(schema: type, path: list[str]) -> list[str]:
 
 
 def _typed(cfg: DictConfig, key: str, schema: type) -> DictConfig:
-    """cfg[key] resolved and merged into `schema`: unknown keys and wrong types raise ConfigError."""
+    """cfg[key] resolved and merged into `schema`; unknown keys / wrong types raise ConfigError."""
     try:
         plain = OmegaConf.to_container(cfg[key], resolve=True)
         return OmegaConf.merge(OmegaConf.structured(schema), plain)
@@ -102,7 +102,9 @@ def _typed(cfg: DictConfig, key: str, schema: type) -> DictConfig:
             valid = ", ".join(_schema_fields(schema, parts[:-1]))
         except (KeyError, TypeError):
             valid = ", ".join(_schema_fields(schema, []))
-        raise ConfigError(f"{key}.{err.full_key}: unknown key (valid keys there: {valid})") from None
+        raise ConfigError(
+            f"{key}.{err.full_key}: unknown key (valid keys there: {valid})"
+        ) from None
     except OmegaConfBaseException as err:
         full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
         msg = getattr(err, "msg", str(err)).splitlines()[0]
@@ -132,7 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _require(
         loss.graph_weight >= 0,
-        f"model.loss.graph_weight={loss.graph_weight} must be >= 0 (0 turns graph regularization off)",
+        f"model.loss.graph_weight={loss.graph_weight} must be >= 0 (0 turns it off)",
     )
     _require(loss.teacher_knn >= 1, f"model.loss.teacher_knn={loss.teacher_knn} must be >= 1")
     _require(
@@ -160,8 +162,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
     _require(
-        max_epochs is None or (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)),
-        f"trainer.max_epochs={max_epochs} must be a positive integer (or -1 with trainer.max_steps)",
+        max_epochs is None
+        or (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)),
+        f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with trainer.max_steps)",
     )
     _require(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
 

@@ -28,7 +28,9 @@ class ExitCosts:
         return self.to_exit[k] / self.full
 
 
-def block_macs(spec: BackboneSpec, num_tokens: int, adapter_rank: int = 0, num_sites: int = 0) -> int:
+def block_macs(
+    spec: BackboneSpec, num_tokens: int, adapter_rank: int = 0, num_sites: int = 0
+) -> int:
     """MACs of one transformer block over `num_tokens` tokens, with its E-adapters."""
     t, d, m = num_tokens, spec.embed_dim, spec.mlp_hidden
     attention = t * d * 3 * d + 2 * t * t * d + t * d * d

@@ -12,7 +12,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,7 +42,9 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     if ckpt_path is None:
         return None
     if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"ckpt_path={ckpt_path!r} does not exist; give a Lightning .ckpt file")
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path!r} does not exist; give a Lightning .ckpt file"
+        )
     return str(ckpt_path)
 
 
@@ -94,7 +96,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
         metrics.update(trainer.callback_metrics)
 
-    save_trainable(net, output_dir / FILENAME, rebuild_config(cfg, datamodule.num_classes, input_spec))
+    save_trainable(
+        net, output_dir / FILENAME, rebuild_config(cfg, datamodule.num_classes, input_spec)
+    )
     report_summary(net, metrics, output_dir)
     log.info("run folder: %s", output_dir)
     return {k: float(v) for k, v in metrics.items()}
@@ -113,8 +117,8 @@ def _task(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry point: load `.env`, then run the Hydra app."""
-    load_dotenv(override=False)
+    """Console entry point: load `.env` (from the working directory up), then run the Hydra app."""
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_task)()
 
 

@@ -31,8 +31,13 @@ def spec_formula(d, depth, r, exits, num_classes, sites, exit_specific):
 )
 def test_trainable_count_matches_formula(rank, exits, sites, exit_specific, separate_cls):
     net = MultiExitViT(
-        tiny_backbone(), 7, exits, rank=rank, exit_specific=exit_specific,
-        separate_cls=separate_cls, sites=sites,
+        tiny_backbone(),
+        7,
+        exits,
+        rank=rank,
+        exit_specific=exit_specific,
+        separate_cls=separate_cls,
+        sites=sites,
     )
     trainable, total = count_parameters(net)
     d, depth = TINY_KWARGS["embed_dim"], TINY_KWARGS["depth"]

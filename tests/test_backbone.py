@@ -1,4 +1,4 @@
-"""Backbone: local weight files in timm's formats, clear errors for bad names, files and offline hub."""
+"""Backbone: local weight files, clear errors for bad names, bad files and the offline hub."""
 
 import time
 
@@ -32,14 +32,18 @@ def test_local_weights_file(tmp_path, source, suffix):
 
 def test_missing_weights_file(tmp_path):
     with pytest.raises(BackboneError, match="backbone.weights_file=.*does not exist"):
-        create_backbone(TINY_NAME, weights_file=str(tmp_path / "nope.pth"), model_kwargs=TINY_KWARGS)
+        create_backbone(
+            TINY_NAME, weights_file=str(tmp_path / "nope.pth"), model_kwargs=TINY_KWARGS
+        )
 
 
 def test_weights_file_of_another_architecture(tmp_path, source):
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     with pytest.raises(BackboneError, match="could not be loaded into"):
-        create_backbone(TINY_NAME, weights_file=str(path), model_kwargs={**TINY_KWARGS, "embed_dim": 64})
+        create_backbone(
+            TINY_NAME, weights_file=str(path), model_kwargs={**TINY_KWARGS, "embed_dim": 64}
+        )
 
 
 def test_unknown_model_name():

@@ -1,4 +1,4 @@
-"""Graph regularization: ~1 for random features and labels, ~0 for clustered ones, safe edge cases."""
+"""Graph regularization: ~1 for random features/labels, ~0 for clustered ones, edge cases."""
 
 import torch
 
@@ -71,7 +71,9 @@ def test_multi_exit_loss_combines_parts():
     torch.testing.assert_close(plain.total, ce)
     assert plain.graph.tolist() == [0.0, 0.0]
 
-    weighted = MultiExitLoss(3, exit_weights=[0.5, 1, 2], graph_weight=0.3)(logits, features, labels)
+    weighted = MultiExitLoss(3, exit_weights=[0.5, 1, 2], graph_weight=0.3)(
+        logits, features, labels
+    )
     expected = (torch.tensor([0.5, 1, 2]) * weighted.ce).sum() + 0.3 * weighted.graph.sum()
     torch.testing.assert_close(weighted.total, expected)
     assert weighted.graph.shape == (2,) and (weighted.graph > 0).all()

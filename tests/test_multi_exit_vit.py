@@ -91,8 +91,12 @@ def test_shapes_and_stage_layout():
 def test_variants_train(exit_specific, separate_cls, sites):
     torch.manual_seed(0)
     net = MultiExitViT(
-        tiny_backbone(), 3, [2, 4], exit_specific=exit_specific,
-        separate_cls=separate_cls, sites=sites,
+        tiny_backbone(),
+        3,
+        [2, 4],
+        exit_specific=exit_specific,
+        separate_cls=separate_cls,
+        sites=sites,
     ).train()
     labels = torch.arange(24) % 3
     images = 2 * torch.randn(3, 3, 32, 32)[labels] + 0.1 * torch.randn(24, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""Training through the real `train()` entry: frozen weights untouched, artifacts complete, reload."""
+"""Training through the real `train()`: frozen weights untouched, artifacts complete, reload."""
 
 import json
 
@@ -11,8 +11,14 @@ from met_lightning.checkpoint import load_trainable, read_trainable
 from met_lightning.errors import CheckpointError
 from tests.conftest import TINY_OVERRIDES, compose_config
 
-FAST = [*TINY_OVERRIDES, "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
+FAST = [
+    *TINY_OVERRIDES,
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.progress_bar=null",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +56,28 @@ def test_frozen_backbone_bit_identical_after_training(trained):
 
 def test_run_folder_artifacts(trained):
     output_dir, metrics, _ = trained
-    for name in ("config.yaml", "metrics.csv", "trainable.safetensors", "summary.json",
-                 "checkpoints/last.ckpt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "trainable.safetensors",
+        "summary.json",
+        "checkpoints/last.ckpt",
+    ):
         assert (output_dir / name).is_file(), name
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["split"] == "test" and [e["block"] for e in summary["exits"]] == [2, 4]
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in summary["exits"])
     assert summary["exits"][0]["macs"] < summary["exits"][1]["macs"]
     header = (output_dir / "metrics.csv").read_text().splitlines()[0]
-    for key in ("val/acc", "val/acc_exit1", "val/acc_exit2", "train/acc_exit1", "test/acc_exit2",
-                "params/trainable", "train/graph_exit1"):
+    for key in (
+        "val/acc",
+        "val/acc_exit1",
+        "val/acc_exit2",
+        "train/acc_exit1",
+        "test/acc_exit2",
+        "params/trainable",
+        "train/graph_exit1",
+    ):
         assert key in header, key
     assert metrics["test/acc"] == pytest.approx(metrics["test/acc_exit2"])
 

@@ -35,7 +35,9 @@ def knn_affinity(teacher: torch.Tensor, k: int) -> torch.Tensor:
     return edges | edges.T
 
 
-def graph_energy_ratio(features: torch.Tensor, edges: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def graph_energy_ratio(
+    features: torch.Tensor, edges: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
     """Mean squared distance over `edges` / (mean over all pairs i != j + eps).
 
     1 when the graph's edges are no closer than random pairs, towards 0 when they are tight;
@@ -52,7 +54,7 @@ def graph_energy_ratio(features: torch.Tensor, edges: torch.Tensor, eps: float =
 
 
 class GraphRegularizer(torch.nn.Module):
-    """`G_k` for one early exit: label graph, or k-NN graph of the last exit's (teacher) features."""
+    """`G_k` of one early exit: label graph, or k-NN graph of the last exit's (teacher) features."""
 
     def __init__(self, kind: str = "label", teacher_knn: int = 4) -> None:
         super().__init__()

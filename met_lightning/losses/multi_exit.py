@@ -40,7 +40,9 @@ class MultiExitLoss(nn.Module):
         self.graph = GraphRegularizer(graph, teacher_knn)
         self.label_smoothing = float(label_smoothing)
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> LossParts:
+    def forward(
+        self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+    ) -> LossParts:
         """logits [B, K, C], features [B, K, d] (head inputs), labels [B]."""
         num_exits = logits.shape[1]
         ce = torch.stack(

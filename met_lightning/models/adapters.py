@@ -31,7 +31,9 @@ class EAdapter(nn.Module):
         return x + self.up(h * gamma)
 
     def extra_repr(self) -> str:
-        return f"dim={self.up.out_features}, rank={self.down.out_features}, gammas={len(self.gamma)}"
+        return (
+            f"dim={self.up.out_features}, rank={self.down.out_features}, gammas={len(self.gamma)}"
+        )
 
 
 def e_adapter_params(dim: int, rank: int, num_gammas: int) -> int:

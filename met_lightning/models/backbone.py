@@ -87,7 +87,9 @@ def spec_of(model: VisionTransformer, name: str = "") -> BackboneSpec:
 
 def _create(name: str, model_kwargs: dict[str, Any], pretrained: bool, **extra: Any) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs, **extra)
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=0, **model_kwargs, **extra
+        )
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise BackboneError(
@@ -119,7 +121,7 @@ def create_backbone(
         if not path.is_file():
             raise BackboneError(
                 f"backbone.weights_file={weights_file!r} does not exist. Give the path of a "
-                f"local checkpoint ({', '.join(WEIGHT_SUFFIXES)}) or set backbone.weights_file=null."
+                f"local file ({', '.join(WEIGHT_SUFFIXES)}) or set backbone.weights_file=null."
             )
         overlay = dict(file=str(path.resolve()), custom_load=path.suffix == ".npz")
         try:
@@ -155,7 +157,8 @@ def create_backbone(
     else:
         log.warning(
             "backbone %s has random weights (backbone.pretrained=false, no weights_file): "
-            "frozen random features transfer poorly.", name
+            "frozen random features transfer poorly.",
+            name,
         )
         model = _create(name, model_kwargs, pretrained=False)
     _check_supported(model, name)

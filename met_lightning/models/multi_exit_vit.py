@@ -1,4 +1,4 @@
-"""The multi-exit ViT of MET: a frozen timm ViT, E-adapters, one class-token stream and head per exit.
+"""The multi-exit ViT of MET: frozen timm ViT, E-adapters, a class-token stream and head per exit.
 
 Token layout entering block 1 (``separate_cls=true``, K exits)::
 
@@ -134,7 +134,7 @@ class MultiExitViT(nn.Module):
         return self
 
     def num_early_tokens(self, stage: int) -> int:
-        """Early class tokens alive in exit stage `stage` (0-based; blocks e_{stage-1}+1..e_stage)."""
+        """Early class tokens alive in stage `stage` (0-based; blocks e_{stage-1}+1..e_stage)."""
         return self.num_exits - 1 - stage if self.separate_cls else 0
 
     def stage_blocks(self, stage: int) -> range:

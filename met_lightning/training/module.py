@@ -70,7 +70,9 @@ class MultiExitClassifier(L.LightningModule):
             metric.update(out.logits[:, k].detach(), labels)
         return parts
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         parts = self._shared_step(batch, "train")
         if not torch.isfinite(parts.total):
             raise FloatingPointError(
@@ -78,7 +80,9 @@ class MultiExitClassifier(L.LightningModule):
                 f"(ce per exit {parts.ce.tolist()}, graph {parts.graph.tolist()})"
             )
         bs = batch[0].shape[0]
-        self.log("train/loss", parts.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(
+            "train/loss", parts.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs
+        )
         logs = {f"train/ce_exit{k + 1}": v for k, v in enumerate(parts.ce)}
         logs.update({f"train/graph_exit{k + 1}": v for k, v in enumerate(parts.graph)})
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=bs)
@@ -131,7 +135,10 @@ class MultiExitClassifier(L.LightningModule):
         scheduler = self.scheduler_factory(
             optimizer=optimizer, total_steps=total, steps_per_epoch=total / epochs
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_keys(self) -> set[str]:

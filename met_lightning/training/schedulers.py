@@ -24,7 +24,8 @@ def cosine_with_warmup(
     if warmup >= total_steps:
         log.warning(
             "scheduler.warmup_epochs=%s covers the whole run (%d steps): using no warm-up",
-            warmup_epochs, total_steps,
+            warmup_epochs,
+            total_steps,
         )
         warmup = 0
 

@@ -50,7 +50,10 @@ def summary_table(summary: Mapping[str, Any], title: str = "MET run summary") ->
     for row in summary["exits"]:
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}"
         table.add_row(
-            str(row["exit"]), str(row["block"]), acc, format_macs(row["macs"]),
+            str(row["exit"]),
+            str(row["block"]),
+            acc,
+            format_macs(row["macs"]),
             f"{100 * row['macs_fraction']:.0f} %",
         )
     trainable, total = summary["params_trainable"], summary["params_total"]

@@ -1,0 +1,84 @@
+"""End to end through `python -m met_lightning` in a subprocess, on the shipped demo backbone."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+SHORT = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "scheduler.warmup_epochs=0",
+]
+
+
+def run_folder(root):
+    folders = [p.parent for p in root.rglob("summary.json")]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_short_demo_run_writes_folder_checkpoint_and_table(tmp_path):
+    result = run_cli([*SHORT, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = run_folder(tmp_path)
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "trainable.safetensors",
+        "checkpoints/last.ckpt",
+        ".hydra/overrides.yaml",
+    ):
+        assert (folder / name).is_file(), name
+    assert "MET run summary" in result.stdout and "MMACs" in result.stdout
+    assert "trainable parameters:" in result.stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["exits"]) == 4 and summary["params_trainable"] < summary["params_total"]
+
+
+def test_experiment_composition_and_overrides(tmp_path):
+    result = run_cli(
+        [
+            "+experiment=demo",
+            "model.exits=[4,12]",
+            "model.adapter.rank=4",
+            "logger=none",
+            *SHORT,
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = run_folder(tmp_path)
+    config = (folder / "config.yaml").read_text()
+    assert "rank: 4" in config and "- demo" in config
+    assert [e["block"] for e in json.loads((folder / "summary.json").read_text())["exits"]] == [
+        4,
+        12,
+    ]
+    assert not (folder / "metrics.csv").exists()  # logger=none
+
+
+def test_offline_hub_request_fails_fast_with_both_options(tmp_path):
+    result = run_cli(
+        ["backbone=vit_tiny", f"paths.log_dir={tmp_path}"], cwd=tmp_path, HF_HOME=str(tmp_path)
+    )
+    assert result.returncode == 2
+    assert (
+        "backbone.weights_file=" in result.stderr and "backbone.pretrained=false" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.demo
+def test_full_demo_meets_accuracy(tmp_path):
+    """The README's demo: default config, no overrides but the output folder."""
+    result = run_cli([f"paths.log_dir={tmp_path}"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
+    accuracies = [e["accuracy"] for e in summary["exits"]]
+    assert summary["split"] == "test"
+    assert accuracies[-1] >= 0.90
+    assert accuracies[0] >= 0.80  # the first exit, at about a quarter of the cost, is useful
