@@ -29,7 +29,8 @@ def test_main_path_equals_timm_forward_at_init(separate_cls, reg_tokens):
     torch.testing.assert_close(features[:, -1], expected, atol=1e-5, rtol=0)
 
 
-def test_last_exit_ignores_early_class_tokens_and_their_gammas():
+def logits_before_and_after(change_gammas) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, K, C] of a trained-looking 4-exit net before and after `change_gammas(gamma)`."""
     net = MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]).eval()
     randomize_adapters(net)
     images = torch.randn(4, 3, 32, 32)
@@ -37,23 +38,19 @@ def test_last_exit_ignores_early_class_tokens_and_their_gammas():
         before = net(images).logits
         for adapters in net.adapters.values():
             for adapter in adapters:
-                adapter.gamma[:-1].normal_(mean=3.0, std=2.0)  # every gamma_k, k < K
-        after = net(images).logits
+                change_gammas(adapter.gamma)  # gamma: [K, r]
+        return before, net(images).logits
+
+
+def test_last_exit_ignores_early_class_tokens_and_their_gammas():
+    before, after = logits_before_and_after(lambda g: g[:-1].normal_(mean=3.0, std=2.0))
     torch.testing.assert_close(after[:, -1], before[:, -1], atol=1e-6, rtol=0)
     assert not torch.allclose(after[:, 0], before[:, 0])  # the early exits did change
 
 
 def test_early_exit_reads_its_own_stream():
-    """Exit k's prediction depends on gamma_k but not on the later gammas' early streams."""
-    net = MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]).eval()
-    randomize_adapters(net)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        before = net(images).logits
-        for adapters in net.adapters.values():
-            for adapter in adapters:
-                adapter.gamma[1].fill_(5.0)  # gamma_2 only
-        after = net(images).logits
+    """Exit k's prediction depends on gamma_k, not on the other exits' gammas."""
+    before, after = logits_before_and_after(lambda g: g[1].fill_(5.0))  # gamma_2 only
     torch.testing.assert_close(after[:, 0], before[:, 0])  # exit 1 untouched
     assert not torch.allclose(after[:, 1], before[:, 1])  # exit 2 changed
     torch.testing.assert_close(after[:, 3], before[:, 3])  # main exit untouched
