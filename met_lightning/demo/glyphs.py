@@ -1,10 +1,10 @@
 """Procedurally rendered letter glyphs in the format of scikit-learn's 8x8 digits.
 
-The demo backbone is pretrained on these glyphs, a source task disjoint from digits. Each glyph is
-rendered like the UCI optdigits data were made: a letter from a random font (the TrueType fonts
-matplotlib ships), randomly sized, thickened, rotated, sheared and stretched, binarized, its bounding
-box fitted into a 32x32 bitmap (full height, like the digits' size normalization, with random
-margins and shift), then the "on" pixels counted in 4x4 blocks: an 8x8 image with values 0..16.
+The demo backbone is pretrained on these glyphs, a source task disjoint from digits. Each glyph
+is made the way the UCI optdigits data were: a letter from a random font (the TrueType fonts that
+matplotlib ships), randomly sized, thickened, rotated, sheared and stretched, is binarized, its
+bounding box fitted into a 32x32 bitmap (full height, like the digits' size normalization, with
+random margins and shift), and the "on" pixels counted in 4x4 blocks: an 8x8 image, values 0..16.
 
 Classes: Latin letters plus a few Greek ones, leaving out every letter that looks like a digit, so
 that no source class is a digit in disguise:
@@ -45,24 +45,48 @@ SOURCE_CLASSES: tuple[str, ...] = (
 
 # Other renderings of a class: lower case forms that only differ from the capital in size.
 CASE_TWINS: dict[str, str] = {
-    "C": "c", "P": "p", "U": "u", "V": "v", "W": "w", "X": "x", "Π": "π", "Ψ": "ψ"
+    "C": "c",
+    "P": "p",
+    "U": "u",
+    "V": "v",
+    "W": "w",
+    "X": "x",
+    "Π": "π",
+    "Ψ": "ψ",
 }
 
 # Text faces among matplotlib's fonts; the others (DejaVu*Display subsets, STIX size variants and
 # non-Unicode sets, cmex/cmsy symbol fonts, LastResort boxes) do not draw letters.
 FONT_FILES: tuple[str, ...] = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
     "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf", "cmmi10.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmti10.ttf",
+    "cmtt10.ttf",
+    "cmmi10.ttf",
 )
 
 BITMAP = 32  # optdigits bitmap side
 BLOCK = 4  # side of the blocks whose "on" pixels are counted
+OVERSAMPLE = 2  # the bitmap is resampled on a finer grid and thresholded after averaging
 FONT_SIZES = (40, 64)
-MAX_STROKE = 3  # extra stroke width in font pixels (0..MAX_STROKE)
+MAX_STROKE = 1.5  # outline added around the strokes, in bitmap pixels
 MAX_ROTATION = math.radians(15.0)
 MAX_SHEAR = 0.3
 MAX_LOG_ASPECT = 0.35  # horizontal stretch factor in exp(±MAX_LOG_ASPECT)
@@ -93,60 +117,68 @@ def _codepoints(path: Path) -> frozenset[int]:
 
 @cache
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(font_dir() / name), size)
+    # The basic layout engine is much faster than raqm and enough for single characters.
+    return ImageFont.truetype(str(font_dir() / name), size, layout_engine=ImageFont.Layout.BASIC)
 
 
-def _draw(
-    char: str, font: ImageFont.FreeTypeFont, stroke: int, angle: float, shear: float, aspect: float
+@cache
+def _glyph_height(font: ImageFont.FreeTypeFont, char: str) -> int:
+    _, top, _, bottom = font.getbbox(char)
+    return bottom - top
+
+
+def _render_bitmap(
+    char: str,
+    font: ImageFont.FreeTypeFont,
+    stroke: float,
+    warp: tuple[float, float, float],
+    box: tuple[int, int, float, int],
 ) -> np.ndarray:
-    """`char` drawn white on black, thickened by `stroke`, then rotated, sheared and stretched."""
+    """`char` as a binary 32x32 bitmap, size-normalized like optdigits.
+
+    The glyph is thickened by `stroke` bitmap pixels on each side and warped by
+    `warp = (angle, shear, aspect)`: rotation(angle) @ [[aspect, shear], [0, 1]]. The bounding box
+    of its ink then keeps its aspect ratio and is scaled to fit `box = (max_height, max_width,
+    y_frac, x_shift)`, placed at `y_frac` of the free height, `x_shift` pixels off the centre.
+    """
+    max_height, max_width, y_frac, x_shift = box
+    stroke = stroke * _glyph_height(font, char) / max_height  # in font pixels
     left, top, right, bottom = font.getbbox(char, stroke_width=stroke)
-    canvas = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    left, top = math.floor(left), math.floor(top)
+    right, bottom = math.ceil(right), math.ceil(bottom)
+    canvas = Image.new("L", (right - left, bottom - top), 0)
     ImageDraw.Draw(canvas).text(
-        (1 - left, 1 - top), char, fill=255, font=font, stroke_width=stroke, stroke_fill=255
+        (-left, -top), char, fill=255, font=font, stroke_width=stroke, stroke_fill=255
     )
-    # forward = rotation(angle) @ [[aspect, shear], [0, 1]]; the output canvas just holds the
-    # transformed corners, and PIL wants the inverse map (output pixel -> input pixel).
+    rows, cols = np.nonzero(np.asarray(canvas) >= 128)
+
+    angle, shear, aspect = warp
     cos, sin = math.cos(angle), math.sin(angle)
     a, b, c, d = cos * aspect, cos * shear - sin, sin * aspect, sin * shear + cos
-    width, height = canvas.size
-    xs = (0.0, a * width, b * height, a * width + b * height)
-    ys = (0.0, c * width, d * height, c * width + d * height)
-    x_low, y_low = min(xs) - 1, min(ys) - 1
-    det = a * d - b * c
+    x, y = cols + 0.5, rows + 0.5  # ink pixel centres
+    u, v = a * x + b * y, c * x + d * y
+    u_low, v_low = u.min() - 0.5, v.min() - 0.5
+    width, height = u.max() + 0.5 - u_low, v.max() + 0.5 - v_low
+
+    scale = min(max_height / height, max_width / width)
+    x0 = min(max((BITMAP - width * scale) / 2 + x_shift, 0.0), BITMAP - width * scale)
+    y0 = y_frac * (BITMAP - height * scale)
+
+    # One affine map from the canvas onto a grid OVERSAMPLE times finer than the bitmap:
+    # fine = k * warp(p) + t. PIL wants its inverse (fine pixel -> canvas pixel).
+    k = scale * OVERSAMPLE
+    t0, t1 = OVERSAMPLE * (x0 - scale * u_low), OVERSAMPLE * (y0 - scale * v_low)
+    det = (a * d - b * c) * k
     ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    canvas = canvas.transform(
-        (math.ceil(max(xs) - x_low) + 1, math.ceil(max(ys) - y_low) + 1),
+    fine = canvas.transform(
+        (BITMAP * OVERSAMPLE, BITMAP * OVERSAMPLE),
         Image.Transform.AFFINE,
-        (ia, ib, ia * x_low + ib * y_low, ic, id_, ic * x_low + id_ * y_low),
+        (ia, ib, -(ia * t0 + ib * t1), ic, id_, -(ic * t0 + id_ * t1)),
         resample=Image.Resampling.BILINEAR,
     )
-    return np.asarray(canvas)
-
-
-def _fit(
-    grey: np.ndarray, max_height: int, max_width: int, y_frac: float, x_shift: int
-) -> np.ndarray:
-    """Binary 32x32 bitmap with the glyph's bounding box scaled into `max_width x max_height`.
-
-    The box keeps its aspect ratio and lies at `y_frac` of the free height, `x_shift` pixels off
-    the horizontal centre.
-    """
-    ink = grey >= 128
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    scale = min(max_height / (bottom - top), max_width / (right - left))
-    fit_w, fit_h = max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))
-    glyph = Image.fromarray(grey[top:bottom, left:right])
-    glyph = np.asarray(glyph.resize((fit_w, fit_h), Image.Resampling.BILINEAR))
-    # Hairline strokes can fade below mid-grey when shrunk: lower the threshold rather than lose them.
-    glyph = glyph >= min(128, int(glyph.max()))
-
-    bitmap = np.zeros((BITMAP, BITMAP), dtype=bool)
-    y0 = round(y_frac * (BITMAP - fit_h))
-    x0 = min(max((BITMAP - fit_w) // 2 + x_shift, 0), BITMAP - fit_w)
-    bitmap[y0 : y0 + fit_h, x0 : x0 + fit_w] = glyph
-    return bitmap
+    grey = np.asarray(fine.reduce(OVERSAMPLE))
+    # Hairlines can fade below mid-grey when shrunk: lower the threshold rather than lose them.
+    return grey >= min(128, int(grey.max()))
 
 
 def block_counts(bitmap: np.ndarray) -> np.ndarray:
@@ -159,21 +191,26 @@ def render_glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Render `n` random glyphs: (images uint8 [n, 8, 8] with values 0..16, labels int64 [n]).
 
     Labels index `SOURCE_CLASSES`; each class gets `n // len(SOURCE_CLASSES)` or one more images,
-    in random order. The same `(n, seed)` gives the same arrays.
+    in random order. The same `(n, seed)` gives the same arrays (with the same Pillow / FreeType).
     """
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n, dtype=np.int64) % len(SOURCE_CLASSES))
     form_u, font_u = rng.random(n), rng.random(n)
     sizes = rng.integers(*FONT_SIZES, size=n, endpoint=True)
-    strokes = rng.integers(MAX_STROKE, size=n, endpoint=True)
+    strokes = rng.uniform(0.0, MAX_STROKE, n)
     angles = rng.uniform(-MAX_ROTATION, MAX_ROTATION, n)
     shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n)
     aspects = np.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT, n))
-    # optdigits glyphs fill the bitmap's height and are about 3/4 as wide; wide letters fit the width.
+    # optdigits glyphs fill the bitmap's height and are about 3/4 as wide; wide letters fit width.
     max_heights = BITMAP - rng.integers(0, 2, size=n, endpoint=True)
     max_widths = rng.integers(24, BITMAP, size=n, endpoint=True)
     y_fracs = rng.random(n)
     x_shifts = rng.integers(-2, 2, size=n, endpoint=True)
+    # Python scalars: numpy scalars slow down the per-glyph arithmetic.
+    sizes, strokes, max_heights, max_widths, x_shifts = (
+        v.tolist() for v in (sizes, strokes, max_heights, max_widths, x_shifts)
+    )
+    angles, shears, aspects, y_fracs = (v.tolist() for v in (angles, shears, aspects, y_fracs))
 
     images = np.empty((n, BITMAP // BLOCK, BITMAP // BLOCK), dtype=np.uint8)
     for i, label in enumerate(labels):
@@ -181,8 +218,8 @@ def render_glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         forms = (char, CASE_TWINS[char]) if char in CASE_TWINS else (char,)
         char = forms[int(form_u[i] * len(forms))]
         fonts = fonts_for(char)
-        font = _font(fonts[int(font_u[i] * len(fonts))], int(sizes[i]))
-        grey = _draw(char, font, int(strokes[i]), angles[i], shears[i], aspects[i])
-        bitmap = _fit(grey, int(max_heights[i]), int(max_widths[i]), y_fracs[i], int(x_shifts[i]))
-        images[i] = block_counts(bitmap)
+        font = _font(fonts[int(font_u[i] * len(fonts))], sizes[i])
+        warp = (angles[i], shears[i], aspects[i])
+        box = (max_heights[i], max_widths[i], y_fracs[i], x_shifts[i])
+        images[i] = block_counts(_render_bitmap(char, font, strokes[i], warp, box))
     return images, labels
