@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 from dotenv import find_dotenv, load_dotenv
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.builders import build_backbone, build_loss, build_network
@@ -82,8 +83,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # nothing to report learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -104,13 +107,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def user_error(err: BaseException) -> MetError | None:
+    """The MetError behind `err`, also when Hydra's `instantiate` has wrapped it."""
+    while err is not None:
+        if isinstance(err, MetError):
+            return err
+        err = err.__cause__
+    return None
+
+
 def _task(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except MetError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
