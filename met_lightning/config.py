@@ -24,7 +24,7 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "method",
-    "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "extras",
+    "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "optimized_metric",
 }  # fmt: skip
 
 

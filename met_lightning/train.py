@@ -96,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test", True):
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(trainer.callback_metrics)
 
     save_trainable(
