@@ -1,0 +1,107 @@
+"""Base LightningDataModule shared by every image-classification dataset of the project.
+
+A subclass implements `_build_splits()` (train / val / test datasets for `self.input_spec`);
+the base validates the common options, receives the backbone's input specification before
+`setup`, and makes the dataloaders.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from met_lightning.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the backbone expects: (C, H, W), normalization and resize interpolation."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_timm(cls, model) -> InputSpec:  # noqa: ANN001 - a timm model
+        """Normalization from a timm model's pretrained config, size from its patch embedding.
+
+        The pretrained config keeps the default input size (224) when `img_size` is overridden,
+        so the size is read from the model itself.
+        """
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        patch_embed = model.patch_embed
+        size = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+
+
+class ImageClassificationDataModule(L.LightningDataModule, ABC):
+    """Common options: `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`, `seed`."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (("data.batch_size", batch_size), ("data.num_classes", num_classes)):
+            if int(value) <= 0:
+                raise ConfigError(f"{key}={value} must be a positive integer")
+        if eval_batch_size is not None and int(eval_batch_size) <= 0:
+            raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be positive or null")
+        if int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        self.num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.seed = int(seed)
+        self.input_spec: InputSpec | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def set_input_spec(self, spec: InputSpec) -> None:
+        """Tell the data module the backbone's input size and normalization (before setup)."""
+        self.input_spec = spec
+
+    @abstractmethod
+    def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        """Return (train, val, test) datasets of (image [C, H, W], label) for `self.input_spec`."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.input_spec is None:
+            raise RuntimeError("call set_input_spec(InputSpec.from_timm(backbone)) before setup")
+        self.train_set, self.val_set, self.test_set = self._build_splits()
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)

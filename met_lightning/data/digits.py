@@ -1,0 +1,60 @@
+"""scikit-learn's 8x8 handwritten digits: shipped with scikit-learn, so the demo needs no download."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import TensorDataset
+
+from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.lowres import lowres_to_tensor
+from met_lightning.errors import ConfigError
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of a stratified train / val / test split, fixed by `seed`."""
+    index = np.arange(len(labels))
+    trainval, test = train_test_split(
+        index, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    val_share = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(
+        trainval, test_size=val_share, stratify=labels[trainval], random_state=seed
+    )
+    return train, val, test
+
+
+class DigitsDataModule(ImageClassificationDataModule):
+    """1797 images, 10 classes; resized to the backbone's input and repeated over 3 channels.
+
+    The whole dataset is a few MB once resized, so it is prepared once as in-memory tensors.
+    """
+
+    def __init__(
+        self, val_fraction: float = 0.2, test_fraction: float = 0.2, num_classes: int = 10, **kwargs
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        if num_classes != 10:
+            raise ConfigError(f"data.num_classes={num_classes}, but digits has 10 classes")
+        for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+            if not 0.0 < float(value) < 1.0:
+                raise ConfigError(f"{key}={value} must be in (0, 1)")
+        if val_fraction + test_fraction >= 0.9:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
+                "too little to train on; keep their sum below 0.9"
+            )
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+
+    def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        digits = load_digits()
+        spec = self.input_spec
+        images = lowres_to_tensor(digits.images, spec.input_size, spec.mean, spec.std, spec.interpolation)
+        labels = torch.as_tensor(digits.target, dtype=torch.long)
+        splits = stratified_split(digits.target, self.val_fraction, self.test_fraction, self.seed)
+        return tuple(TensorDataset(images[idx], labels[idx]) for idx in splits)
