@@ -15,12 +15,13 @@ def randomize_adapters(net: MultiExitViT) -> None:
             torch.nn.init.normal_(adapter.gamma, mean=1.0, std=0.5)
 
 
+@pytest.mark.parametrize("exits", [[1, 2, 3, 4], [4]])  # [4]: early exits disabled
 @pytest.mark.parametrize("separate_cls", [True, False])
 @pytest.mark.parametrize("reg_tokens", [0, 2])
-def test_main_path_equals_timm_forward_at_init(separate_cls, reg_tokens):
+def test_main_path_equals_timm_forward_at_init(exits, separate_cls, reg_tokens):
     backbone = tiny_backbone(reg_tokens=reg_tokens)
     net = MultiExitViT(
-        backbone, 10, [1, 2, 3, 4], exit_specific=separate_cls, separate_cls=separate_cls
+        backbone, 10, exits, exit_specific=separate_cls, separate_cls=separate_cls
     ).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
