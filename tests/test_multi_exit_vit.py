@@ -57,6 +57,19 @@ def test_early_exit_reads_its_own_stream():
     torch.testing.assert_close(after[:, 3], before[:, 3])  # main exit untouched
 
 
+def test_fused_and_explicit_attention_agree():
+    """timm's two attention paths both honour the stream mask."""
+    net = MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]).eval()
+    randomize_adapters(net)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fused = net(images).logits
+        for block in net.backbone.blocks:
+            block.attn.fused_attn = False
+        explicit = net(images).logits
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_mask_layout():
     net = MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4])
     mask = net.attention_mask(n_early=2, num_tokens=6, device=torch.device("cpu"))
