@@ -6,7 +6,7 @@ import torch
 from met_lightning.models.adapters import EAdapter
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.training.module import count_parameters
-from tests.conftest import TINY_KWARGS, tiny_backbone
+from tests.helpers import TINY_KWARGS, tiny_backbone
 
 
 def spec_formula(d, depth, r, exits, num_classes, sites, exit_specific):

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from met_lightning.errors import BackboneError
 from met_lightning.models.backbone import create_backbone, describe_backbone
-from tests.conftest import TINY_KWARGS, TINY_NAME
+from tests.helpers import TINY_KWARGS, TINY_NAME
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
-from tests.conftest import compose_config, run_cli
+from tests.helpers import compose_config, run_cli
 
 
 @pytest.mark.parametrize(

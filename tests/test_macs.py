@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from met_lightning.macs import exit_costs, format_macs, model_exit_costs
 from met_lightning.models.backbone import describe_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 
 def test_vit_base_reference():

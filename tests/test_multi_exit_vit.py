@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.conftest import tiny_backbone
+from tests.helpers import tiny_backbone
 
 
 def randomize_adapters(net: MultiExitViT) -> None:

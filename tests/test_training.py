@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import met_lightning.train as train_module
 from met_lightning.checkpoint import load_trainable, read_trainable
 from met_lightning.errors import CheckpointError
-from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.helpers import TINY_OVERRIDES, compose_config
 
 FAST = [
     *TINY_OVERRIDES,

@@ -1,0 +1,61 @@
+"""Test helpers: small random ViTs, composed (real) Hydra configs, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from met_lightning.config import config_dir
+from met_lightning.models.backbone import create_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_NAME = "vit_tiny_patch16_224"
+TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2)
+# CLI overrides that turn the demo config into the tiny random model above (fast tests).
+TINY_OVERRIDES = [
+    "backbone.weights_file=null",
+    "backbone.model_kwargs.embed_dim=48",
+    "backbone.model_kwargs.depth=4",
+    "backbone.model_kwargs.num_heads=2",
+    "model.exits=[2,4]",
+]
+
+
+def tiny_backbone(**overrides):
+    """A frozen random 4-block ViT (width 48) on 32 px inputs."""
+    return create_backbone(TINY_NAME, model_kwargs={**TINY_KWARGS, **overrides})
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real training config composed as `python -m met_lightning OVERRIDES` would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`python -m met_lightning ARGS` in a subprocess (no wandb, no hub)."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **env}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "met_lightning", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
