@@ -1,4 +1,4 @@
-"""scikit-learn's 8x8 handwritten digits: shipped with scikit-learn, so the demo needs no download."""
+"""scikit-learn's 8x8 handwritten digits: shipped with scikit-learn, so no download is needed."""
 
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ class DigitsDataModule(ImageClassificationDataModule):
         super().__init__(num_classes=num_classes, **kwargs)
         if num_classes != 10:
             raise ConfigError(f"data.num_classes={num_classes}, but digits has 10 classes")
-        for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        for key, value in (
+            ("data.val_fraction", val_fraction),
+            ("data.test_fraction", test_fraction),
+        ):
             if not 0.0 < float(value) < 1.0:
                 raise ConfigError(f"{key}={value} must be in (0, 1)")
         if val_fraction + test_fraction >= 0.9:
@@ -54,7 +57,9 @@ class DigitsDataModule(ImageClassificationDataModule):
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()
         spec = self.input_spec
-        images = lowres_to_tensor(digits.images, spec.input_size, spec.mean, spec.std, spec.interpolation)
+        images = lowres_to_tensor(
+            digits.images, spec.input_size, spec.mean, spec.std, spec.interpolation
+        )
         labels = torch.as_tensor(digits.target, dtype=torch.long)
         splits = stratified_split(digits.target, self.val_fraction, self.test_fraction, self.seed)
         return tuple(TensorDataset(images[idx], labels[idx]) for idx in splits)

@@ -44,13 +44,15 @@ def graph_energy_ratio(
     0 when the graph has no edge.
     """
     n = features.shape[0]
-    if n < 2 or not bool(edges.any()):
+    if n < 2:
         return features.sum() * 0.0  # stays in the graph: zero gradient, not a missing one
     dist = pairwise_sq_dist(features)
     off_diag = ~torch.eye(n, dtype=torch.bool, device=features.device)
-    within = dist[edges].mean()
+    num_edges = edges.sum()
+    # no `if not edges.any()`: that would sync with the GPU every step
+    within = (dist * edges).sum() / num_edges.clamp_min(1)
     total = dist[off_diag].mean()
-    return within / (total + eps)
+    return torch.where(num_edges > 0, within / (total + eps), within * 0.0)
 
 
 class GraphRegularizer(torch.nn.Module):
