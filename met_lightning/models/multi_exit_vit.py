@@ -110,7 +110,9 @@ class MultiExitViT(nn.Module):
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+        # small per-layout tensors, built once per (layout, device)
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._gamma_index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
@@ -173,9 +175,13 @@ class MultiExitViT(nn.Module):
         """Exit (0-based) whose gamma scales each token position in `stage`; None if shared."""
         if not self.exit_specific:
             return None
-        n_early = self.num_early_tokens(stage)
-        index = torch.full((num_tokens,), self.num_exits - 1, dtype=torch.long, device=device)
-        index[:n_early] = torch.arange(stage, stage + n_early, device=device)
+        key = (stage, num_tokens, device)
+        index = self._gamma_index_cache.get(key)
+        if index is None:
+            n_early = self.num_early_tokens(stage)
+            index = torch.full((num_tokens,), self.num_exits - 1, dtype=torch.long, device=device)
+            index[:n_early] = torch.arange(stage, stage + n_early, device=device)
+            self._gamma_index_cache[key] = index
         return index
 
     def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
