@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import TINY_OVERRIDES, run_cli
 
 SHORT = [
     "trainer.max_epochs=1",
@@ -82,3 +82,39 @@ def test_full_demo_meets_accuracy(tmp_path):
     assert summary["split"] == "test"
     assert accuracies[-1] >= 0.90
     assert accuracies[0] >= 0.80  # the first exit, at about a quarter of the cost, is useful
+
+
+def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
+    result = run_cli(
+        [
+            "-m",
+            "model.adapter.rank=2,4",
+            "model.loss.graph_weight=0,0.5",
+            "debug=fast",
+            *TINY_OVERRIDES,
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    configs = sorted((p.parent / "config.yaml").read_text() for p in tmp_path.rglob("summary.json"))
+    assert len(configs) == 4
+    combos = {(c.count("rank: 2"), c.count("graph_weight: 0.5")) for c in configs}
+    assert combos == {(1, 0), (1, 1), (0, 0), (0, 1)}
+
+
+def test_wandb_logger_offline(tmp_path):
+    result = run_cli(
+        [
+            "logger=wandb",
+            "debug=fast",
+            "logger.csv=null",
+            *TINY_OVERRIDES,
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        WANDB_MODE="offline",
+        WANDB_API_KEY="",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.rglob("offline-run-*/*.wandb"))
