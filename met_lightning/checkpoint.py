@@ -7,7 +7,6 @@ from the recorded `backbone` config and loads the trainable tensors on top.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from met_lightning.atomic import atomic_path
 from met_lightning.builders import build_backbone, build_network
 from met_lightning.errors import CheckpointError
 
@@ -25,12 +25,10 @@ FILENAME = "trainable.safetensors"
 def save_trainable(net: torch.nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
     """Write `net.trainable_state_dict()` and `config` (JSON in the metadata) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.trainable_state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -68,7 +66,10 @@ def load_trainable(
     backbone_cfg = dict(config["backbone"])
     if weights_file is not None:
         backbone_cfg["weights_file"] = weights_file
-    backbone = build_backbone(backbone_cfg)
+    with torch.random.fork_rng():
+        # random (not pretrained) frozen weights come out as in training: same seed, built first
+        torch.manual_seed(int(config.get("seed", 0)))
+        backbone = build_backbone(backbone_cfg)
     net = build_network(config["method"], config["model"], backbone, config["num_classes"])
     expected = set(net.trainable_state_dict())
     if set(tensors) != expected:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.builders import build_backbone, build_loss, build_network
 from met_lightning.checkpoint import FILENAME, save_trainable
+from met_lightning.cli import exit_on_user_error
 from met_lightning.config import config_dir, validate_config
 from met_lightning.data.base import InputSpec
-from met_lightning.errors import CheckpointError, MetError
+from met_lightning.errors import CheckpointError
+from met_lightning.inference.callback import BudgetAnalysis
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
 
@@ -49,15 +49,23 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     return str(ckpt_path)
 
 
-def rebuild_config(cfg: DictConfig, num_classes: int, input_spec: InputSpec) -> dict[str, Any]:
+def rebuild_config(
+    cfg: DictConfig, num_classes: int, input_spec: InputSpec, datamodule: Any = None
+) -> dict[str, Any]:
     """What a trainable checkpoint records to rebuild its network without the training config."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    class_names = getattr(datamodule, "class_names", None)
     return {
         "method": container["method"],
         "model": container["model"],
         "backbone": container["backbone"],
         "num_classes": num_classes,
         "input_spec": asdict(input_spec),
+        "class_names": list(class_names) if class_names is not None else None,
+        # the eval-time input normalization (data.normalize), for predict
+        "normalize": getattr(datamodule, "normalize", "backbone"),
+        # a backbone with random weights is rebuilt from this seed (train() builds it first)
+        "seed": cfg.seed,
     }
 
 
@@ -70,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone)  # first, right after seeding: see load_trainable
     datamodule = instantiate(cfg.data)
     input_spec = InputSpec.from_timm(backbone)
     datamodule.set_input_spec(input_spec)
@@ -93,38 +101,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = dict(trainer.callback_metrics)
+    analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
     if cfg.get("test", True):
         checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        best = (checkpoint.best_model_path if checkpoint is not None else "") or None
+        if analysis is not None:  # held-out logits of the tested weights, for calibration
+            trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+            metrics.update(trainer.callback_metrics)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best)
         metrics.update(trainer.callback_metrics)
 
     save_trainable(
-        net, output_dir / FILENAME, rebuild_config(cfg, datamodule.num_classes, input_spec)
+        net,
+        output_dir / FILENAME,
+        rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule),
     )
-    report_summary(net, metrics, output_dir)
+    report_summary(net, metrics, output_dir, analysis.report if analysis else None)
     log.info("run folder: %s", output_dir)
     return {k: float(v) for k, v in metrics.items()}
 
 
-def user_error(err: BaseException) -> MetError | None:
-    """The MetError behind `err`, also when Hydra's `instantiate` has wrapped it."""
-    while err is not None:
-        if isinstance(err, MetError):
-            return err
-        err = err.__cause__
-    return None
-
-
 def _task(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    metrics = exit_on_user_error(lambda: train(cfg))
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

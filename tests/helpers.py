@@ -46,16 +46,23 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 def run_cli(
-    args: list[str], cwd: Path, timeout: float = 300, **env: str
+    args: list[str], cwd: Path, timeout: float = 300, module: str = "met_lightning", **env: str
 ) -> subprocess.CompletedProcess:
-    """`python -m met_lightning ARGS` in a subprocess (no wandb, no hub)."""
+    """`python -m MODULE ARGS` in a subprocess (no wandb, no hub); MODULE: the training entry."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **env}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, "-m", "met_lightning", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_folder(root: Path) -> Path:
+    """The single run folder (the one with summary.json) under `root`."""
+    folders = [p.parent for p in root.rglob("summary.json")]
+    assert len(folders) == 1, folders
+    return folders[0]

@@ -51,6 +51,7 @@ class DigitsDataModule(ImageClassificationDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
                 "too little to train on; keep their sum below 0.9"
             )
+        self.class_names = [str(d) for d in range(10)]
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
 

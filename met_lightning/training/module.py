@@ -68,12 +68,12 @@ class MultiExitClassifier(L.LightningModule):
         parts = self.loss(out.logits, out.features, labels)
         for k, metric in enumerate(self.accuracy[f"{stage}_acc"]):
             metric.update(out.logits[:, k].detach(), labels)
-        return parts
+        return parts, out.logits.detach()
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        parts = self._shared_step(batch, "train")
+        parts, _ = self._shared_step(batch, "train")
         if not torch.isfinite(parts.total):
             raise FloatingPointError(
                 f"non-finite training loss {parts.total.item()} at step {self.global_step} "
@@ -88,12 +88,23 @@ class MultiExitClassifier(L.LightningModule):
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=bs)
         return parts.total
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        parts = self._shared_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        parts, logits = self._shared_step(batch, "val")
         self.val_loss.update(parts.total, weight=batch[0].shape[0])
+        return {"logits": logits, "labels": batch[1]}  # for callbacks (the budget analysis)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        _, logits = self._shared_step(batch, "test")
+        return {"logits": logits, "labels": batch[1]}
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Logits of every exit [B, K, C] (`batch` is images, or (images, labels))."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.net(images).logits
 
     # ------------------------------------------------------------------ epoch ends
     def _log_accuracy(self, stage: str) -> torch.Tensor:

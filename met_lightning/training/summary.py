@@ -10,12 +10,76 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from met_lightning.atomic import write_text
+from met_lightning.inference.analysis import BudgetReport
+from met_lightning.inference.budget import BudgetPoint
 from met_lightning.macs import format_macs, model_exit_costs
 from met_lightning.training.module import count_parameters
 
 
-def run_summary(net, metrics: Mapping[str, Any]) -> dict[str, Any]:  # noqa: ANN001 - MultiExitViT
-    """Per-exit accuracy (test if available, else val) and MACs, and parameter counts."""
+def budget_summary(report: BudgetReport) -> dict[str, Any]:
+    """The headline budget points: keeping 100 % / 99 % of the last exit, requested budgets."""
+
+    def point(label: str, pt: BudgetPoint) -> dict[str, Any]:
+        return {
+            "setting": label,
+            "accuracy": pt.accuracy,
+            "mean_macs": pt.mean_macs,
+            "macs_fraction": pt.mean_macs / report.full_macs,
+            "speedup": report.speedup(pt),
+            "shares": list(pt.shares),
+        }
+
+    rows = [
+        point(f"keep {100 * f:g} % of last-exit acc", pt)
+        for f, pt in report.keep.items()
+        if pt is not None
+    ]
+    for b in report.budgets:
+        budget = b["budget"]
+        name = f"{100 * budget:g} %" if budget <= 1 else format_macs(budget)
+        rows.append(point(f"budget {name}", b["evaluated"]))
+    return {
+        "confidence": report.confidence,
+        "calibration_split": report.calibration_split,
+        "evaluation_split": report.evaluation_split,
+        "points": rows,
+    }
+
+
+def budget_table(budget: Mapping[str, Any]) -> Table:
+    table = Table(
+        title=f"Early exit: thresholds on {budget['confidence']} calibrated on "
+        f"{budget['calibration_split']}, measured on {budget['evaluation_split']}",
+        title_justify="left",
+    )
+    table.add_column("setting")
+    table.add_column("acc (%)", justify="right")
+    table.add_column("mean MACs", justify="right")
+    table.add_column("of last exit", justify="right")
+    table.add_column("speed-up", justify="right")
+    table.add_column("share per exit (%)", justify="right")
+    for row in budget["points"]:
+        table.add_row(
+            row["setting"],
+            f"{100 * row['accuracy']:.2f}",
+            format_macs(row["mean_macs"]),
+            f"{100 * row['macs_fraction']:.0f} %",
+            f"{row['speedup']:.2f}x",
+            "/".join(f"{100 * s:.0f}" for s in row["shares"]),
+        )
+    table.caption = (
+        "keep X %: the cheapest point of the budget curve within X % of the last exit's accuracy; "
+        "budget: thresholds with the best val accuracy within that share of the full MACs"
+    )
+    table.caption_justify = "left"
+    return table
+
+
+def run_summary(  # noqa: ANN001 - net is a MultiExitViT
+    net, metrics: Mapping[str, Any], budget: BudgetReport | None = None
+) -> dict[str, Any]:
+    """Per-exit accuracy (test if available, else val) and MACs, parameter counts, budgets."""
     stage = "test" if "test/acc" in metrics else "val"
     costs = model_exit_costs(net)
     trainable, total = count_parameters(net)
@@ -37,6 +101,7 @@ def run_summary(net, metrics: Mapping[str, Any]) -> dict[str, Any]:  # noqa: ANN
         "backbone_macs": costs.backbone,
         "params_trainable": trainable,
         "params_total": total,
+        "budget": budget_summary(budget) if budget is not None else None,
     }
 
 
@@ -65,9 +130,14 @@ def summary_table(summary: Mapping[str, Any], title: str = "MET run summary") ->
     return table
 
 
-def report_summary(net, metrics: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:  # noqa: ANN001
-    """Print the summary table and write it to `output_dir/summary.json`."""
-    summary = run_summary(net, metrics)
-    Console().print(summary_table(summary))
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+def report_summary(  # noqa: ANN001 - net is a MultiExitViT
+    net, metrics: Mapping[str, Any], output_dir: Path, budget: BudgetReport | None = None
+) -> dict[str, Any]:
+    """Print the summary tables and write them to `output_dir/summary.json`."""
+    summary = run_summary(net, metrics, budget)
+    console = Console()
+    console.print(summary_table(summary))
+    if summary["budget"] is not None:
+        console.print(budget_table(summary["budget"]))
+    write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

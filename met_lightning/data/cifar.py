@@ -1,0 +1,278 @@
+"""CIFAR-100 (50 000 train / 10 000 test 32x32 images, 100 classes) from the python-pickle files.
+
+Files: `<root>/cifar-100-python/{train,test,meta}`, as extracted from the official archive
+(https://www.cs.toronto.edu/~kriz/cifar.html). `prepare_data` downloads them if `download`; offline
+it fails within seconds with a message saying where to put the files instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+import threading
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
+from met_lightning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+FOLDER = "cifar-100-python"
+FILES = ("train", "test", "meta")
+NUM_CLASSES = 100
+# Seconds the download host may take to accept a connection before we call the machine offline.
+PROBE_TIMEOUT = 3.0
+
+# The fine label names of CIFAR-100 in label order (the `meta` file's `fine_label_names`).
+CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+
+def host_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to `url`'s host opens within `timeout` seconds, DNS included.
+
+    Through the proxy of the environment (https_proxy, ...) if urllib would use one. The probe
+    runs in a daemon thread: name resolution ignores socket timeouts and can block much
+    longer on a machine without network.
+    """
+    parsed = urlparse(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # downloads go there
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except (OSError, ValueError):
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _decode_keys(entry: dict) -> dict:
+    """The pickles were written by Python 2: keys (and names) may load as bytes."""
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"CIFAR-100 file {path} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a bad file
+        raise DataError(
+            f"CIFAR-100 file {path} cannot be read ({type(err).__name__}: {err}); delete "
+            f"{path.parent} and download it again"
+        ) from None
+    if not isinstance(entry, dict):
+        raise DataError(f"CIFAR-100 file {path} does not hold a dict: not a CIFAR-100 file")
+    return _decode_keys(entry)
+
+
+def read_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, 3, 32, 32] and int64 fine labels [N] of a `train` / `test` file."""
+    entry = _load_pickle(path)
+    if "data" not in entry or "fine_labels" not in entry:
+        raise DataError(
+            f"CIFAR-100 file {path} lacks 'data' / 'fine_labels' (keys: {sorted(entry)}); "
+            "is it a CIFAR-10 file?"
+        )
+    data = np.asarray(entry["data"])
+    labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"CIFAR-100 file {path}: 'data' is {data.dtype} {list(data.shape)}, "
+            "expected uint8 [N, 3072]"
+        )
+    if len(labels) != len(data):
+        raise DataError(f"CIFAR-100 file {path}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and not (0 <= labels.min() and labels.max() < NUM_CLASSES):
+        raise DataError(f"CIFAR-100 file {path}: fine labels outside 0..{NUM_CLASSES - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels)
+
+
+def read_class_names(path: Path) -> list[str]:
+    entry = _load_pickle(path)
+    names = entry.get("fine_label_names")
+    if names is None or len(names) != NUM_CLASSES:
+        raise DataError(f"CIFAR-100 file {path}: expected {NUM_CLASSES} 'fine_label_names'")
+    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+
+
+class TensorImageDataset(Dataset):
+    """(transform(uint8 image [C, h, w]), label) from in-memory tensors."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:  # noqa: ANN001
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) indices: `val_size` images, stratified by class, fixed by `seed`."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    try:
+        train, val = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
+    except ValueError:  # a class too small to stratify (only in tiny subsets): plain random
+        train, val = train_test_split(index, test_size=val_size, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+class Cifar100DataModule(ImageClassificationDataModule):
+    """CIFAR-100: `val_size` of the 50 000 training images (stratified, fixed by `seed`) validate,
+    the 10 000 test images test. Images are resized to the backbone's input size; `augment` adds
+    RandomResizedCrop + horizontal flip on the training split; `normalize` is one of
+    backbone | imagenet | half | none.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        download: bool = False,
+        val_size: int = 5000,
+        normalize: str = "backbone",
+        augment: bool = False,
+        num_classes: int = NUM_CLASSES,
+        **kwargs,
+    ) -> None:
+        if num_classes != NUM_CLASSES:
+            raise ConfigError(f"data.num_classes={num_classes}, but CIFAR-100 has 100 classes")
+        super().__init__(num_classes=num_classes, **kwargs)
+        if int(val_size) <= 0:
+            raise ConfigError(f"data.val_size={val_size} must be a positive number of images")
+        self.root = Path(root).expanduser()
+        self.download = bool(download)
+        self.val_size = int(val_size)
+        self.normalize = check_normalize(normalize)
+        self.augment = bool(augment)
+        self.class_names = list(CIFAR100_CLASSES)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / FOLDER
+
+    def _missing(self) -> list[Path]:
+        return [self.folder / name for name in FILES if not (self.folder / name).is_file()]
+
+    def _where(self) -> str:
+        return (
+            f"{self.folder}/{{{','.join(FILES)}}} (data.root={self.root} is the folder that "
+            f"holds {FOLDER}/)"
+        )
+
+    def prepare_data(self) -> None:
+        """Download and extract the archive unless the files are there (rank 0 only)."""
+        if not self._missing():
+            return
+        archive = self.root / Path(urlparse(CIFAR100_URL).path).name
+        if not self.download and not archive.is_file():
+            raise DataError(
+                f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
+                f"files at {self._where()}, or set data.download=true to fetch {CIFAR100_URL}."
+            )
+        from torchvision.datasets.utils import (
+            check_integrity,
+            download_and_extract_archive,
+            extract_archive,
+        )
+
+        if archive.is_file() and check_integrity(str(archive), CIFAR100_MD5):
+            log.info("extracting %s", archive)
+            extract_archive(str(archive), str(self.root))
+        else:
+            how = (
+                "download the archive elsewhere and extract it so that the files are at "
+                f"{self._where()}, or put {archive.name} itself in {self.root}"
+            )
+            if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
+                raise DataError(
+                    f"could not download CIFAR-100 from {CIFAR100_URL}: "
+                    f"{urlparse(CIFAR100_URL).hostname} is not reachable (offline?). "
+                    f"Either connect to the internet, or {how}."
+                )
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                download_and_extract_archive(
+                    CIFAR100_URL, download_root=str(self.root), md5=CIFAR100_MD5
+                )
+            except Exception as err:  # noqa: BLE001 - urllib / md5 / tar errors alike
+                raise DataError(
+                    f"could not download CIFAR-100 from {CIFAR100_URL} "
+                    f"({type(err).__name__}: {err}). Retry, or {how}."
+                ) from None
+        if self._missing():
+            raise DataError(
+                f"the CIFAR-100 archive did not give {', '.join(map(str, self._missing()))}; "
+                f"expected {self._where()}"
+            )
+
+    def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        missing = self._missing()
+        if missing:
+            raise DataError(
+                f"CIFAR-100 not found: missing {', '.join(map(str, missing))}. Put the files at "
+                f"{self._where()}, or set data.download=true (the trainer then downloads them "
+                "in prepare_data)."
+            )
+        train_images, train_labels = read_split(self.folder / "train")
+        test_images, test_labels = read_split(self.folder / "test")
+        self.class_names = read_class_names(self.folder / "meta")
+        if self.val_size >= len(train_labels):
+            raise ConfigError(
+                f"data.val_size={self.val_size} must be smaller than the {len(train_labels)} "
+                "training images"
+            )
+        train_idx, val_idx = (
+            torch.from_numpy(i)
+            for i in split_train_val(train_labels.numpy(), self.val_size, self.seed)
+        )
+        spec = self.input_spec
+        train_tf = train_transform(spec, self.normalize, self.augment)
+        eval_tf = eval_transform(spec, self.normalize)
+        if spec.input_size[0] == 1:  # a grey-level backbone
+            train_tf = v2.Compose([v2.Grayscale(1), train_tf])
+            eval_tf = v2.Compose([v2.Grayscale(1), eval_tf])
+        return (
+            TensorImageDataset(train_images[train_idx], train_labels[train_idx], train_tf),
+            TensorImageDataset(train_images[val_idx], train_labels[val_idx], eval_tf),
+            TensorImageDataset(test_images, test_labels, eval_tf),
+        )

@@ -1,0 +1,176 @@
+"""VTAB-1K (19 tasks, 1000 training images each) in the list-file layout of NOAH / VPT / PETL repos.
+
+Expected layout (prepared as in NOAH's README, https://github.com/ZhangYuanhan-AI/NOAH):
+
+    <root>/<task>/train800.txt        800 lines "relative/path label"
+    <root>/<task>/val200.txt          200 lines
+    <root>/<task>/train800val200.txt  the 1000 lines of both
+    <root>/<task>/test.txt            the task's full test set
+    <root>/<task>/<images...>         paths in the list files are relative to <root>/<task>/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.images import ImageListDataset, Sample, check_exist, drop_undecodable
+from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
+from met_lightning.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class VtabTask:
+    name: str  # folder name under the VTAB-1K root
+    num_classes: int
+    group: str  # natural | specialized | structured
+
+
+VTAB_TASKS: dict[str, VtabTask] = {
+    t.name: t
+    for t in (
+        VtabTask("cifar", 100, "natural"),
+        VtabTask("caltech101", 102, "natural"),
+        VtabTask("dtd", 47, "natural"),
+        VtabTask("oxford_flowers102", 102, "natural"),
+        VtabTask("oxford_iiit_pet", 37, "natural"),
+        VtabTask("svhn", 10, "natural"),
+        VtabTask("sun397", 397, "natural"),
+        VtabTask("patch_camelyon", 2, "specialized"),
+        VtabTask("eurosat", 10, "specialized"),
+        VtabTask("resisc45", 45, "specialized"),
+        VtabTask("diabetic_retinopathy", 5, "specialized"),
+        VtabTask("clevr_count", 8, "structured"),
+        VtabTask("clevr_dist", 6, "structured"),
+        VtabTask("dmlab", 6, "structured"),
+        VtabTask("kitti", 4, "structured"),
+        VtabTask("dsprites_loc", 16, "structured"),
+        VtabTask("dsprites_ori", 16, "structured"),
+        VtabTask("smallnorb_azi", 18, "structured"),
+        VtabTask("smallnorb_ele", 9, "structured"),
+    )
+}
+
+# List files of (train, val, test) for each `data.split`.
+SPLITS = {
+    "tune": ("train800.txt", "val200.txt", "val200.txt"),
+    "final": ("train800val200.txt", "val200.txt", "test.txt"),
+}
+PREPARE_HINT = (
+    "VTAB-1K must be prepared as in NOAH's README "
+    "(https://github.com/ZhangYuanhan-AI/NOAH, section Data Preparation): "
+    "<data.root>/<task>/ holds train800.txt, val200.txt, train800val200.txt, test.txt "
+    "and the images they list"
+)
+
+
+def read_list_file(path: Path, num_classes: int) -> list[Sample]:
+    """(absolute image path, label) of every non-empty line `relative/path label` of `path`."""
+    if not path.is_file():
+        raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
+    samples: list[Sample] = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)
+        try:
+            relative, label = parts[0], int(parts[1])
+        except (IndexError, ValueError):
+            raise DataError(
+                f"{path}, line {number}: expected 'relative/path label', got {line.strip()!r}"
+            ) from None
+        if not 0 <= label < num_classes:
+            raise DataError(
+                f"{path}, line {number}: label {label} is outside 0..{num_classes - 1} "
+                f"(the task has {num_classes} classes)"
+            )
+        samples.append((path.parent / relative, label))
+    if not samples:
+        raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
+    return samples
+
+
+class Vtab1kDataModule(ImageClassificationDataModule):
+    """One VTAB-1K task from its list files.
+
+    `split`:
+      - `tune`: train on train800, validate on val200, test on val200 (hyper-parameter search);
+      - `final`: train on train800val200, validate on val200, test on test.txt. The validation set
+        is then part of the training set: val metrics are optimistic and only monitor training.
+        This is what the literature (VPT, NOAH, MET) reports: final numbers are on test.txt.
+
+    No augmentation by default (the VTAB-1K recipe: resize to the input size only); images are
+    checked lazily (an undecodable one raises a DataError naming it when loaded) unless
+    `skip_bad_images`, which decodes every image at setup and drops the bad ones with a warning.
+    `class_names` are the label indices as strings (the list files carry no names).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        task: str,
+        split: str = "final",
+        num_classes: int | None = None,
+        normalize: str = "backbone",
+        augment: bool = False,
+        skip_bad_images: bool = False,
+        **kwargs,
+    ) -> None:
+        if task not in VTAB_TASKS:
+            raise ConfigError(
+                f"data.task={task!r} is not a VTAB-1K task; valid tasks: {', '.join(VTAB_TASKS)}"
+            )
+        info = VTAB_TASKS[task]
+        if num_classes is not None and int(num_classes) != info.num_classes:
+            raise ConfigError(
+                f"data.num_classes={num_classes}, but VTAB-1K task {task!r} has "
+                f"{info.num_classes} classes; set data.num_classes={info.num_classes} or null"
+            )
+        if split not in SPLITS:
+            raise ConfigError(
+                f"data.split={split!r} must be 'tune' (train800 / val200) or 'final' "
+                "(train800val200 / test)"
+            )
+        super().__init__(num_classes=info.num_classes, **kwargs)
+        self.root = Path(root).expanduser()
+        self.task = task
+        self.group = info.group
+        self.split = split
+        self.normalize = check_normalize(normalize)
+        self.augment = bool(augment)
+        self.skip_bad_images = bool(skip_bad_images)
+        self.class_names = [str(i) for i in range(info.num_classes)]
+
+    @property
+    def task_dir(self) -> Path:
+        return self.root / self.task
+
+    def _samples(self, list_name: str) -> list[Sample]:
+        path = self.task_dir / list_name
+        samples = read_list_file(path, self.num_classes)
+        check_exist(samples, str(path), hint=PREPARE_HINT)
+        if self.skip_bad_images:
+            samples = drop_undecodable(samples, str(path), root=self.task_dir)
+        return samples
+
+    def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+        if not self.task_dir.is_dir():
+            raise DataError(
+                f"VTAB-1K task folder {self.task_dir} does not exist (data.root={self.root}, "
+                f"data.task={self.task}). {PREPARE_HINT}."
+            )
+        spec = self.input_spec
+        train_tf = train_transform(spec, self.normalize, self.augment)
+        eval_tf = eval_transform(spec, self.normalize)
+        names = SPLITS[self.split]
+        cache: dict[str, list[Sample]] = {}
+        for name in dict.fromkeys(names):
+            cache[name] = self._samples(name)
+        train, val, test = names
+        return (
+            ImageListDataset(cache[train], spec, train_tf, str(self.task_dir / train)),
+            ImageListDataset(cache[val], spec, eval_tf, str(self.task_dir / val)),
+            ImageListDataset(cache[test], spec, eval_tf, str(self.task_dir / test)),
+        )

@@ -1,0 +1,137 @@
+"""Lightning callback: after testing, store every exit's logits and run the budget analysis.
+
+`train()` runs `trainer.validate` and then `trainer.test` with the best checkpoint; this callback
+collects the logits of both passes (not of the validation inside `fit`), writes the logit store,
+calibrates thresholds on val, evaluates the budget curve on test, writes the CSV / PNG / JSON and
+logs them to the active loggers (a table and an image on wandb).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from met_lightning.inference.analysis import BudgetReport, analyze, curve_rows, write_report
+from met_lightning.inference.budget import DEFAULT_P_VALUES, resolve_budget
+from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.logit_store import FILENAME, LogitStore, concat_batches
+from met_lightning.macs import model_exit_costs
+
+log = logging.getLogger(__name__)
+
+
+class BudgetAnalysis(L.Callback):
+    """Budget analysis of the tested model; `report` holds the result after `trainer.test`.
+
+    Args:
+        output_dir: the run folder (files: logits.safetensors, budget_curve.csv/png, budget.json).
+        confidence: max_softmax | margin | neg_entropy.
+        budgets: budgets to choose thresholds for on val: fractions of the full cost in (0, 1]
+            or MACs per image.
+        p_values: the MSDNet sweep (default: 40 values in (0, 2]).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        confidence: str = "max_softmax",
+        budgets: Sequence[float] = (0.5,),
+        p_values: Sequence[float] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.confidence = check_confidence(confidence, "callbacks.budget_analysis.confidence")
+        self.budgets = list(budgets or [])
+        for i, budget in enumerate(self.budgets):
+            resolve_budget(budget, 1, key=f"callbacks.budget_analysis.budgets[{i}]")
+        self.p_values = tuple(p_values) if p_values else DEFAULT_P_VALUES
+        self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self.report: BudgetReport | None = None
+
+    # ------------------------------------------------------------------ collect
+    def _collect(self, split: str, outputs: Any) -> None:
+        if isinstance(outputs, dict) and "logits" in outputs:
+            self._batches[split].append((outputs["logits"].detach().cpu(), outputs["labels"].cpu()))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._batches["val"] = []
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._collect("val", outputs)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batches["test"] = []
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._collect("test", outputs)
+
+    # ------------------------------------------------------------------ analyze
+    def _gathered(self, pl_module: L.LightningModule, split: str):
+        data = concat_batches(self._batches[split])
+        if pl_module.trainer.world_size == 1:
+            return data
+        logits = pl_module.all_gather(data.logits).flatten(0, 1).cpu()
+        labels = pl_module.all_gather(data.labels).flatten(0, 1).cpu()
+        return type(data)(logits, labels)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._batches["val"] or not self._batches["test"]:
+            rank_zero_warn(
+                "budget analysis skipped: it needs the logits of trainer.validate and then "
+                "trainer.test on the same weights (train() does both when test=true)"
+            )
+            return
+        splits = {split: self._gathered(pl_module, split) for split in ("val", "test")}
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._analyze(trainer, pl_module, splits)
+        except Exception as err:  # the trained model and its summary must still be saved
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            rank_zero_warn(f"budget analysis failed, the run goes on without it: {err!r}")
+
+    def _analyze(self, trainer: L.Trainer, pl_module: L.LightningModule, splits) -> None:
+        net = pl_module.net
+        store = LogitStore(splits, tuple(net.exits), model_exit_costs(net).to_exit)
+        store.save(self.output_dir / FILENAME)
+        self.report = analyze(store, self.confidence, self.budgets, self.p_values)
+        files = write_report(self.report, self.output_dir)
+        self._log(trainer, self.report, files)
+        log.info("budget analysis: %s", ", ".join(str(p) for p in files.values()))
+
+    def _log(self, trainer: L.Trainer, report: BudgetReport, files: dict[str, Path]) -> None:
+        metrics = {}
+        for fraction, point in report.keep.items():
+            tag = f"{100 * fraction:g}"
+            metrics[f"budget/keep{tag}_macs"] = point.mean_macs
+            metrics[f"budget/keep{tag}_speedup"] = report.speedup(point)
+            metrics[f"budget/keep{tag}_acc"] = point.accuracy
+        for b in report.budgets:
+            metrics[f"budget/at_{b['budget']:g}_acc"] = b["evaluated"].accuracy
+            metrics[f"budget/at_{b['budget']:g}_macs"] = b["evaluated"].mean_macs
+        header, rows = curve_rows(report)
+        for logger in trainer.loggers:
+            try:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                if isinstance(logger, WandbLogger):
+                    logger.log_table("budget/curve", columns=header, data=rows)
+                    logger.log_image("budget/plot", images=[str(files["png"])])
+            except Exception as err:  # a logging outage must not fail a finished run
+                rank_zero_warn(
+                    f"could not log the budget analysis to {type(logger).__name__}: {err}"
+                )

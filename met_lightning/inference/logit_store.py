@@ -1,0 +1,107 @@
+"""The logit store: every exit's logits and the labels of the held-out and test splits.
+
+Written once per run (`logits.safetensors` in the run folder) by one pass of the trained model;
+all budget analysis (calibration, curves, thresholds for a budget, predict's `budget=`) reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from met_lightning.atomic import atomic_path
+from met_lightning.errors import CheckpointError
+
+FORMAT = "met_lightning.logits/1"
+FILENAME = "logits.safetensors"
+
+
+@dataclass(frozen=True)
+class SplitLogits:
+    logits: torch.Tensor  # [N, K, C] float32
+    labels: torch.Tensor  # [N] long
+
+
+@dataclass(frozen=True)
+class LogitStore:
+    """Per-split logits of every exit, with the exits and their MACs per image."""
+
+    splits: Mapping[str, SplitLogits]
+    exits: tuple[int, ...]  # 1-based blocks
+    exit_macs: tuple[int, ...]  # cumulative MACs per image to reach each exit
+
+    def __post_init__(self) -> None:
+        for name, split in self.splits.items():
+            n, k, _ = split.logits.shape
+            if k != len(self.exits) or split.labels.shape != (n,):
+                raise ValueError(
+                    f"split {name!r}: logits {tuple(split.logits.shape)} / labels "
+                    f"{tuple(split.labels.shape)} do not match {len(self.exits)} exits"
+                )
+
+    def __getitem__(self, split: str) -> SplitLogits:
+        if split not in self.splits:
+            raise CheckpointError(
+                f"the logit store has no {split!r} split (it has {sorted(self.splits)})"
+            )
+        return self.splits[split]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {}
+        for name, split in self.splits.items():
+            tensors[f"{name}/logits"] = split.logits.detach().float().cpu().contiguous()
+            tensors[f"{name}/labels"] = split.labels.detach().long().cpu().contiguous()
+        metadata = {
+            "format": FORMAT,
+            "exits": json.dumps(list(self.exits)),
+            "exit_macs": json.dumps(list(self.exit_macs)),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LogitStore:
+        """Read a store file, or `<run folder>/logits.safetensors`."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"logit store {str(path)!r} does not exist (a training run writes it after "
+                "testing; runs with test=false have none)"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"logit store {str(path)!r} is corrupt: {err}") from None
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{str(path)!r} is not a met_lightning logit store (format "
+                f"{metadata.get('format')!r}, expected {FORMAT!r})"
+            )
+        names = sorted({key.split("/")[0] for key in tensors})
+        splits = {n: SplitLogits(tensors[f"{n}/logits"], tensors[f"{n}/labels"]) for n in names}
+        return cls(
+            splits, tuple(json.loads(metadata["exits"])), tuple(json.loads(metadata["exit_macs"]))
+        )
+
+
+def concat_batches(
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> SplitLogits:
+    """One SplitLogits from a list of (logits [B, K, C], labels [B]) batches."""
+    if not batches:
+        raise ValueError("no batches to store")
+    logits = torch.cat([b[0].detach().float().cpu() for b in batches])
+    labels = torch.cat([b[1].detach().long().cpu() for b in batches])
+    return SplitLogits(logits, labels)

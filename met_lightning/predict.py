@@ -1,0 +1,286 @@
+"""Early-exit prediction: `python -m met_lightning.predict checkpoint=RUN input=DIR_OR_FILES`.
+
+Options (Hydra overrides, see conf/predict.yaml): `budget=` (a fraction of the full cost in (0, 1]
+or MACs per image: thresholds with the best held-out accuracy within it, from the run's logit
+store), or explicit `thresholds=[...]` (one per early exit); neither = no early exit. Prints, per
+image, the class, confidence, exit and MACs, and the totals; `output=FILE.csv` writes every row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.table import Table
+
+from met_lightning.atomic import write_text
+from met_lightning.checkpoint import load_trainable, read_trainable
+from met_lightning.cli import exit_on_user_error
+from met_lightning.config import _typed, config_dir
+from met_lightning.data.base import InputSpec
+from met_lightning.data.images import IMAGE_EXTENSIONS
+from met_lightning.data.transforms import eval_transform, to_input_mode
+from met_lightning.errors import CheckpointError, ConfigError, DataError
+from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
+from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.engine import EarlyExitEngine, check_thresholds
+from met_lightning.inference.logit_store import FILENAME as STORE_FILE
+from met_lightning.inference.logit_store import LogitStore
+from met_lightning.macs import format_macs, model_exit_costs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictSchema:
+    checkpoint: str = "???"
+    input: Any = "???"  # a file, a folder, or a list of files / folders
+    budget: float | None = None
+    thresholds: list[float] | None = None
+    confidence: str = "max_softmax"
+    store: str | None = None
+    weights_file: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    output: str | None = None
+    show: int = 20
+    skip_bad_images: bool = False
+
+
+# ---------------------------------------------------------------------- inputs
+def list_images(inputs: str | Sequence[str]) -> list[Path]:
+    """Image files named by `inputs` (files, or folders searched recursively), in order."""
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    if not items:
+        raise ConfigError("input=[] names no image; give a file, a folder or a list of them")
+    files: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise DataError(
+                    f"input folder {str(path)!r} has no images (looked for "
+                    f"{', '.join(IMAGE_EXTENSIONS)}, in subfolders too)"
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {str(path)!r} does not exist (give an image file or a folder)")
+    return files
+
+
+def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
+    """Files whose header PIL recognizes; DataError naming the first bad one unless `skip_bad`."""
+    good, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path):
+                good.append(path)
+        except (UnidentifiedImageError, OSError) as err:
+            if not skip_bad:
+                raise DataError(
+                    f"cannot read image {str(path)!r}: {err}. Remove it from the input or pass "
+                    "skip_bad_images=true"
+                ) from None
+            bad.append(path)
+    if bad:
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
+    if not good:
+        raise DataError("none of the input images can be read")
+    return good
+
+
+def read_image(path: Path, spec: InputSpec, transform: Any) -> torch.Tensor:
+    """One image as the backbone's input tensor; DataError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return transform(to_input_mode(image, spec))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot decode image {str(path)!r}: {type(err).__name__}: {err}") from None
+
+
+def batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(files), size):
+        yield files[start : start + size]
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+# ---------------------------------------------------------------------- thresholds
+def store_path(checkpoint: str, store: str | None) -> Path:
+    """The logit store to calibrate on: `store`, else the checkpoint's run folder's."""
+    if store:
+        return Path(store)
+    path = Path(checkpoint)
+    return (path if path.is_dir() else path.parent) / STORE_FILE
+
+
+def choose_thresholds(cfg: DictConfig, net: torch.nn.Module) -> tuple[list[float], str]:
+    """Thresholds from `thresholds=`, from `budget=` (via the logit store), or none (+inf)."""
+    k = net.num_exits
+    if cfg.thresholds is not None and cfg.budget is not None:
+        raise ConfigError("give either budget= or thresholds=, not both")
+    if cfg.thresholds is not None:
+        return check_thresholds(list(cfg.thresholds), k), "thresholds given"
+    if cfg.budget is None:
+        return [math.inf] * k, "no early exit (give budget= or thresholds= to exit early)"
+    costs = model_exit_costs(net)
+    budget_macs = resolve_budget(cfg.budget, costs.full)
+    store = LogitStore.load(store_path(cfg.checkpoint, cfg.store))
+    if tuple(store.exits) != tuple(net.exits) or tuple(store.exit_macs) != costs.to_exit:
+        raise CheckpointError(
+            f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
+            f"model (exits {list(net.exits)}); pass store= for the right run"
+        )
+    calib = store["val"]
+    scores = SplitScores.from_logits(calib.logits, calib.labels, cfg.confidence)
+    point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={cfg.budget}")
+    how = (
+        f"budget {format_macs(budget_macs)} per image: thresholds with the best val accuracy "
+        f"({100 * point.accuracy:.2f} % at {format_macs(point.mean_macs)} on val, {point.label})"
+    )
+    return list(point.thresholds), how
+
+
+# ---------------------------------------------------------------------- run
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run the early-exit engine on the input images; print and return rows and totals."""
+    cfg = _typed(OmegaConf.create({"predict": cfg}), "predict", PredictSchema)
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive integer")
+    check_confidence(cfg.confidence)
+    if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "input"):
+        raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and input=IMAGE_FILE_OR_FOLDER")
+    read_trainable(cfg.checkpoint)  # fails fast on a missing / foreign file
+    files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
+
+    device = pick_device(cfg.device)
+    net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
+    net.to(device)
+    thresholds, how = choose_thresholds(cfg, net)
+    engine = EarlyExitEngine(net, thresholds, cfg.confidence)
+    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in config["input_spec"].items()})  # fmt: skip
+    transform = eval_transform(spec, config.get("normalize", "backbone"))
+    costs = model_exit_costs(net)
+    names = config.get("class_names")
+
+    rows = []
+    start = time.perf_counter()
+    for chunk in batches(files, cfg.batch_size):
+        images = torch.stack([read_image(p, spec, transform) for p in chunk]).to(device)
+        result = engine(images)
+        for path, cls, conf, k in zip(
+            chunk,
+            result.predictions.tolist(),
+            result.confidence.tolist(),
+            result.exit_index.tolist(),
+            strict=True,
+        ):
+            rows.append(
+                {
+                    "file": str(path),
+                    "class": cls,
+                    "class_name": names[cls] if names else str(cls),
+                    "confidence": conf,
+                    "exit": k + 1,
+                    "block": net.exits[k],
+                    "macs": costs.to_exit[k],
+                }
+            )
+    seconds = time.perf_counter() - start
+    totals = summarize(rows, costs.to_exit, seconds)
+    totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]
+    totals["how"] = how
+    print_results(rows, totals, cfg.show)
+    if cfg.output:
+        write_rows(rows, Path(cfg.output))
+    return {"rows": rows, "totals": totals}
+
+
+def summarize(rows: list[dict[str, Any]], exit_macs: Sequence[int], seconds: float) -> dict:
+    n = len(rows)
+    counts = [sum(r["exit"] == k + 1 for r in rows) for k in range(len(exit_macs))]
+    mean = sum(r["macs"] for r in rows) / n
+    return {
+        "images": n,
+        "exit_counts": counts,
+        "mean_macs": mean,
+        "total_macs": mean * n,
+        "full_macs": exit_macs[-1],
+        "speedup": exit_macs[-1] / mean,
+        "seconds": seconds,
+    }
+
+
+def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int) -> None:
+    console = Console()
+    table = Table(title="Predictions", title_justify="left")
+    for column in ("file", "class", "confidence", "exit", "MACs"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for row in rows[: max(show, 0)]:
+        table.add_row(
+            row["file"], row["class_name"], f"{row['confidence']:.4f}", str(row["exit"]),
+            format_macs(row["macs"]),
+        )  # fmt: skip
+    if len(rows) > show:
+        table.caption = f"first {show} of {len(rows)} images (show=N for more, output=FILE.csv)"
+    console.print(table)
+    counts = ", ".join(f"exit {k + 1}: {c}" for k, c in enumerate(totals["exit_counts"]))
+    console.print(f"thresholds: {totals['how']}", soft_wrap=True)
+    console.print(
+        f"{totals['images']} images ({counts}); mean {format_macs(totals['mean_macs'])} per image, "
+        f"{totals['speedup']:.2f}x fewer MACs than the last exit "
+        f"({format_macs(totals['full_macs'])}); total {format_macs(totals['total_macs'])}; "
+        f"{totals['seconds']:.2f} s",
+        soft_wrap=True,
+    )
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def _task(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: predict(cfg))
+
+
+def main() -> None:
+    """Console entry point (`met-predict`)."""
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")(_task)()
+
+
+if __name__ == "__main__":
+    main()

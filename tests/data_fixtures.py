@@ -1,0 +1,87 @@
+"""Tiny datasets in the real on-disk formats: CIFAR-100 pickles, a VTAB-1K task, image folders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from met_lightning.data.cifar import CIFAR100_CLASSES
+
+VTAB_TASK = "kitti"  # 4 classes
+VTAB_COUNTS = {"train800.txt": 8, "val200.txt": 4, "test.txt": 8}
+
+
+def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
+    """`root/cifar-100-python/{train,test,meta}` as in the official archive (Python-2 style pickles
+    with bytes keys, uint8 data [N, 3072] in channel-major order, balanced fine labels)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = [i % 100 for i in range(n)]
+        entry = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{name} batch".encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": [label // 5 for label in fine],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        }
+        with (folder / name).open("wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    meta = {
+        b"fine_label_names": [name.encode() for name in CIFAR100_CLASSES],
+        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+    }
+    with (folder / "meta").open("wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+def cifar_file(folder: Path, name: str) -> dict:
+    """A CIFAR pickle with str keys."""
+    with (folder / name).open("rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def write_image(path: Path, rng: np.random.Generator, size: int = 16, mode: str = "RGB") -> Path:
+    """A random image; PNG / JPEG / ... by suffix (grey level with mode='L')."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def write_vtab_task(root: Path, task: str = VTAB_TASK, num_classes: int = 4, seed: int = 0):
+    """`root/<task>/` with PNG + JPEG images and the four list files (labels cycle over classes).
+
+    Returns the task folder. train800val200.txt is train800 + val200, as in the real data.
+    """
+    rng = np.random.default_rng(seed)
+    task_dir = root / task
+    lines: dict[str, list[str]] = {}
+    for list_name, count in VTAB_COUNTS.items():
+        split = list_name.removesuffix(".txt")
+        rows = []
+        for i in range(count):
+            suffix = ".png" if i % 2 == 0 else ".jpg"
+            relative = f"images/{split}/{i:04d}{suffix}"
+            write_image(task_dir / relative, rng)
+            rows.append(f"{relative} {i % num_classes}")
+        lines[list_name] = rows
+    lines["train800val200.txt"] = lines["train800.txt"] + lines["val200.txt"]
+    for list_name, rows in lines.items():
+        (task_dir / list_name).write_text("\n".join(rows) + "\n")
+    return task_dir
+
+
+def write_class_folders(
+    folder: Path, classes: list[str], per_class: int, seed: int = 0, suffix: str = ".png"
+) -> None:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        for i in range(per_class):
+            write_image(folder / name / f"{i:03d}{suffix}", rng, size=12)

@@ -1,0 +1,469 @@
+"""Real-format datasets (CIFAR-100 pickles, VTAB-1K list files, image folders) on tiny files."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import socket
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from met_lightning.data import cifar
+from met_lightning.data.base import InputSpec
+from met_lightning.data.cifar import CIFAR100_CLASSES, CIFAR100_URL, Cifar100DataModule
+from met_lightning.data.image_folder import ImageFolderDataModule
+from met_lightning.data.images import stratified_indices
+from met_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    resolve_normalization,
+    train_transform,
+)
+from met_lightning.data.vtab import VTAB_TASKS, Vtab1kDataModule
+from met_lightning.errors import ConfigError, DataError
+from tests.data_fixtures import (
+    VTAB_TASK,
+    cifar_file,
+    write_cifar100,
+    write_class_folders,
+    write_image,
+    write_vtab_task,
+)
+
+# Distinct statistics, so that "backbone" cannot be confused with the other options.
+SPEC = InputSpec((3, 32, 32), (0.1, 0.2, 0.3), (0.2, 0.25, 0.5), "bicubic")
+STATS = {
+    "backbone": (SPEC.mean, SPEC.std),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "half": ((0.5,) * 3, (0.5,) * 3),
+    "none": ((0.0,) * 3, (1.0,) * 3),
+}
+
+
+def ready(dm, spec: InputSpec = SPEC):
+    dm.set_input_spec(spec)
+    dm.setup()
+    return dm
+
+
+def labels_of(dataset) -> list[int]:
+    return [int(y) for y in dataset.targets]
+
+
+# ---------------------------------------------------------------------------- transforms
+def test_normalization_options():
+    assert resolve_normalization(SPEC, "none") is None
+    assert resolve_normalization(SPEC, False) is None
+    assert resolve_normalization(SPEC, True) == (SPEC.mean, SPEC.std)
+    for name in ("backbone", "imagenet", "half"):
+        assert resolve_normalization(SPEC, name) == STATS[name]
+    grey = InputSpec((1, 32, 32), (0.5,), (0.5,))
+    mean, std = resolve_normalization(grey, "imagenet")
+    assert mean == pytest.approx((np.mean(IMAGENET_MEAN),)) and len(std) == 1
+    with pytest.raises(ConfigError, match="data.normalize='imagnet'.*backbone, imagenet"):
+        resolve_normalization(SPEC, "imagnet")
+    # the original boolean of eval_transform, and augment=False = the eval transform
+    x = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    torch.testing.assert_close(eval_transform(SPEC)(x), eval_transform(SPEC, "backbone")(x))
+    torch.testing.assert_close(train_transform(SPEC, "half")(x), eval_transform(SPEC, "half")(x))
+    augmented = train_transform(SPEC, "none", augment=True)
+    out = torch.stack([augmented(x) for _ in range(4)])
+    assert out.shape == (4, 3, 32, 32) and 0.0 <= out.min() and out.max() <= 1.0
+    assert not torch.equal(out[0], out[1])  # random crops
+
+
+# ---------------------------------------------------------------------------- CIFAR-100
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100(root)
+    return root
+
+
+def make_cifar(root, **kwargs):
+    return Cifar100DataModule(root=str(root), **{"val_size": 100, "batch_size": 16, **kwargs})
+
+
+def test_cifar_splits_labels_and_names(cifar_root):
+    dm = ready(make_cifar(cifar_root, seed=3))
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [200, 100, 100]
+    assert dm.num_classes == 100 and dm.class_names == list(CIFAR100_CLASSES)
+    assert dm.class_names[:3] == ["apple", "aquarium_fish", "baby"]
+    # stratified: each of the 100 classes (3 images each) gives one image to val
+    assert sorted(labels_of(dm.val_set)) == list(range(100))
+    assert (
+        labels_of(dm.test_set) == cifar_file(cifar_root / "cifar-100-python", "test")["fine_labels"]
+    )
+    # train + val = the 300 training images, no overlap
+    pixels = [{img.numpy().tobytes() for img in ds.images} for ds in (dm.train_set, dm.val_set)]
+    assert len(pixels[0] | pixels[1]) == 300 and not pixels[0] & pixels[1]
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.long
+
+
+def test_cifar_split_fixed_by_seed(cifar_root):
+    a, b, c = (ready(make_cifar(cifar_root, seed=s)) for s in (1, 1, 2))
+    assert torch.equal(a.val_set.images, b.val_set.images)
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+
+
+@pytest.mark.parametrize("normalize", list(STATS))
+def test_cifar_normalization(cifar_root, normalize):
+    dm = ready(make_cifar(cifar_root, normalize=normalize))
+    raw = cifar_file(cifar_root / "cifar-100-python", "test")["data"][0]
+    expected = torch.from_numpy(raw.reshape(3, 32, 32)).float() / 255.0
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in STATS[normalize])
+    image, label = dm.test_set[0]
+    assert label == 0
+    torch.testing.assert_close(image, (expected - mean) / std)
+
+
+def test_cifar_resizes_and_augments(cifar_root):
+    spec = InputSpec((3, 48, 48), (0.5,) * 3, (0.5,) * 3)
+    dm = ready(make_cifar(cifar_root, augment=True), spec)
+    assert dm.train_set[0][0].shape == dm.test_set[0][0].shape == (3, 48, 48)
+    assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])  # random augmentation
+    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])  # evaluation is deterministic
+    grey = ready(make_cifar(cifar_root), InputSpec((1, 32, 32), (0.5,), (0.5,)))
+    assert grey.test_set[0][0].shape == (1, 32, 32)
+
+
+def test_cifar_prepare_data_is_a_no_op_when_files_exist(cifar_root, monkeypatch):
+    monkeypatch.setattr(cifar, "host_reachable", pytest.fail)  # must not touch the network
+    make_cifar(cifar_root, download=True).prepare_data()
+
+
+def test_cifar_missing_files_without_download(tmp_path):
+    dm = make_cifar(tmp_path, download=False)
+    expected = str(tmp_path / "cifar-100-python")
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    assert expected + "/{train,test,meta}" in str(err.value) and "data.download=true" in str(
+        err.value
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ready(dm)  # setup without prepare_data
+
+
+def test_cifar_offline_download_fails_fast(tmp_path, monkeypatch):
+    url = "http://127.0.0.1:9/cifar-100-python.tar.gz"  # nothing listens on port 9: refused
+    monkeypatch.setattr(cifar, "CIFAR100_URL", url)
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        make_cifar(tmp_path, download=True).prepare_data()
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert url in message and "not reachable" in message
+    assert str(tmp_path / "cifar-100-python") + "/{train,test,meta}" in message
+    assert f"data.root={tmp_path}" in message
+
+
+def test_cifar_download_probe_does_not_hang(tmp_path, monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(socket, "create_connection", hang)  # e.g. DNS that never answers
+    monkeypatch.setattr(cifar, "PROBE_TIMEOUT", 0.3)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=re.escape(CIFAR100_URL)):
+        make_cifar(tmp_path, download=True).prepare_data()
+    assert time.monotonic() - start < 3
+
+
+def test_cifar_download_error_is_a_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def broken(*args, **kwargs):
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(cifar, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", broken)
+    with pytest.raises(DataError, match="connection reset by peer") as err:
+        make_cifar(tmp_path, download=True).prepare_data()
+    assert CIFAR100_URL in str(err.value)
+
+
+def test_cifar_extracts_a_local_archive_offline(tmp_path, cifar_root, monkeypatch):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar_root / "cifar-100-python", arcname="cifar-100-python")
+    monkeypatch.setattr(cifar, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(cifar, "host_reachable", pytest.fail)
+    dm = make_cifar(tmp_path, download=False)
+    dm.prepare_data()
+    assert len(ready(dm).test_set) == 100
+
+
+def test_cifar_corrupt_file(tmp_path):
+    folder = write_cifar100(tmp_path, n_train=120, n_test=10)
+    (folder / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=re.escape(str(folder / "test"))):
+        ready(make_cifar(tmp_path, val_size=20))
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(normalize="imagnet"), "data.normalize"),
+        (dict(val_size=0), "data.val_size"),
+        (dict(num_classes=10), "data.num_classes"),
+        (dict(batch_size=0), "data.batch_size"),
+    ],
+)
+def test_cifar_bad_options(tmp_path, kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        make_cifar(tmp_path, **kwargs)
+
+
+def test_cifar_val_size_too_large(cifar_root):
+    with pytest.raises(ConfigError, match="data.val_size=300"):
+        ready(make_cifar(cifar_root, val_size=300))
+
+
+# ---------------------------------------------------------------------------- VTAB-1K
+@pytest.fixture()
+def vtab_root(tmp_path):
+    write_vtab_task(tmp_path)
+    return tmp_path
+
+
+def make_vtab(root, **kwargs):
+    return Vtab1kDataModule(root=str(root), **{"task": VTAB_TASK, "batch_size": 4, **kwargs})
+
+
+def test_vtab_task_table():
+    assert len(VTAB_TASKS) == 19
+    groups = [t.group for t in VTAB_TASKS.values()]
+    assert [groups.count(g) for g in ("natural", "specialized", "structured")] == [7, 4, 8]
+    classes = {name: t.num_classes for name, t in VTAB_TASKS.items()}
+    assert classes["cifar"] == 100 and classes["sun397"] == 397 and classes["dsprites_ori"] == 16
+    assert classes["smallnorb_ele"] == 9 and classes["patch_camelyon"] == 2
+
+
+@pytest.mark.parametrize(
+    "split, sizes", [("tune", (8, 4, 4)), ("final", (12, 4, 8))], ids=["tune", "final"]
+)
+def test_vtab_splits(vtab_root, split, sizes):
+    dm = ready(make_vtab(vtab_root, split=split))
+    assert dm.num_classes == 4 and dm.class_names == ["0", "1", "2", "3"]
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == sizes
+    assert labels_of(dm.val_set) == [0, 1, 2, 3]
+    if split == "tune":
+        assert dm.test_set.samples == dm.val_set.samples
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
+
+
+@pytest.mark.parametrize("normalize", list(STATS))
+def test_vtab_normalization(vtab_root, normalize):
+    from PIL import Image
+
+    spec = InputSpec((3, 16, 16), SPEC.mean, SPEC.std)  # the files' size: no resize
+    dm = ready(make_vtab(vtab_root, normalize=normalize), spec)
+    path, _ = dm.val_set.samples[0]
+    assert path.suffix == ".png"  # lossless: exact pixels
+    expected = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255.0
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in STATS[normalize])
+    torch.testing.assert_close(dm.val_set[0][0], (expected - mean) / std)
+    assert dm.val_set[1][0].shape == (3, 16, 16)  # JPEG
+
+
+def test_vtab_missing_task_folder(tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "dtd"))) as err:
+        ready(make_vtab(tmp_path, task="dtd"))
+    assert "NOAH" in str(err.value)
+
+
+def test_vtab_missing_list_file(vtab_root):
+    path = vtab_root / VTAB_TASK / "test.txt"
+    path.unlink()
+    ready(make_vtab(vtab_root, split="tune"))  # tune does not need test.txt
+    with pytest.raises(DataError, match=re.escape(str(path))) as err:
+        ready(make_vtab(vtab_root, split="final"))
+    assert "NOAH" in str(err.value)
+
+
+def test_vtab_label_out_of_range(vtab_root):
+    path = vtab_root / VTAB_TASK / "val200.txt"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].rsplit(maxsplit=1)[0] + " 4"  # kitti has labels 0..3
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 3: label 4 is outside 0..3")):
+        ready(make_vtab(vtab_root))
+
+
+def test_vtab_malformed_line(vtab_root):
+    path = vtab_root / VTAB_TASK / "train800.txt"
+    path.write_text(path.read_text() + "images/extra.png\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 9")):
+        ready(make_vtab(vtab_root, split="tune"))
+
+
+def test_vtab_missing_image(vtab_root):
+    image = vtab_root / VTAB_TASK / "images" / "test" / "0003.jpg"
+    image.unlink()
+    with pytest.raises(DataError, match=re.escape(str(image))) as err:
+        ready(make_vtab(vtab_root, split="final"))
+    assert "test.txt" in str(err.value)
+
+
+def test_vtab_undecodable_image_named_when_loaded(vtab_root):
+    image = vtab_root / VTAB_TASK / "images" / "val200" / "0001.jpg"
+    image.write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    dm = ready(make_vtab(vtab_root, split="tune"))  # lazy: setup does not decode
+    assert dm.val_set[0][0].shape == (3, 32, 32)
+    with pytest.raises(DataError, match=re.escape(str(image))) as err:
+        dm.val_set[1]
+    assert "skip_bad_images" in str(err.value)
+
+
+def test_vtab_skip_bad_images(vtab_root, caplog):
+    folder = vtab_root / VTAB_TASK / "images" / "train800"
+    (folder / "0001.jpg").write_bytes(b"garbage")
+    png = (folder / "0002.png").read_bytes()
+    (folder / "0002.png").write_bytes(png[: len(png) // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="met_lightning"):
+        dm = ready(make_vtab(vtab_root, split="tune", skip_bad_images=True))
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 2 undecodable image(s)" in warnings[0] and "train800.txt" in warnings[0]
+    assert "images/train800/0001.jpg" in warnings[0] and "images/train800/0002.png" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(num_classes=10), "data.num_classes=10.*4 classes"),
+        (dict(task="cifar10"), "data.task='cifar10'.*caltech101"),
+        (dict(split="train"), "data.split='train'"),
+        (dict(normalize="imagenet21k"), "data.normalize"),
+    ],
+)
+def test_vtab_bad_options(tmp_path, kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        make_vtab(tmp_path, **kwargs)
+
+
+def test_vtab_num_classes_matching_the_task(tmp_path):
+    assert make_vtab(tmp_path, task="dtd", num_classes=47).num_classes == 47
+    assert make_vtab(tmp_path, task="sun397").num_classes == 397
+
+
+# ---------------------------------------------------------------------------- image folders
+CLASSES = ["cat", "dog", "zebra"]
+
+
+def make_folder(root, **kwargs):
+    return ImageFolderDataModule(root=str(root), **{"batch_size": 4, **kwargs})
+
+
+def test_image_folder_split_layout(tmp_path):
+    write_class_folders(tmp_path / "train", CLASSES, 4)
+    write_class_folders(tmp_path / "val", CLASSES, 2, seed=1, suffix=".jpg")
+    write_class_folders(tmp_path / "test", CLASSES[:2], 3, seed=2)  # a class may be absent
+    dm = make_folder(tmp_path)
+    assert dm.num_classes == 3 and dm.class_names == CLASSES  # known before setup
+    ready(dm)
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [12, 6, 6]
+    assert labels_of(dm.val_set) == [0, 0, 1, 1, 2, 2]
+    assert dm.test_set.samples[3][0] == tmp_path / "test" / "dog" / "000.png"
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
+
+
+def test_image_folder_without_test_tests_on_val(tmp_path, caplog):
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_class_folders(tmp_path / "val", CLASSES, 1)
+    with caplog.at_level(logging.INFO, logger="met_lightning"):
+        dm = ready(make_folder(tmp_path))
+    assert dm.test_set.samples == dm.val_set.samples and len(dm.train_set) == 6
+    assert any("testing on" in r.getMessage() for r in caplog.records)
+
+
+def test_image_folder_without_val_carves_it_from_train(tmp_path, caplog):
+    write_class_folders(tmp_path / "train", CLASSES, 10)
+    write_class_folders(tmp_path / "test", CLASSES, 1)
+    with caplog.at_level(logging.INFO, logger="met_lightning"):
+        dm = ready(make_folder(tmp_path, val_fraction=0.2))
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [24, 6, 3]
+    assert sorted(labels_of(dm.val_set)) == [0, 0, 1, 1, 2, 2]
+    assert not {p for p, _ in dm.train_set.samples} & {p for p, _ in dm.val_set.samples}
+    assert any("validating on a stratified 20%" in r.getMessage() for r in caplog.records)
+
+
+def test_image_folder_single_layout_split(tmp_path):
+    write_class_folders(tmp_path, CLASSES, 10)
+    write_image(tmp_path / "dog" / "nested" / "extra.JPEG", np.random.default_rng(0))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "dog" / ".hidden.png").write_bytes(b"")
+
+    def split(seed):
+        dm = ready(make_folder(tmp_path, val_fraction=0.2, test_fraction=0.3, seed=seed))
+        return [sorted(p for p, _ in ds.samples) for ds in (dm.train_set, dm.val_set, dm.test_set)]
+
+    a = split(0)
+    assert [len(s) for s in a] == [16, 6, 9]  # dog: 11 images -> 5 / 2 / 3 (+1 train)
+    assert len(set(a[0]) | set(a[1]) | set(a[2])) == 31
+    assert a == split(0) and a != split(1)
+
+
+def test_stratified_indices_keep_one_train_image_per_class():
+    train, val, test = stratified_indices([0, 1, 1, 2, 2, 2], 0.5, 0.4, seed=0)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(6))
+    assert 0 in train  # a class with one image keeps it for training
+
+
+def test_image_folder_unknown_class_in_val(tmp_path):
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_class_folders(tmp_path / "val", ["cat", "horse"], 1)
+    with pytest.raises(DataError, match=r"horse in .*val are not in .*train"):
+        ready(make_folder(tmp_path))
+
+
+def test_image_folder_layout_errors(tmp_path):
+    with pytest.raises(DataError, match="data.root="):
+        make_folder(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no class folders"):
+        make_folder(tmp_path)
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    with pytest.raises(DataError, match="neither val/ nor test/"):
+        make_folder(tmp_path)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "train" / "empty"))):
+        ready(make_folder(tmp_path))
+
+
+def test_image_folder_num_classes(tmp_path):
+    write_class_folders(tmp_path, CLASSES, 2)
+    assert make_folder(tmp_path, num_classes=3).num_classes == 3
+    with pytest.raises(ConfigError, match="data.num_classes=5.*3 class folders"):
+        make_folder(tmp_path, num_classes=5)
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        make_folder(tmp_path, val_fraction=0.0)
+
+
+def test_image_folder_grey_and_bad_images(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_class_folders(tmp_path / "val", CLASSES, 1)
+    grey = write_image(tmp_path / "train" / "cat" / "grey.png", rng, mode="L")
+    bad = tmp_path / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"nope")
+    dm = ready(make_folder(tmp_path))
+    index = [p for p, _ in dm.train_set.samples]
+    assert dm.train_set[index.index(grey)][0].shape == (3, 32, 32)  # grey level -> RGB
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        dm.train_set[index.index(bad)]
+    with caplog.at_level(logging.WARNING, logger="met_lightning"):
+        dm = ready(make_folder(tmp_path, skip_bad_images=True))
+    assert bad not in [p for p, _ in dm.train_set.samples] and len(dm.train_set) == 7
+    assert [r.getMessage() for r in caplog.records if "skipped 1" in r.getMessage()]
