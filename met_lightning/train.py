@@ -13,8 +13,10 @@ import lightning as L
 from dotenv import find_dotenv, load_dotenv
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from met_lightning.atomic import write_text
 from met_lightning.builders import build_backbone, build_loss, build_network
 from met_lightning.checkpoint import FILENAME, save_trainable
 from met_lightning.cli import exit_on_user_error
@@ -22,6 +24,7 @@ from met_lightning.config import config_dir, validate_config
 from met_lightning.data.base import InputSpec
 from met_lightning.errors import CheckpointError
 from met_lightning.inference.callback import BudgetAnalysis
+from met_lightning.training.loggers import build_loggers, finish_wandb
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose; the run folder holds config.yaml before metrics.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# epoch values are logged after torchmetrics has synced them across processes
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -73,8 +78,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit, test, export the trainable weights and print the summary."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -91,34 +96,50 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
 
-    loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    if not loggers:  # nothing to report learning rates to
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    loggers = build_loggers(cfg.get("logger"))
+    try:
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        if not loggers:  # nothing to report learning rates to
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
+        metrics = fit_and_test(trainer, module, datamodule, ckpt_path, cfg.get("test", True),
+                               validate_first=analysis is not None)  # fmt: skip
+        if trainer.is_global_zero:
+            save_trainable(
+                net,
+                output_dir / FILENAME,
+                rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule),
+            )
+            report_summary(net, metrics, output_dir, analysis.report if analysis else None)
+            log.info("run folder: %s", output_dir)
+    finally:
+        finish_wandb(loggers)
+    return {k: float(v) for k, v in metrics.items()}
 
+
+def fit_and_test(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None,
+    test: bool,
+    validate_first: bool,
+) -> dict[str, Any]:
+    """Fit; then, if `test`, validate (for the budget analysis) and test the best checkpoint."""
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = dict(trainer.callback_metrics)
-    analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
-    if cfg.get("test", True):
+    if test:
         checkpoint = trainer.checkpoint_callback
         best = (checkpoint.best_model_path if checkpoint is not None else "") or None
-        if analysis is not None:  # held-out logits of the tested weights, for calibration
+        if validate_first:  # held-out logits of the tested weights, for calibration
             trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update(trainer.callback_metrics)
         trainer.test(module, datamodule=datamodule, ckpt_path=best)
         metrics.update(trainer.callback_metrics)
-
-    save_trainable(
-        net,
-        output_dir / FILENAME,
-        rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule),
-    )
-    report_summary(net, metrics, output_dir, analysis.report if analysis else None)
-    log.info("run folder: %s", output_dir)
-    return {k: float(v) for k, v in metrics.items()}
+    return metrics
 
 
 def _task(cfg: DictConfig) -> float | None:

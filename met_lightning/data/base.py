@@ -97,11 +97,29 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             drop_last=False,
         )
 
+    @property
+    def world_size(self) -> int:
+        """Processes sharing the batch (devices × nodes under DDP), 1 outside a Trainer."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def per_device(self, batch_size: int, key: str = "data.batch_size") -> int:
+        """`batch_size` is global (the recipe's); each DDP process loads its share."""
+        world = self.world_size
+        if batch_size % world:
+            raise ConfigError(
+                f"{key}={batch_size} is the global batch size and must be divisible by the "
+                f"{world} processes (trainer.devices × trainer.num_nodes)"
+            )
+        return batch_size // world
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.per_device(self.batch_size), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        batch = max(self.eval_batch_size // self.world_size, 1)
+        return self._loader(self.val_set, batch, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        batch = max(self.eval_batch_size // self.world_size, 1)
+        return self._loader(self.test_set, batch, shuffle=False)

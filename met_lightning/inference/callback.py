@@ -3,7 +3,8 @@
 `train()` runs `trainer.validate` and then `trainer.test` with the best checkpoint; this callback
 collects the logits of both passes (not of the validation inside `fit`), writes the logit store,
 calibrates thresholds on val, evaluates the budget curve on test, writes the CSV / PNG / JSON and
-logs them to the active loggers (a table and an image on wandb).
+logs them to the active loggers (a table and an image on wandb). Under DDP the logits of all
+processes are gathered and the analysis runs on rank 0.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from met_lightning.inference.analysis import BudgetReport, analyze, curve_rows, write_report
 from met_lightning.inference.budget import DEFAULT_P_VALUES, resolve_budget
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.logit_store import FILENAME, LogitStore, concat_batches
+from met_lightning.inference.logit_store import FILENAME, LogitStore, SplitLogits, concat_batches
 from met_lightning.macs import model_exit_costs
 
 log = logging.getLogger(__name__)
+
+
+def _dataset_size(loaders: Any) -> int:
+    loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+    return len(loader.dataset)
 
 
 class BudgetAnalysis(L.Callback):
@@ -54,6 +60,7 @@ class BudgetAnalysis(L.Callback):
             resolve_budget(budget, 1, key=f"callbacks.budget_analysis.budgets[{i}]")
         self.p_values = tuple(p_values) if p_values else DEFAULT_P_VALUES
         self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self._sizes: dict[str, int] = {}
         self.report: BudgetReport | None = None
 
     # ------------------------------------------------------------------ collect
@@ -64,6 +71,7 @@ class BudgetAnalysis(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
             self._batches["val"] = []
+            self._sizes["val"] = _dataset_size(trainer.val_dataloaders)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -73,6 +81,7 @@ class BudgetAnalysis(L.Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batches["test"] = []
+        self._sizes["test"] = _dataset_size(trainer.test_dataloaders)
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -80,13 +89,18 @@ class BudgetAnalysis(L.Callback):
         self._collect("test", outputs)
 
     # ------------------------------------------------------------------ analyze
-    def _gathered(self, pl_module: L.LightningModule, split: str):
+    def _gathered(self, pl_module: L.LightningModule, split: str) -> SplitLogits:
+        """This split's logits of every process, in dataset order, without DDP's padding."""
         data = concat_batches(self._batches[split])
-        if pl_module.trainer.world_size == 1:
+        world = pl_module.trainer.world_size
+        if world == 1:
             return data
-        logits = pl_module.all_gather(data.logits).flatten(0, 1).cpu()
-        labels = pl_module.all_gather(data.labels).flatten(0, 1).cpu()
-        return type(data)(logits, labels)
+        # DistributedSampler(shuffle=False) gives rank r the samples r, r + W, ... and pads the
+        # last round with the first samples again: interleave the ranks and cut the padding.
+        size = min(self._sizes[split], world * len(data.labels))
+        logits = pl_module.all_gather(data.logits).transpose(0, 1).flatten(0, 1)[:size]
+        labels = pl_module.all_gather(data.labels).transpose(0, 1).flatten(0, 1)[:size]
+        return SplitLogits(logits.cpu(), labels.cpu())
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._batches["val"] or not self._batches["test"]:

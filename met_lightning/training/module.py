@@ -54,6 +54,15 @@ class MultiExitClassifier(L.LightningModule):
             }
         )
         self.val_loss = MeanMetric()
+        # epoch means of the loss terms. torchmetrics syncs them under DDP inside our own hook, on
+        # every rank at the same point; `self.log(sync_dist=True)` would sync lazily and can
+        # deadlock when only rank 0's progress bar asks for the value.
+        self.train_term_names = (
+            ["train/loss_epoch"]
+            + [f"train/ce_exit{k + 1}" for k in range(num_exits)]
+            + [f"train/graph_exit{k + 1}" for k in range(num_exits - 1)]
+        )
+        self.train_terms = nn.ModuleList(MeanMetric() for _ in self.train_term_names)
         self.val_acc_best = MaxMetric()
         self.num_trainable, self.num_total = count_parameters(net)
 
@@ -79,13 +88,12 @@ class MultiExitClassifier(L.LightningModule):
                 f"non-finite training loss {parts.total.item()} at step {self.global_step} "
                 f"(ce per exit {parts.ce.tolist()}, graph {parts.graph.tolist()})"
             )
-        bs = batch[0].shape[0]
-        self.log(
-            "train/loss", parts.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs
-        )
-        logs = {f"train/ce_exit{k + 1}": v for k, v in enumerate(parts.ce)}
-        logs.update({f"train/graph_exit{k + 1}": v for k, v in enumerate(parts.graph)})
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=bs)
+        # the step value for the progress bar; epoch means come from synced metrics (see below)
+        self.log("train/loss", parts.total, on_step=True, on_epoch=False, prog_bar=True)
+        weight = batch[0].shape[0]
+        terms = [parts.total, *parts.ce, *parts.graph]
+        for metric, value in zip(self.train_terms, terms, strict=True):
+            metric.update(value.detach(), weight=weight)
         return parts.total
 
     def validation_step(
@@ -117,6 +125,13 @@ class MultiExitClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_accuracy("train")
+        means = {
+            name: m.compute()
+            for name, m in zip(self.train_term_names, self.train_terms, strict=True)
+        }
+        for metric in self.train_terms:
+            metric.reset()
+        self.log_dict(means)
 
     def on_validation_epoch_end(self) -> None:
         acc = self._log_accuracy("val")

@@ -30,11 +30,7 @@ def budget_summary(report: BudgetReport) -> dict[str, Any]:
             "shares": list(pt.shares),
         }
 
-    rows = [
-        point(f"keep {100 * f:g} % of last-exit acc", pt)
-        for f, pt in report.keep.items()
-        if pt is not None
-    ]
+    rows = [point(f"keep {100 * f:g} %", pt) for f, pt in report.keep.items() if pt is not None]
     for b in report.budgets:
         budget = b["budget"]
         name = f"{100 * budget:g} %" if budget <= 1 else format_macs(budget)
@@ -69,8 +65,8 @@ def budget_table(budget: Mapping[str, Any]) -> Table:
             "/".join(f"{100 * s:.0f}" for s in row["shares"]),
         )
     table.caption = (
-        "keep X %: the cheapest point of the budget curve within X % of the last exit's accuracy; "
-        "budget: thresholds with the best val accuracy within that share of the full MACs"
+        "keep X %: the cheapest point of the budget curve with X % of the last exit's accuracy; "
+        "budget X %: the thresholds with the best val accuracy within X % of the full MACs"
     )
     table.caption_justify = "left"
     return table
