@@ -1,6 +1,7 @@
 """End to end through `python -m met_lightning` in a subprocess, on the shipped demo backbone."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -179,3 +180,48 @@ def test_ddp_on_two_cpu_processes(tmp_path, tiny_run):
     assert (folder / "budget_curve.csv").is_file()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["exits"][-1]["accuracy"] is not None
+
+
+def test_cifar100_experiment_offline_fails_fast_and_clearly(tmp_path):
+    """Offline, +experiment=cifar100 stops in seconds with one message: first for the backbone,
+    then (with the shipped demo backbone) for the dataset."""
+    start = time.monotonic()
+    result = run_cli(["+experiment=cifar100", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "backbone.weights_file=" in result.stderr
+
+    result = run_cli(
+        [
+            "+experiment=cifar100",
+            "backbone=demo_vit",
+            "trainer=cpu",
+            f"data.root={tmp_path / 'data'}",
+            "data.num_workers=0",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        # no network even on a connected machine: every request goes to a dead proxy
+        https_proxy="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "cifar-100-python" in result.stderr and "data.root" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_each_multirun_job_is_its_own_wandb_run(tmp_path):
+    result = run_cli(
+        [
+            "-m",
+            "model.adapter.rank=2,4",
+            "logger=wandb",
+            "debug=fast",
+            *TINY_OVERRIDES,
+            f"paths.log_dir={tmp_path}",
+        ],  # fmt: skip
+        cwd=tmp_path,
+        WANDB_MODE="offline",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {p.parent.name for p in tmp_path.rglob("offline-run-*/*.wandb")}
+    assert len(runs) == 2
