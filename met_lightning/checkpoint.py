@@ -32,26 +32,37 @@ def save_trainable(net: torch.nn.Module, path: str | Path, config: dict[str, Any
     return path
 
 
-def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, config) of a trainable checkpoint; a clear error if missing or not ours."""
+def read_tagged(
+    path: str | Path, filename: str, fmt: str, what: str, missing_hint: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of one of our safetensors files (`path` or `path/filename`).
+
+    CheckpointError naming the file if it is missing, corrupt, or not of format `fmt`.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = path / filename
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist{missing_hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or not safetensors: {err}"
+            f"{what} {str(path)!r} is corrupt or not safetensors: {err}"
         ) from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != fmt:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a met_lightning trainable checkpoint "
-            f"(format {metadata.get('format')!r}, expected {FORMAT!r})"
+            f"{str(path)!r} is not a met_lightning {what} "
+            f"(format {metadata.get('format')!r}, expected {fmt!r})"
         )
+    return tensors, metadata
+
+
+def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config) of a trainable checkpoint; a clear error if missing or not ours."""
+    tensors, metadata = read_tagged(path, FILENAME, FORMAT, "checkpoint")
     return tensors, json.loads(metadata["config"])
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from met_lightning.atomic import atomic_path
+from met_lightning.checkpoint import read_tagged
 from met_lightning.errors import CheckpointError
 
 FORMAT = "met_lightning.logits/1"
@@ -70,25 +70,8 @@ class LogitStore:
     @classmethod
     def load(cls, path: str | Path) -> LogitStore:
         """Read a store file, or `<run folder>/logits.safetensors`."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILENAME
-        if not path.is_file():
-            raise CheckpointError(
-                f"logit store {str(path)!r} does not exist (a training run writes it after "
-                "testing; runs with test=false have none)"
-            )
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"logit store {str(path)!r} is corrupt: {err}") from None
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{str(path)!r} is not a met_lightning logit store (format "
-                f"{metadata.get('format')!r}, expected {FORMAT!r})"
-            )
+        hint = " (a training run writes it after testing; runs with test=false have none)"
+        tensors, metadata = read_tagged(path, FILENAME, FORMAT, "logit store", hint)
         names = sorted({key.split("/")[0] for key in tensors})
         splits = {n: SplitLogits(tensors[f"{n}/logits"], tensors[f"{n}/labels"]) for n in names}
         return cls(
