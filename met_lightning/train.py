@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -107,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
         metrics = fit_and_test(trainer, module, datamodule, ckpt_path, cfg.get("test", True),
                                validate_first=analysis is not None)  # fmt: skip
+        if analysis is not None:  # budget/* values can be a sweep's optimized_metric
+            metrics.update(analysis.metrics)
         if trainer.is_global_zero:
             save_trainable(
                 net,
@@ -145,6 +148,10 @@ def fit_and_test(
 def _task(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(lambda: train(cfg))
     metric = cfg.get("optimized_metric")
+    if metric and metric not in metrics:
+        print(f"error: optimized_metric={metric!r} is not among this run's metrics: "
+              f"{sorted(metrics)}", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     return metrics.get(metric) if metric else None
 
 

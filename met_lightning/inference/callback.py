@@ -62,6 +62,7 @@ class BudgetAnalysis(L.Callback):
         self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self._sizes: dict[str, int] = {}
         self.report: BudgetReport | None = None
+        self.metrics: dict[str, float] = {}  # budget/* scalars, also returned by train()
 
     # ------------------------------------------------------------------ collect
     def _collect(self, split: str, outputs: Any) -> None:
@@ -138,6 +139,7 @@ class BudgetAnalysis(L.Callback):
         for b in report.budgets:
             metrics[f"budget/at_{b['budget']:g}_acc"] = b["evaluated"].accuracy
             metrics[f"budget/at_{b['budget']:g}_macs"] = b["evaluated"].mean_macs
+        self.metrics = {k: float(v) for k, v in metrics.items()}
         header, rows = curve_rows(report)
         for logger in trainer.loggers:
             try:

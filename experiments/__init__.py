@@ -1,0 +1,1 @@
+"""Experiment launchers, the results report and benchmarks (scripts; not part of the package)."""

@@ -1,0 +1,382 @@
+"""What the experiment launchers share: one training run per subprocess, resumable, dry-runnable.
+
+A run is `python -m met_lightning OVERRIDES hydra.run.dir=RUN_DIR`. It counts as finished when
+RUN_DIR/summary.json exists (train() writes it last), so a launcher started again skips what is
+done and goes on where it stopped. `--dry-run` prints the commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+SUMMARY_FILE = "summary.json"
+BUDGET_FILE = "budget.json"
+METRICS_FILE = "metrics.csv"
+OVERRIDES_FILE = ".hydra/overrides.yaml"
+# Keys the launchers set themselves; --extra / --grid may not set them.
+RESERVED_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "seed", "data.split")
+_SAFE_VALUE = re.compile(r"[\w./+\-@]+")
+
+
+class LaunchError(Exception):
+    """A launcher stops with this message (exit code 1)."""
+
+
+# ---------------------------------------------------------------------- overrides
+def hydra_value(value: str | Path) -> str:
+    """`value` as the right-hand side of a Hydra override (quoted unless plainly safe).
+
+    Hydra's override grammar reads `a,b` as a sweep and rejects `=` or `~` in a bare value, so
+    a path such as `out/rank=4` must be quoted.
+    """
+    text = str(value)
+    if _SAFE_VALUE.fullmatch(text):
+        return text
+    for quote in ("'", '"'):
+        if quote not in text:
+            return f"{quote}{text}{quote}"
+    raise LaunchError(f"cannot pass {text!r} to Hydra: it holds both kinds of quotes")
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split at `sep` outside brackets and quotes: `[2,4],[3,6]` -> `['[2,4]', '[3,6]']`."""
+    parts, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        elif char == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+def check_override(text: str, what: str) -> str:
+    """A `key=value` (or `~key`) override that does not touch the keys the launcher sets."""
+    key = text.split("=", 1)[0].lstrip("+~")
+    if "=" not in text and not text.startswith("~"):
+        raise LaunchError(f"{what} {text!r} is not a Hydra override: write key=value")
+    if key in RESERVED_KEYS:
+        raise LaunchError(f"{what} {text!r}: the launcher sets {key} itself")
+    return text
+
+
+GridPoint = tuple[tuple[str, str], ...]  # ((key, value), ...) in the order given
+
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`["model.adapter.rank=4,8", "model.loss.graph_weight=0.1,0.3"]` -> keys with values."""
+    grid: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        check_override(spec, "--grid")
+        key, _, values_text = spec.partition("=")
+        values = split_top_level(values_text)
+        if not key or any(not v for v in values):
+            raise LaunchError(f"--grid {spec!r}: write key=v1,v2,... with non-empty values")
+        if key in (k for k, _ in grid):
+            raise LaunchError(f"--grid names {key} twice")
+        if len(set(values)) != len(values):
+            raise LaunchError(f"--grid {spec!r} repeats a value")
+        grid.append((key, values))
+    return grid
+
+
+def grid_points(grid: Sequence[tuple[str, list[str]]]) -> list[GridPoint]:
+    """Every combination, the first key varying slowest; [()] for an empty grid."""
+    keys = [key for key, _ in grid]
+    return [
+        tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))
+    ]
+
+
+def point_overrides(point: GridPoint) -> list[str]:
+    return [f"{key}={value}" for key, value in point]
+
+
+def point_names(points: Sequence[GridPoint]) -> dict[GridPoint, str]:
+    """A folder name per grid point, e.g. `rank-4_graph_weight-0.1` (unique within `points`)."""
+    if not points or points == [()]:
+        return {p: "" for p in points}
+    keys = [key for key, _ in points[0]]
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    if len(set(short)) != len(short):  # e.g. model.loss.weight and optimizer.weight
+        short = [key.replace(".", "-") for key in keys]
+
+    def clean(value: str) -> str:
+        return re.sub(r"[^\w.+\-]+", "_", value).strip("_") or "_"
+
+    names = {
+        p: "_".join(f"{s}-{clean(v)}" for s, (_, v) in zip(short, p, strict=True)) for p in points
+    }
+    if len(set(names.values())) != len(names):  # values that differ only in odd characters
+        names = {p: f"point{i}" for i, p in enumerate(points)}
+    return names
+
+
+# ---------------------------------------------------------------------- run folders
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / SUMMARY_FILE).is_file()
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """The task overrides Hydra recorded for a run (.hydra/overrides.yaml), None if unreadable."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, ImportError):
+        return None
+    return [str(x) for x in data] if isinstance(data, list) else None
+
+
+def metric_from_csv(run_dir: Path, name: str) -> float | None:
+    """The last logged value of `name` in the run's metrics.csv (CSV logger), None if absent."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    value = None
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(name) not in (None, ""):
+                value = float(row[name])
+    return value
+
+
+SELECT_HELP = (
+    "how tune runs are compared, all on the tune split's held-out val200: "
+    "'last' = last-exit accuracy (summary.json; metrics.csv val/acc_best if missing), "
+    "'mean' = mean accuracy over all exits, 'budget:F' = accuracy with thresholds chosen for "
+    "budget F (budget.json; F must be in callbacks.budget_analysis.budgets)"
+)
+
+
+def parse_select(text: str) -> str:
+    """argparse type of --select-by: last | mean | budget:F."""
+    if text in ("last", "mean"):
+        return text
+    if text.startswith("budget:"):
+        try:
+            float(text.split(":", 1)[1])
+        except ValueError:
+            pass
+        else:
+            return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use last, mean or budget:F (e.g. budget:0.5)")
+
+
+def selection_score(run_dir: Path, metric: str = "last") -> float | None:
+    """The held-out score of a finished run by `metric` (see SELECT_HELP); None if unavailable."""
+    run_dir = Path(run_dir)
+    try:
+        summary = read_json(run_dir / SUMMARY_FILE)
+    except (OSError, ValueError):
+        return None
+    accs = [e.get("accuracy") for e in summary.get("exits", [])]
+    if metric == "last":
+        if accs and accs[-1] is not None:
+            return float(accs[-1])
+        return metric_from_csv(run_dir, "val/acc_best")
+    if metric == "mean":
+        if not accs or any(a is None for a in accs):
+            return None
+        return sum(accs) / len(accs)
+    budget = float(metric.split(":", 1)[1])
+    try:
+        report = read_json(run_dir / BUDGET_FILE)
+    except (OSError, ValueError):
+        return None
+    for entry in report.get("budgets", []):
+        if math.isclose(float(entry["budget"]), budget, rel_tol=1e-9):
+            return float(entry["evaluated"]["accuracy"])
+    return None
+
+
+# ---------------------------------------------------------------------- launching
+@dataclass(frozen=True)
+class Run:
+    """One training run: its folder and overrides (hydra.run.dir is added by `command`)."""
+
+    run_dir: Path
+    overrides: tuple[str, ...]
+    label: str = ""
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        run_dir = f"hydra.run.dir={hydra_value(self.run_dir)}"
+        return [python, "-m", "met_lightning", *self.overrides, run_dir]
+
+
+@dataclass
+class Launcher:
+    """Runs (or, with dry_run, prints) runs one after the other; skips finished ones."""
+
+    python: str = sys.executable
+    dry_run: bool = False
+    keep_going: bool = False
+    delete_checkpoints: bool = False
+    out: TextIO | None = None  # None: sys.stdout at call time (pytest's capsys replaces it)
+    ran: list[Run] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)
+    planned: list[Run] = field(default_factory=list)  # dry run: would run these
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out or sys.stdout, flush=True)
+
+    def launch(self, run: Run) -> str:
+        """'skipped' | 'planned' (dry run) | 'ok' | 'failed' (only with keep_going)."""
+        command = shlex.join(run.command(self.python))
+        if is_finished(run.run_dir):
+            self.skipped.append(run)
+            self.say(f"# skip, finished: {command}")
+            self._check_recorded(run)
+            return "skipped"
+        if self.dry_run:
+            self.planned.append(run)
+            self.say(command)
+            return "planned"
+        self.say(f"\n### {run.label or run.run_dir}\n{command}")
+        start = time.monotonic()
+        try:
+            rc = subprocess.run(run.command(self.python), check=False).returncode
+        except OSError as err:  # e.g. --python points nowhere
+            rc, reason = None, f"could not start it: {err}"
+        else:
+            reason = f"exit code {rc}"
+        minutes = (time.monotonic() - start) / 60
+        if rc == 0 and not is_finished(run.run_dir):
+            rc, reason = -1, f"exit code 0 but no {SUMMARY_FILE} in {run.run_dir}"
+        if rc != 0:
+            return self._failed(run, command, reason)
+        self.ran.append(run)
+        self.say(f"### finished in {minutes:.1f} min: {run.run_dir}")
+        if self.delete_checkpoints:  # trainable.safetensors keeps the tested weights
+            shutil.rmtree(Path(run.run_dir) / "checkpoints", ignore_errors=True)
+        return "ok"
+
+    def _failed(self, run: Run, command: str, reason: str) -> str:
+        self.failed.append((run, reason))
+        message = (
+            f"run failed ({reason}): {run.label or run.run_dir}\n  command: {command}\n"
+            f"  its log: {Path(run.run_dir) / 'train.log'} (if it got that far)\n"
+            "  fix the cause and start the launcher again with the same arguments: finished runs "
+            "are skipped"
+        )
+        if not self.keep_going:
+            raise LaunchError(message)
+        self.say(f"### {message}\n### --keep-going: going on")
+        return "failed"
+
+    def _check_recorded(self, run: Run) -> None:
+        """Warn when a finished run was made with other overrides than the ones asked now."""
+        recorded = recorded_overrides(run.run_dir)
+        if recorded is None:
+            return
+        missing = [o for o in run.overrides if o not in recorded]
+        extra = [o for o in recorded if o not in run.overrides]
+        if missing or extra:
+            self.say(
+                f"# warning: {run.run_dir} was made with other overrides (now asked: {missing}, "
+                f"it had instead: {extra}); delete the folder to run it again"
+            )
+
+    def summary(self, minutes_per_run: tuple[float, float]) -> str:
+        lo, hi = minutes_per_run
+        if self.dry_run:
+            n = len(self.planned)
+            return (
+                f"# dry run: {n} run(s) to do, {len(self.skipped)} finished already; at "
+                f"{lo:g}-{hi:g} min per run (estimate) that is {n * lo / 60:.1f}-"
+                f"{n * hi / 60:.1f} GPU hours"
+            )
+        text = (
+            f"# {len(self.ran)} run(s) finished now, {len(self.skipped)} were finished already, "
+            f"{len(self.failed)} failed"
+        )
+        for run, reason in self.failed:
+            text += f"\n#   failed ({reason}): {run.run_dir}"
+        return text
+
+
+# ---------------------------------------------------------------------- command line
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(default_out), help=f"results root (default: {default_out})"
+    )
+    parser.add_argument(
+        "--extra",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="OVERRIDE",
+        help="further Hydra overrides for every run, e.g. --extra trainer=cpu "
+        "backbone.weights_file=/w/ViT-B_16.npz data.root=/data/vtab-1k",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="go on after a failed run (default: stop at the first failure)",
+    )
+    parser.add_argument(
+        "--delete-checkpoints",
+        action="store_true",
+        help="delete a finished run's checkpoints/ (Lightning .ckpt files for resuming; "
+        "trainable.safetensors keeps the tested weights)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the Python that runs met_lightning (default: this one)",
+    )
+
+
+def make_launcher(args: argparse.Namespace) -> Launcher:
+    for override in args.extra:
+        check_override(override, "--extra")
+    return Launcher(
+        python=args.python,
+        dry_run=args.dry_run,
+        keep_going=args.keep_going,
+        delete_checkpoints=args.delete_checkpoints,
+    )
+
+
+def run_main(body, argv: Iterable[str] | None, parser: argparse.ArgumentParser) -> int:  # noqa: ANN001
+    """Parse, run `body(args)`; a LaunchError prints `error: ...` and returns 1."""
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return body(args)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
