@@ -30,8 +30,8 @@ from met_lightning.checkpoint import load_trainable, read_trainable
 from met_lightning.cli import exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.data.base import InputSpec
-from met_lightning.data.images import IMAGE_EXTENSIONS
-from met_lightning.data.transforms import eval_transform, to_input_mode
+from met_lightning.data.images import IMAGE_EXTENSIONS, load_image
+from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError, DataError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
 from met_lightning.inference.confidence import check_confidence
@@ -108,12 +108,8 @@ def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
 
 def read_image(path: Path, spec: InputSpec, transform: Any) -> torch.Tensor:
     """One image as the backbone's input tensor; DataError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return transform(to_input_mode(image, spec))
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"cannot decode image {str(path)!r}: {type(err).__name__}: {err}") from None
+    hint = "Remove it from the input or pass skip_bad_images=true"
+    return transform(load_image(path, spec, "the predict input", hint))
 
 
 def batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:

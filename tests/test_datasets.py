@@ -137,7 +137,9 @@ def test_cifar_resizes_and_augments(cifar_root):
 
 def test_cifar_prepare_data_is_a_no_op_when_files_exist(cifar_root, monkeypatch):
     monkeypatch.setattr(cifar, "host_reachable", pytest.fail)  # must not touch the network
+    before = sorted((p, p.stat().st_mtime_ns) for p in cifar_root.rglob("*"))
     make_cifar(cifar_root, download=True).prepare_data()
+    assert sorted((p, p.stat().st_mtime_ns) for p in cifar_root.rglob("*")) == before
 
 
 def test_cifar_missing_files_without_download(tmp_path):

@@ -54,8 +54,17 @@ def decode_error(path: Path) -> str | None:
     return None
 
 
-def load_image(path: Path, spec: InputSpec, source: str) -> Image.Image:
-    """The image at `path` in the backbone's colour mode; a DataError naming it if unreadable."""
+SKIP_HINT = (
+    "Replace or delete the file, or set data.skip_bad_images=true to drop undecodable images at "
+    "setup."
+)
+
+
+def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) -> Image.Image:
+    """The image at `path` in the backbone's colour mode; a DataError naming it if unreadable.
+
+    `source` (a list file, a folder) is named in the message, followed by `hint`.
+    """
     try:
         with Image.open(path) as image:
             image.load()
@@ -64,9 +73,7 @@ def load_image(path: Path, spec: InputSpec, source: str) -> Image.Image:
         raise DataError(f"image {path} (listed in {source}) does not exist") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(
-            f"cannot decode image {path} (listed in {source}): {type(err).__name__}: {err}. "
-            "Replace or delete the file, or set data.skip_bad_images=true to drop undecodable "
-            "images at setup."
+            f"cannot decode image {path} (listed in {source}): {type(err).__name__}: {err}. " + hint
         ) from None
 
 

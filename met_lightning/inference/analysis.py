@@ -26,6 +26,7 @@ from met_lightning.inference.budget import (
     BudgetPoint,
     SplitScores,
     anytime_points,
+    budget_candidates,
     budget_curve,
     cheapest_keeping,
     evaluate,
@@ -120,6 +121,7 @@ def analyze(
     report = BudgetReport(
         kind, calibration_split, evaluation_split, store.exits, macs, curve, anytime, keep
     )
+    selectable = budget_candidates(calib, macs) if budgets else []
     for i, budget in enumerate(budgets):
         budget_macs = resolve_budget(budget, macs[-1], key=f"budgets[{i}]")
         if budget_macs < macs[0]:  # infeasible for this model: report it, do not fail the run
@@ -127,7 +129,9 @@ def analyze(
                         budget, format_macs(macs[0]))  # fmt: skip
             report.skipped_budgets.append(budget)
             continue
-        selected = select_for_budget(calib, macs, budget_macs, key=f"budgets[{i}]={budget}")
+        selected = select_for_budget(
+            calib, macs, budget_macs, key=f"budgets[{i}]={budget}", candidates=selectable
+        )
         evaluated = evaluate(evalu, selected.thresholds, macs, selected.label)
         report.budgets.append(
             {"budget": budget, "budget_macs": budget_macs, "selected": selected,

@@ -172,17 +172,28 @@ def resolve_budget(budget: float, full_macs: int, key: str = "budget") -> float:
     return budget * full_macs if budget <= 1 else budget
 
 
+def budget_candidates(
+    calibration: SplitScores,
+    exit_macs: Sequence[int],
+    p_values: Sequence[float] = SELECTION_P_VALUES,
+) -> list[BudgetPoint]:
+    """Settings to choose from under a budget: the calibrated p sweep and each single exit."""
+    curve = budget_curve(calibration, calibration, exit_macs, p_values)
+    return [point for _, point in curve] + anytime_points(calibration, exit_macs)
+
+
 def select_for_budget(
     calibration: SplitScores,
     exit_macs: Sequence[int],
     budget_macs: float,
     key: str = "budget",
-    p_values: Sequence[float] = SELECTION_P_VALUES,
+    candidates: Sequence[BudgetPoint] | None = None,
 ) -> BudgetPoint:
     """The thresholds with the best accuracy on `calibration` whose mean MACs fit the budget.
 
-    Candidates: the calibrated p sweep and every "all out at exit k" setting. Raises ConfigError
-    when the budget is below the cost of exit 1 (nothing can run within it).
+    Candidates: `budget_candidates(calibration, exit_macs)` unless given (pass them when
+    selecting for several budgets). Raises ConfigError when the budget is below the cost of
+    exit 1 (nothing can run within it).
     """
     if budget_macs < exit_macs[0]:
         raise ConfigError(
@@ -191,8 +202,8 @@ def select_for_budget(
             "full model), so no image can be classified within it; raise the budget to at least "
             f"{exit_macs[0]} MACs or {exit_macs[0] / exit_macs[-1]:.3f} of the full cost"
         )
-    candidates = [point for _, point in budget_curve(calibration, calibration, exit_macs, p_values)]
-    candidates += anytime_points(calibration, exit_macs)
+    if candidates is None:
+        candidates = budget_candidates(calibration, exit_macs)
     feasible = [c for c in candidates if c.mean_macs <= budget_macs * (1 + 1e-9)]
     return max(feasible, key=lambda c: (c.accuracy, -c.mean_macs))
 
