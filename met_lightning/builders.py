@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.models.multi_exit_vit import MultiExitViT
 
 
 def as_config(cfg: Any) -> DictConfig:
@@ -23,8 +24,11 @@ def build_backbone(backbone_cfg: Any) -> nn.Module:
 def build_network(
     method_cfg: Any, model_cfg: Any, backbone: nn.Module, num_classes: int
 ) -> nn.Module:
-    """The method's network (MET: a MultiExitViT) around `backbone`."""
-    build = instantiate(as_config(method_cfg).build)
+    """The method's network around `backbone`: `method.build` if given (a partial taking
+    backbone, num_classes, model), else a MultiExitViT from the `model` group (every built-in
+    method is one, with different adapters and exits)."""
+    build_cfg = as_config(method_cfg).get("build")
+    build = MultiExitViT.from_config if build_cfg is None else instantiate(build_cfg)
     return build(backbone=backbone, num_classes=num_classes, model=as_config(model_cfg))
 
 

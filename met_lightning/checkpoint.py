@@ -17,15 +17,17 @@ from safetensors.torch import load_file, safe_open, save_file
 from met_lightning.atomic import atomic_path
 from met_lightning.builders import build_backbone, build_network
 from met_lightning.errors import CheckpointError
+from met_lightning.models.binary import export_state, load_export
 
 FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
 
 
 def save_trainable(net: torch.nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
-    """Write `net.trainable_state_dict()` and `config` (JSON in the metadata) atomically."""
+    """Write the trainable tensors (`models.binary.export_state`) and `config` (JSON in the
+    metadata) atomically."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.trainable_state_dict().items()}
+    tensors = export_state(net)  # 1-bit adapter weights packed 8 signs per byte
     metadata = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -82,12 +84,5 @@ def load_trainable(
         torch.manual_seed(int(config.get("seed", 0)))
         backbone = build_backbone(backbone_cfg)
     net = build_network(config["method"], config["model"], backbone, config["num_classes"])
-    expected = set(net.trainable_state_dict())
-    if set(tensors) != expected:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the network its config builds "
-            f"(missing {sorted(expected - set(tensors))[:5]}, "
-            f"unexpected {sorted(set(tensors) - expected)[:5]})"
-        )
-    net.load_state_dict(tensors, strict=False)
+    load_export(net, tensors, str(path))
     return net.eval(), config

@@ -52,10 +52,13 @@ register_resolvers()
 # ---------------------------------------------------------------------- schemas
 @dataclass
 class AdapterSchema:
+    kind: str = "e_adapter"
     rank: int = 8
     exit_specific: bool = True
     separate_cls: bool = True
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    bits: int = 32
+    scale: float | None = None
 
 
 @dataclass
@@ -70,6 +73,7 @@ class LossSchema:
 @dataclass
 class ModelSchema:
     exits: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
+    finetune_backbone: bool = False
     adapter: AdapterSchema = field(default_factory=AdapterSchema)
     loss: LossSchema = field(default_factory=LossSchema)
 
@@ -127,7 +131,15 @@ def validate_config(cfg: DictConfig) -> None:
     backbone = _typed(cfg, "backbone", BackboneSchema)
 
     adapter, loss = model.adapter, model.loss
-    check_adapter(adapter.rank, adapter.exit_specific, adapter.separate_cls, list(adapter.sites))
+    check_adapter(
+        adapter.kind,
+        adapter.rank,
+        adapter.exit_specific,
+        adapter.separate_cls,
+        list(adapter.sites),
+        adapter.bits,
+        adapter.scale,
+    )
     _require(
         loss.graph in GRAPH_KINDS,
         f"model.loss.graph={loss.graph!r} must be one of {list(GRAPH_KINDS)}",

@@ -21,7 +21,11 @@ from tests.helpers import compose_config, run_cli
             "model.adapter.exit_specific",
             "separate_cls",
         ),
-        (["+model.adapter.rnk=4"], "model.adapter.rnk", "valid keys there: rank, exit_specific"),
+        (
+            ["+model.adapter.rnk=4"],
+            "model.adapter.rnk",
+            "valid keys there: kind, rank, exit_specific",
+        ),
         (["model.adapter.rank=abc"], "model.adapter.rank", "could not be converted"),
         (["model.adapter.sites=[attn,ffn]"], "model.adapter.sites", "attn"),
         (["model.loss.graph=knn"], "model.loss.graph", "label"),

@@ -1,12 +1,31 @@
-"""E-adapter: a bottleneck adapter whose projections are shared by all exits, scaled per exit."""
+"""Bottleneck adapters: MET's E-adapter and AdaptFormer's parallel adapter.
+
+Both have a down-projection `W_down` [r, d] and an up-projection `W_up` [d, r], zero-initialized
+up-projection (the adapter starts as a no-op) and optional 1-bit projections (`bits=1`, see
+`models.binary`).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from met_lightning.models.binary import QuantLinear
 
-class EAdapter(nn.Module):
+
+class _Bottleneck(nn.Module):
+    def __init__(self, dim: int, rank: int, bits: int) -> None:
+        super().__init__()
+        self.down = QuantLinear(dim, rank, bits)
+        self.up = QuantLinear(rank, dim, bits)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.up.out_features}, rank={self.down.out_features}, bits={self.up.bits}"
+
+
+class EAdapter(_Bottleneck):
     """`E_k(t) = t + W_up (gamma_k * GELU(W_down t + b_down)) + b_up` for a token `t` of stream `k`.
 
     `W_down` [r, d], `W_up` [d, r] and their biases are shared; `gamma` [num_gammas, r] holds one
@@ -15,14 +34,10 @@ class EAdapter(nn.Module):
     Trainable parameters: `2 d r + r + d + num_gammas r`.
     """
 
-    def __init__(self, dim: int, rank: int, num_gammas: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(dim, rank)
-        self.up = nn.Linear(rank, dim)
+    def __init__(self, dim: int, rank: int, num_gammas: int, bits: int = 32) -> None:
+        super().__init__(dim, rank, bits)
         self.act = nn.GELU()
         self.gamma = nn.Parameter(torch.ones(num_gammas, rank))
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, gamma_index: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d]; gamma_index: [T] exit of each token position (None: gamma[0] for all)."""
@@ -31,11 +46,25 @@ class EAdapter(nn.Module):
         return x + self.up(h * gamma)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.up.out_features}, rank={self.down.out_features}, gammas={len(self.gamma)}"
-        )
+        return f"{super().extra_repr()}, gammas={len(self.gamma)}"
 
 
-def e_adapter_params(dim: int, rank: int, num_gammas: int) -> int:
-    """Trainable parameters of one E-adapter site (the spec's `2 d r + r + d + K r`)."""
-    return 2 * dim * rank + rank + dim + num_gammas * rank
+class ParallelAdapter(_Bottleneck):
+    """AdaptFormer's AdaptMLP: `s * (W_up ReLU(W_down x + b_down) + b_up)`, beside the MLP.
+
+    The block becomes `x = x + MLP(LN2(x)) + s * adapter(x)` (Chen et al., 2022; scale s = 0.1,
+    no layer norm inside the adapter, zero biases at init, as in their released ViT code).
+    Trainable parameters: `2 d r + r + d`.
+    """
+
+    def __init__(self, dim: int, rank: int, scale: float = 0.1, bits: int = 32) -> None:
+        super().__init__(dim, rank, bits)
+        nn.init.zeros_(self.down.bias)
+        self.act = nn.ReLU()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x))) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"

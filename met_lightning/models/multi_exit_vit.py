@@ -22,10 +22,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from met_lightning.errors import ConfigError
-from met_lightning.models.adapters import EAdapter
+from met_lightning.models.adapters import EAdapter, ParallelAdapter
 from met_lightning.models.backbone import spec_of
+from met_lightning.models.binary import BITS
+from met_lightning.models.lora import LORA_SITES, add_lora
 
 ADAPTER_SITES = ("attn", "mlp")
+# model.adapter.kind -> the sites it can use (model.adapter.sites)
+ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
+    "e_adapter": ADAPTER_SITES,  # MET: before attention / MLP, shared W, per-exit gamma
+    "adaptformer": ("mlp",),  # parallel to the MLP
+    "lora": LORA_SITES,  # slices of the fused qkv projection
+    "none": (),  # heads only (linear probe, multi-exit linear, full fine-tuning)
+}
+# model.adapter.scale when null
+DEFAULT_SCALE = {"adaptformer": 0.1, "lora": 1.0}
 
 
 class MultiExitOutput(NamedTuple):
@@ -34,47 +45,82 @@ class MultiExitOutput(NamedTuple):
 
 
 def check_exits(exits: Sequence[int], depth: int, key: str = "model.exits") -> tuple[int, ...]:
-    """Validate 1-based exit blocks: non-empty, strictly increasing, in 1..depth, last = depth."""
-    exits = tuple(int(e) for e in exits)
-    if not exits:
+    """Validate exit blocks and return them 1-based: non-empty, strictly increasing, in 1..depth,
+    the last one = depth. Negative values count from the end as in Python: -1 is the last block.
+    """
+    given = [int(e) for e in exits]
+    if not given:
         raise ConfigError(f"{key} is empty; give at least the last block, e.g. {key}=[{depth}]")
-    if len(set(exits)) != len(exits):
-        raise ConfigError(f"{key}={list(exits)} has duplicate blocks; list each exit once")
-    if list(exits) != sorted(exits):
-        raise ConfigError(f"{key}={list(exits)} is not sorted; use {key}={sorted(exits)}")
-    bad = [e for e in exits if not 1 <= e <= depth]
+    bad = [e for e in given if not (1 <= e <= depth or -depth <= e <= -1)]
     if bad:
         raise ConfigError(
-            f"{key}={list(exits)}: block(s) {bad} outside 1..{depth} (the backbone has {depth} "
-            "blocks; exits are 1-based block indices)"
+            f"{key}={given}: block(s) {bad} outside 1..{depth} (the backbone has {depth} "
+            f"blocks; exits are 1-based block indices, or -1..-{depth} counted from the end)"
         )
+    exits = tuple(e if e > 0 else depth + 1 + e for e in given)
+    if len(set(exits)) != len(exits):
+        raise ConfigError(f"{key}={given} has duplicate blocks; list each exit once")
+    if list(exits) != sorted(exits):
+        raise ConfigError(f"{key}={given} is not sorted; use {key}={sorted(exits)}")
     if exits[-1] != depth:
-        raise ConfigError(
-            f"{key}={list(exits)} must end with the last block {depth} (the main exit)"
-        )
+        raise ConfigError(f"{key}={given} must end with the last block {depth} (the main exit)")
     return exits
 
 
-def check_adapter(rank: int, exit_specific: bool, separate_cls: bool, sites: Sequence[str]) -> None:
-    """Validate the E-adapter switches (keys under model.adapter)."""
-    if int(rank) <= 0:
+def check_adapter(
+    kind: str = "e_adapter",
+    rank: int = 8,
+    exit_specific: bool = True,
+    separate_cls: bool = True,
+    sites: Sequence[str] = ADAPTER_SITES,
+    bits: int = 32,
+    scale: float | None = None,
+) -> None:
+    """Validate the adapter switches (keys under model.adapter)."""
+    if kind not in ADAPTER_KINDS:
+        raise ConfigError(f"model.adapter.kind={kind!r} must be one of {list(ADAPTER_KINDS)}")
+    valid_sites = ADAPTER_KINDS[kind]
+    unknown = [s for s in sites if s not in valid_sites]
+    if unknown or len(set(sites)) != len(sites):
+        raise ConfigError(
+            f"model.adapter.sites={list(sites)}: with model.adapter.kind={kind} each site must be "
+            f"one of {list(valid_sites)}, listed once"
+            + (" (use model.adapter.sites=[])" if kind == "none" else "")
+        )
+    if kind != "none" and int(rank) <= 0:
         raise ConfigError(f"model.adapter.rank={rank} must be a positive integer (default 8)")
+    if exit_specific and kind != "e_adapter":
+        raise ConfigError(
+            f"model.adapter.exit_specific=true needs model.adapter.kind=e_adapter (got {kind}); "
+            "set model.adapter.exit_specific=false"
+        )
     if exit_specific and not separate_cls:
         raise ConfigError(
             "model.adapter.exit_specific=true needs model.adapter.separate_cls=true: without "
             "separate class tokens every exit reads the same token, so there is nothing to scale "
             "per exit. Set model.adapter.exit_specific=false or model.adapter.separate_cls=true."
         )
-    unknown = [s for s in sites if s not in ADAPTER_SITES]
-    if unknown or len(set(sites)) != len(sites):
+    if bits not in BITS:
+        raise ConfigError(f"model.adapter.bits={bits} must be one of {list(BITS)}")
+    if bits == 1 and kind not in ("e_adapter", "adaptformer"):
         raise ConfigError(
-            f"model.adapter.sites={list(sites)}: each site must be one of {list(ADAPTER_SITES)}, "
-            "listed once (use [] for no adapters)"
+            f"model.adapter.bits=1 quantizes bottleneck adapters (kind e_adapter or adaptformer), "
+            f"not kind={kind}; set model.adapter.bits=32"
+        )
+    if scale is not None and kind not in ("adaptformer", "lora"):
+        raise ConfigError(
+            f"model.adapter.scale={scale} applies to kind adaptformer or lora only "
+            f"(kind={kind}); set model.adapter.scale=null"
         )
 
 
 class MultiExitViT(nn.Module):
-    """Frozen timm ViT + E-adapters + ``LN_k -> Linear`` head after each exit block."""
+    """Frozen timm ViT + adapters + ``LN_k -> Linear`` head after each exit block.
+
+    `adapter_kind` picks the parameter-efficient module: ``e_adapter`` (MET), ``adaptformer``,
+    ``lora`` or ``none``; with one exit and no adapter this is a linear probe, and
+    `finetune_backbone=True` trains the whole backbone too (full fine-tuning).
+    """
 
     def __init__(
         self,
@@ -85,24 +131,46 @@ class MultiExitViT(nn.Module):
         exit_specific: bool = True,
         separate_cls: bool = True,
         sites: Sequence[str] = ADAPTER_SITES,
+        adapter_kind: str = "e_adapter",
+        bits: int = 32,
+        scale: float | None = None,
+        finetune_backbone: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec_of(backbone)
         self.exits = check_exits(exits, self.spec.depth)
-        check_adapter(rank, exit_specific, separate_cls, sites)
+        check_adapter(adapter_kind, rank, exit_specific, separate_cls, sites, bits, scale)
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.num_exits = len(self.exits)
         self.separate_cls = bool(separate_cls)
         self.exit_specific = bool(exit_specific)
-        self.rank = int(rank)
+        self.adapter_kind = adapter_kind
+        self.rank = int(rank) if adapter_kind != "none" else 0
         self.sites = tuple(sites)
+        self.finetune_backbone = bool(finetune_backbone)
+        if self.finetune_backbone:
+            backbone.requires_grad_(True)
 
         dim, depth, k = self.spec.embed_dim, self.spec.depth, self.num_exits
-        num_gammas = k if exit_specific else 1
-        self.adapters = nn.ModuleDict(
-            {s: nn.ModuleList(EAdapter(dim, rank, num_gammas) for _ in range(depth)) for s in sites}
-        )
+        scale = DEFAULT_SCALE.get(adapter_kind) if scale is None else float(scale)
+        # E-adapters, keyed by site, run before the sub-layer; AdaptFormer's run beside the MLP
+        self.adapters = nn.ModuleDict()
+        self.parallel_adapters: nn.ModuleList | None = None
+        if adapter_kind == "e_adapter":
+            num_gammas = k if exit_specific else 1
+            self.adapters.update(
+                {
+                    s: nn.ModuleList(EAdapter(dim, rank, num_gammas, bits) for _ in range(depth))
+                    for s in sites
+                }  # fmt: skip
+            )
+        elif adapter_kind == "adaptformer" and sites:
+            self.parallel_adapters = nn.ModuleList(
+                ParallelAdapter(dim, rank, scale, bits) for _ in range(depth)
+            )
+        elif adapter_kind == "lora" and sites:
+            add_lora(backbone.blocks, rank, sites, scale)
         self.norms = nn.ModuleList(copy.deepcopy(backbone.norm) for _ in range(k))
         for param in self.norms.parameters():
             param.requires_grad_(True)
@@ -116,7 +184,7 @@ class MultiExitViT(nn.Module):
 
     @classmethod
     def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
-        """Build from the `model` config group (exits, adapter.*)."""
+        """Build from the `model` config group (exits, adapter.*, finetune_backbone)."""
         adapter = model.adapter
         return cls(
             backbone,
@@ -126,13 +194,17 @@ class MultiExitViT(nn.Module):
             exit_specific=adapter.exit_specific,
             separate_cls=adapter.separate_cls,
             sites=list(adapter.sites),
+            adapter_kind=adapter.get("kind", "e_adapter"),
+            bits=adapter.get("bits", 32),
+            scale=adapter.get("scale"),
+            finetune_backbone=model.get("finetune_backbone", False),
         )
 
     # ------------------------------------------------------------------ structure
     def train(self, mode: bool = True) -> MultiExitViT:
-        """Train the added modules; the frozen backbone always stays in eval mode."""
+        """Train the added modules; a frozen backbone always stays in eval mode."""
         super().train(mode)
-        self.backbone.eval()
+        self.backbone.train(mode and self.finetune_backbone)
         return self
 
     def num_early_tokens(self, stage: int) -> int:
@@ -191,6 +263,7 @@ class MultiExitViT(nn.Module):
         gamma_index = self.gamma_index(stage, x.shape[1], x.device)
         attn_adapters = self.adapters["attn"] if "attn" in self.adapters else None
         mlp_adapters = self.adapters["mlp"] if "mlp" in self.adapters else None
+        parallel = self.parallel_adapters
         for i in self.stage_blocks(stage):
             blk = self.backbone.blocks[i]
             if attn_adapters is not None:
@@ -198,7 +271,8 @@ class MultiExitViT(nn.Module):
             x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=mask)))
             if mlp_adapters is not None:
                 x = mlp_adapters[i](x, gamma_index)
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            mlp = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            x = x + (mlp + parallel[i](x) if parallel is not None else mlp)
         return x
 
     def exit_features(self, stage: int, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from met_lightning.atomic import write_text
 from met_lightning.inference.analysis import BudgetReport
 from met_lightning.inference.budget import BudgetPoint
 from met_lightning.macs import format_macs, model_exit_costs
+from met_lightning.models.binary import storage_bytes
 from met_lightning.training.module import count_parameters
 
 
@@ -97,6 +98,8 @@ def run_summary(  # noqa: ANN001 - net is a MultiExitViT
         "backbone_macs": costs.backbone,
         "params_trainable": trainable,
         "params_total": total,
+        # bytes of trainable.safetensors' tensors (1-bit adapter weights packed), in KiB
+        "storage_kb": storage_bytes(net) / 1024,
         "budget": budget_summary(budget) if budget is not None else None,
     }
 
@@ -119,7 +122,8 @@ def summary_table(summary: Mapping[str, Any], title: str = "MET run summary") ->
         )
     trainable, total = summary["params_trainable"], summary["params_total"]
     table.caption = (
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f} %); "
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f} %), "
+        f"stored in {summary['storage_kb']:,.1f} KB; "
         f"plain frozen backbone: {format_macs(summary['backbone_macs'])} per image"
     )
     table.caption_justify = "left"

@@ -1,0 +1,259 @@
+"""The baselines and variants of issue 5: every method builds from its config, trains a step, has
+the expected trainable-parameter count; LoRA touches only its slices; 1-bit adapters."""
+
+import math
+
+import pytest
+import torch
+
+from met_lightning.builders import build_loss, build_network
+from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
+from met_lightning.config import validate_config
+from met_lightning.errors import ConfigError
+from met_lightning.models.adapters import EAdapter, ParallelAdapter
+from met_lightning.models.binary import (
+    SIGN_SCALE,
+    BinaryParts,
+    binarize,
+    binary_weights,
+    export_state,
+    storage_bytes,
+)
+from met_lightning.models.lora import LoRAQKV
+from met_lightning.models.multi_exit_vit import MultiExitViT
+from met_lightning.training.module import MultiExitClassifier, count_parameters
+from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
+
+D, DEPTH, C = TINY_KWARGS["embed_dim"], TINY_KWARGS["depth"], 10
+METHODS = ["met", "linear_probe", "full_finetune", "adapter", "lora", "multi_exit_linear"]
+TINY = [
+    "backbone.weights_file=null",
+    f"backbone.model_kwargs.embed_dim={D}",
+    f"backbone.model_kwargs.depth={DEPTH}",
+    f"backbone.model_kwargs.num_heads={TINY_KWARGS['num_heads']}",
+]
+
+
+def head_params(num_exits: int) -> int:
+    return num_exits * (2 * D + D * C + C)  # LN_k + linear per exit
+
+
+def backbone_params() -> int:
+    return sum(p.numel() for p in tiny_backbone().parameters())
+
+
+def expected_trainable(method: str, r: int = 8) -> int:
+    """The published formula of each method on the tiny ViT (d=48, 4 blocks), 10 classes."""
+    k = 4 if method in ("met", "multi_exit_linear") else 1  # exits [1, 2, 3, 4] / [-1]
+    return {
+        "met": 2 * DEPTH * (2 * D * r + r + D + k * r),  # 2 sites, shared W, K gammas
+        "linear_probe": 0,
+        "full_finetune": backbone_params(),
+        "adapter": DEPTH * (2 * D * r + r + D),  # AdaptFormer: one parallel adapter per block
+        "lora": DEPTH * 2 * (2 * D * r),  # A [r, d] and B [d, r] on q and v
+        "multi_exit_linear": 0,
+    }[method] + head_params(k)
+
+
+def build(method: str, tmp_path, *overrides: str):
+    exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
+    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}", *overrides], tmp_path)
+    validate_config(cfg)
+    torch.manual_seed(0)
+    net = build_network(cfg.method, cfg.model, tiny_backbone(), C)
+    return cfg, net
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_builds_trains_one_step_with_exact_parameter_count(method, tmp_path):
+    cfg, net = build(method, tmp_path)
+    trainable, total = count_parameters(net)
+    assert trainable == expected_trainable(method)
+    added = trainable - (backbone_params() if method == "full_finetune" else 0)
+    assert total == backbone_params() + added
+    frozen = {n: p.clone() for n, p in net.named_parameters() if not p.requires_grad}
+    before = {n: p.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+    module = MultiExitClassifier(
+        net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW, scheduler=None
+    )
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    module.train()
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % C
+    parts = module.loss(*net(images), labels)
+    parts.total.backward()
+    optimizer.step()
+
+    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+    changed = [
+        n for n, p in net.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
+    assert any(n.startswith("heads.") for n in changed)
+    if method == "full_finetune":
+        assert any(n.startswith("backbone.blocks.") for n in changed)
+        assert net.training and net.backbone.training  # dropout etc. follow the mode
+    else:
+        assert not net.backbone.training  # frozen backbone stays in eval mode
+    assert net(images).logits.shape == (8, net.num_exits, C)
+
+
+@pytest.mark.parametrize("method", ["met", "adapter", "lora"])
+def test_adapters_start_as_the_plain_backbone(method, tmp_path):
+    """Zero-initialized up-projections / LoRA B: the class token equals the frozen ViT's."""
+    _, net = build(method, tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = net.backbone.forward_features(images)[:, 0]  # final norm included; B = 0 in LoRA
+        ours = net(images).features[:, -1]  # LN_K starts as a copy of the final norm
+    assert torch.allclose(ours, plain, atol=1e-5)
+
+
+def test_lora_adds_to_the_q_and_v_slices_only():
+    qkv = torch.nn.Linear(D, 3 * D)
+    lora = LoRAQKV(qkv, rank=4, sites=["q", "v"], scale=2.0)
+    torch.nn.init.normal_(lora.lora_b["q"])
+    torch.nn.init.normal_(lora.lora_b["v"])
+    x = torch.randn(2, 5, D)
+    delta = lora(x) - qkv(x)
+    q, k, v = delta.split(D, dim=-1)
+    assert torch.equal(k, torch.zeros_like(k))
+    expected_q = 2.0 * x @ lora.lora_a["q"].t() @ lora.lora_b["q"].t()
+    assert torch.allclose(q, expected_q, atol=1e-5) and v.abs().sum() > 0
+
+
+def test_adaptformer_adapter_is_parallel_to_the_mlp_with_scale(tmp_path):
+    adapter = ParallelAdapter(D, rank=4, scale=0.1)
+    x = torch.randn(2, 3, D)
+    assert torch.equal(adapter(x), torch.zeros_like(x))  # W_up = 0, b_up = 0 at init
+    torch.nn.init.normal_(adapter.up.weight)
+    expected = 0.1 * adapter.up(torch.relu(adapter.down(x)))
+    assert torch.allclose(adapter(x), expected)
+
+
+# ---------------------------------------------------------------------- 1-bit adapters
+def test_quantized_weight_takes_exactly_two_values_mu_plus_minus_scaled_sigma():
+    w = torch.randn(8, 48) * 0.3 + 0.05
+    q = binarize(w)
+    values = torch.unique(q)
+    assert len(values) == 2
+    mu, sigma = w.mean(), w.std(unbiased=False)
+    expected = torch.stack([mu - SIGN_SCALE * sigma, mu + SIGN_SCALE * sigma])
+    assert torch.allclose(values, expected)
+    assert torch.equal(q > mu, w >= mu)  # the sign of each entry is kept
+    # a zero-initialized up-projection stays exactly 0 (sigma = 0), so the adapter is a no-op
+    assert torch.equal(binarize(torch.zeros(4, 4)), torch.zeros(4, 4))
+
+
+def test_straight_through_gradient():
+    w = torch.randn(6, 5, requires_grad=True)
+    grad = torch.randn(6, 5)
+    binarize(w).backward(grad)
+    assert torch.equal(w.grad, grad)
+
+
+def test_pack_unpack_round_trip_and_size():
+    w = torch.randn(7, 13)  # 91 entries: not a multiple of 8
+    parts = BinaryParts.of(w)
+    packed = parts.pack("w")
+    assert packed["w.signs"].dtype == torch.uint8 and packed["w.signs"].numel() == math.ceil(91 / 8)
+    back = BinaryParts.unpack(packed, "w", w.shape)
+    assert torch.equal(back.positive, parts.positive)
+    assert torch.equal(back.weight(), parts.weight())
+
+
+@pytest.mark.parametrize("method", ["met", "adapter"])
+def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tmp_path):
+    cfg, net = build(method, tmp_path, "model.adapter.bits=1")
+    binary = binary_weights(net)
+    assert len(binary) == 2 * DEPTH * (2 if method == "met" else 1)  # down + up per adapter
+    module = MultiExitClassifier(net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % C
+    for _ in range(3):
+        optimizer.zero_grad()
+        module.loss(*net(images), labels).total.backward()
+        optimizer.step()
+    net.eval()
+    for layer in binary.values():
+        assert len(torch.unique(layer.effective_weight())) == 2  # exactly two values per layer
+        assert len(torch.unique(layer.weight)) > 2  # the latent weights are full precision
+
+    config = {
+        "method": dict(cfg.method), "model": _plain(cfg.model), "backbone": _plain(cfg.backbone),
+        "num_classes": C, "seed": 0,
+    }  # fmt: skip
+    save_trainable(net, tmp_path / "trainable.safetensors", config)
+    tensors, _ = read_trainable(tmp_path / "trainable.safetensors")
+    packed = [k for k in tensors if k.endswith(".signs")]
+    assert len(packed) == len(binary) and all(tensors[k].dtype == torch.uint8 for k in packed)
+    assert not any(k in tensors for k in binary)  # no full-precision copy of a 1-bit weight
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the random tiny backbone is rebuilt from the recorded seed
+        loaded, _ = load_trainable(tmp_path / "trainable.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(images).logits, net(images).logits)  # bit-identical
+    # and exporting the loaded network again gives the same file contents
+    again = export_state(loaded)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_one_bit_storage_is_about_a_32nd_of_the_adapter_weights(tmp_path):
+    _, full = build("met", tmp_path)
+    _, one_bit = build("met", tmp_path, "model.adapter.bits=1")
+    weights = sum(m.weight.numel() for m in binary_weights(one_bit).values())
+    layers = len(binary_weights(one_bit))
+    saved = storage_bytes(full) - storage_bytes(one_bit)
+    # each weight goes from 4 bytes to 1 bit, plus mu and sigma (fp32) per layer
+    assert (
+        saved
+        == 4 * weights
+        - sum(math.ceil(m.weight.numel() / 8) for m in binary_weights(one_bit).values())
+        - 8 * layers
+    )
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+# ---------------------------------------------------------------------- config errors
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        (["model.adapter.kind=prompt"], "model.adapter.kind", "must be one of"),
+        (["method=lora", "model.adapter.sites=[attn]"], "model.adapter.sites", "q', 'k', 'v"),
+        (["method=adapter", "model.adapter.sites=[attn]"], "model.adapter.sites", "['mlp']"),
+        (["method=linear_probe", "model.adapter.sites=[mlp]"], "model.adapter.sites", "sites=[]"),
+        (["method=lora", "model.adapter.bits=1"], "model.adapter.bits=1", "bits=32"),
+        (["model.adapter.bits=4"], "model.adapter.bits=4", "[1, 32]"),
+        (["model.adapter.scale=0.5"], "model.adapter.scale", "adaptformer or lora"),
+        (["method=adapter", "model.adapter.exit_specific=true"], "exit_specific", "e_adapter"),
+        (["model.exits=[-13]"], "model.exits", "-1..-12"),
+        (["model.exits=[3,-1,-1]"], "model.exits", "duplicate"),
+    ],
+)
+def test_method_config_errors_name_the_key(overrides, key, fragment, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(overrides, tmp_path))
+    assert key in str(err.value) and fragment in str(err.value)
+
+
+def test_negative_exits_count_from_the_end(tmp_path):
+    _, net = build("met", tmp_path, "model.exits=[2,-1]")
+    assert net.exits == (2, 4)
+
+
+def test_ablation_switches_build_what_they_say(tmp_path):
+    _, shared = build("met", tmp_path, "model.adapter.exit_specific=false")
+    assert all(a.gamma.shape[0] == 1 for a in shared.adapters["attn"])
+    _, no_cls = build(
+        "met", tmp_path, "model.adapter.exit_specific=false", "model.adapter.separate_cls=false"
+    )
+    assert no_cls.num_early_tokens(0) == 0 and isinstance(no_cls.adapters["mlp"][0], EAdapter)
+    cfg, _ = build("met", tmp_path, "model.loss.graph_weight=0")
+    assert build_loss(cfg.model, 4).graph_weight == 0
+    _, lp = build("linear_probe", tmp_path)
+    assert isinstance(lp, MultiExitViT) and lp.exits == (DEPTH,) and len(lp.adapters) == 0
