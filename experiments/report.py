@@ -12,8 +12,9 @@ the method plus the model switches that make it an ablation, e.g. `met (no graph
 
 The report has (a) one table per dataset: test accuracy of every exit, mean MACs and speed-up at
 the cheapest thresholds keeping 100 % / 99 % of the last exit's accuracy, accuracy and MACs at
-each budget, trainable parameters; (b) for VTAB-1K final runs, suite tables with one column per
-task, the three group means, the plain mean over tasks and the mean of the group means.
+each budget, trainable parameters and storage (KB); (b) for VTAB-1K final runs, suite tables
+with one column per task, the three group means, the plain mean over tasks and the mean of the
+group means.
 It works on partial results: a missing task is '-' and the means say over what they were taken.
 Reads only JSON / YAML, so it does not import torch.
 """
@@ -78,19 +79,28 @@ def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 # (suffix, rule): the suffix joins the label when the rule holds for the run's resolved config.
-# Issue 5 (baselines / ablations) extends this list or passes its own to `method_label`; a rule
-# must return False for configs without its keys (`get` returns None for them).
+# A rule must return False for configs without its keys (`get` returns None for them). MET's
+# ablation switches only name an ablation of MET: a linear probe has no graph term to remove.
 MethodRule = tuple[str, Callable[[Mapping[str, Any]], bool]]
+
+
+def _is_met(c: Mapping[str, Any]) -> bool:
+    return get(c, "method.name", "met") == "met"
+
+
 METHOD_RULES: list[MethodRule] = [
-    ("no graph", lambda c: get(c, "model.loss.graph_weight") == 0),
+    ("no graph", lambda c: _is_met(c) and get(c, "model.loss.graph_weight") == 0),
     (
         "teacher graph",
         lambda c: (
-            get(c, "model.loss.graph") == "teacher" and get(c, "model.loss.graph_weight") != 0
+            _is_met(c)
+            and get(c, "model.loss.graph") == "teacher"
+            and get(c, "model.loss.graph_weight") != 0
         ),
     ),
-    ("shared γ", lambda c: get(c, "model.adapter.exit_specific") is False),
-    ("no separate cls", lambda c: get(c, "model.adapter.separate_cls") is False),
+    ("shared γ", lambda c: _is_met(c) and get(c, "model.adapter.exit_specific") is False),
+    ("no separate cls", lambda c: _is_met(c) and get(c, "model.adapter.separate_cls") is False),
+    ("1-bit", lambda c: get(c, "model.adapter.bits") == 1),
 ]
 
 
@@ -278,10 +288,12 @@ def run_numbers(run: RunRecord, budgets: Sequence[float]) -> dict[str, float | N
     numbers: dict[str, float | None] = {
         f"acc_exit{e['exit']}": _num(e.get("accuracy")) for e in exits
     }
+    numbers.update({f"acc_block{e['block']}": _num(e.get("accuracy")) for e in exits})
     numbers["acc_last"] = _num(exits[-1].get("accuracy"))
     numbers["full_macs"] = full
     numbers["params_trainable"] = _num(run.summary.get("params_trainable"))
     numbers["params_total"] = _num(run.summary.get("params_total"))
+    numbers["storage_kb"] = _num(run.summary.get("storage_kb"))
     report = run.budget or {}
     for name, key, setting in KEEP:
         point = (report.get("keep") or {}).get(key) or _point_from_summary(run.summary, setting)
@@ -470,24 +482,27 @@ def dataset_section(groups: Sequence[Group], budgets: Sequence[float]) -> str:
     title = f"{first.suite} / {first.dataset}" if first.suite != first.dataset else first.dataset
     group_name = VTAB_GROUPS.get(first.dataset) if first.suite == "vtab1k" else None
     heading = f"### {title}" + (f" ({group_name})" if group_name else "")
-    k = max(g.num_exits for g in groups)
-    header = ["split", "method", "n", "exits after blocks"]
-    header += [f"exit {i}" for i in range(1, k + 1)]
+    blocks = sorted({int(e["block"]) for g in groups for r in g.runs for e in r.summary["exits"]})
+    acc_keys = ["acc_last"] + [f"acc_block{b}" for b in blocks]
+    best = {key: _best(groups, key) for key in acc_keys}
+    header = ["split", "method", "n", "last exit"]
+    header += [f"exit @ block {b}" for b in blocks]
     header += ["keep 100 %: MACs", "speed-up", "keep 99 %: acc", "MACs", "speed-up"]
     for b in budgets:
         header += [f"{budget_label(b)}: acc", "MACs"]
-    header += ["trainable params"]
+    header += ["trainable params", "storage (KB)"]
     rows = []
     for g in groups:
-        row = [g.split, g.label, str(g.n), g.blocks]
-        row += [fmt_acc(g.stats.get(f"acc_exit{i}")) for i in range(1, k + 1)]
+        row = [g.split, g.label, str(g.n)]
+        row += [_bold_if(fmt_acc(g.stats.get(key)), g is best[key]) for key in acc_keys]
         row += [fmt_macs_fraction(g, "keep100"), fmt_speedup(g.value("keep100_speedup"))]
         row += [fmt_acc(g.stats.get("keep99_acc")), fmt_macs_fraction(g, "keep99"),
                 fmt_speedup(g.value("keep99_speedup"))]  # fmt: skip
         for b in budgets:
             key = budget_key(b)
             row += [fmt_acc(g.stats.get(f"{key}_acc")), fmt_macs_fraction(g, key)]
-        row += [fmt_params(g)]
+        storage = g.value("storage_kb")
+        row += [fmt_params(g), "-" if storage is None else f"{storage:,.1f}"]
         rows.append(row)
     notes = []
     for g in groups:
@@ -495,8 +510,18 @@ def dataset_section(groups: Sequence[Group], budgets: Sequence[float]) -> str:
         if len(set(map(str, seeds))) != len(seeds):
             notes.append(f"- {g.split} / {g.label}: several runs with the same seed ({seeds})")
     return "\n".join(
-        [heading, "", md_table(header, rows, align_first=4), *([""] + notes if notes else [])]
+        [heading, "", md_table(header, rows, align_first=3), *([""] + notes if notes else [])]
     )
+
+
+def _best(groups: Sequence[Group], key: str) -> Group | None:
+    """The group with the highest mean of `key` among the final / test ones, if several have it."""
+    scored = [g for g in groups if g.value(key) is not None and SPLIT_ORDER.get(g.split) == 0]
+    return max(scored, key=lambda g: g.value(key)) if len(scored) > 1 else None
+
+
+def _bold_if(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold and text != "-" else text
 
 
 # ---------------------------------------------------------------------- (b) VTAB-1K suite
@@ -651,13 +676,16 @@ def write_csv(groups: Sequence[Group], path: Path) -> None:
 
 # ---------------------------------------------------------------------- the report
 LEGEND = """\
-Columns: `exit k` is the test accuracy (%) of exit k alone (tune runs: val200, which is their
-test list). `keep 100 %` / `keep 99 %`: the cheapest point of the budget curve (thresholds
+Columns: `last exit` and `exit @ block b` are the test accuracy (%) of that exit alone, its
+"anytime" accuracy (tune runs: val200, which is their test list); bold: the best method in the
+column. `keep 100 %` / `keep 99 %`: the cheapest point of the budget curve (thresholds
 calibrated on val, measured on test) with 100 % / 99 % of the last exit's accuracy: mean MACs per
 image (share of the last exit's cost) and speed-up (last exit's MACs over the mean). `budget X %`:
 the thresholds with the best val accuracy within X % of the full cost, measured on test.
 Accuracies are mean ± sample std over the n seeds (no ± for n = 1); MACs, speed-ups and parameter
-counts are means. `method [a=b]`: runs of that method whose config differs in a=b from the
+counts are means. `storage`: the size of the trainable state as exported (`trainable.safetensors`'
+tensors: fp32, 1-bit adapter weights packed 8 per byte plus their mean and std).
+`method [a=b]`: runs of that method whose config differs in a=b from the
 others of the same dataset."""
 
 

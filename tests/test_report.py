@@ -94,6 +94,7 @@ def make_run(
         "exits": exits,
         "backbone_macs": 15.5e9,
         "params_trainable": params[0],
+        "storage_kb": params[0] * 4 / 1024,
         "params_total": params[1],
         "budget": {
             "confidence": "max_softmax",
@@ -225,17 +226,18 @@ def test_mean_and_std_over_seeds(built):
     assert g.value("keep99_speedup") == pytest.approx((16 / 8 + 16 / 10) / 2)
     assert g.value("budget0.5_acc") == pytest.approx(0.76)
     # the per-dataset row: exits, keep 100 / 99 %, budget 50 %, params
-    row = _row(text, "| final | met | 2 |")
-    assert row[3] == "3/6/9/12"
-    assert row[7] == "81.00 ± 1.41"  # exit 4
+    row = [c.strip("*") for c in _row(text, "| final | met | 2 |")]  # bold: best in column
+    assert row[3] == row[7] == "81.00 ± 1.41"  # last exit = the exit after block 12
+    assert row[4] == "51.00 ± 1.41"  # exit after block 3
     assert row[8] == "12.00 G (75 %)" and row[9] == "1.33x"  # keep 100 %
     assert row[11] == "9.00 G (56 %)" and row[12] == "1.80x"  # keep 99 %
     assert row[13] == "76.00 ± 1.41" and row[14] == "7.50 G (47 %)"  # budget 50 %
     assert row[15] == "0.600 M (0.70 %)"
+    assert row[16] == "2,343.8"  # storage (KB) from summary.json
     # a seed without the budget point: n = 1 for that number, no ±
     dmlab = _group(groups, "dmlab", "met")
     assert dmlab.stats["budget0.5_acc"].n == 1 and dmlab.stats["budget0.5_acc"].std is None
-    assert "| final | met | 2 | 3/6/9/12 | 12.00 ± 2.83 |" in text
+    assert "| final | met | 2 | **42.00 ± 2.83** | **12.00 ± 2.83** |" in text
 
 
 def test_suite_table_means_group_means_and_missing_tasks(built):
