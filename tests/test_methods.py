@@ -257,3 +257,39 @@ def test_ablation_switches_build_what_they_say(tmp_path):
     assert build_loss(cfg.model, 4).graph_weight == 0
     _, lp = build("linear_probe", tmp_path)
     assert isinstance(lp, MultiExitViT) and lp.exits == (DEPTH,) and len(lp.adapters) == 0
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.parametrize(
+    "method, overrides",
+    [("lora", ["model.exits=[-1]"]), ("met", ["model.exits=[2,4]", "model.adapter.bits=1"])],
+)
+def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, overrides, tmp_path):
+    """`python -m met_lightning method=...`: the exported trainable.safetensors (1-bit packed for
+    bits=1), loaded into a rebuilt network, gives the test logits the run stored."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from met_lightning.data.base import InputSpec
+    from met_lightning.inference.logit_store import LogitStore
+    from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
+
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("model.exits")]
+    args = ["debug=fast", f"method={method}", *tiny, *overrides, f"paths.log_dir={tmp_path}"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_folder(tmp_path)
+    summary = (run / "summary.json").read_text()
+    assert '"storage_kb"' in summary
+
+    net, config = load_trainable(run)
+    cfg = OmegaConf.load(run / "config.yaml")
+    datamodule = instantiate(cfg.data)
+    datamodule.set_input_spec(InputSpec(**config["input_spec"]))
+    datamodule.setup("test")
+    with torch.no_grad():
+        logits = torch.cat([net(x).logits for x, _ in datamodule.test_dataloader()])
+    stored = LogitStore.load(run).splits["test"].logits
+    n = min(len(stored), len(logits))  # debug=fast tests a few batches only
+    assert n > 0
+    torch.testing.assert_close(logits[:n], stored[:n], atol=1e-5, rtol=1e-5)

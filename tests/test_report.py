@@ -333,3 +333,49 @@ def test_report_reads_a_real_run_folder(tiny_run, tmp_path):
     assert group.value("params_trainable") == summary["params_trainable"]
     assert group.value("keep100_macs") is not None and group.value("keep99_speedup") is not None
     assert "### digits" in text and "## VTAB-1K suite" not in text
+
+
+def _as_method(folder: Path, method: str, model: dict, exits: list[int], storage_kb: float):
+    """Turn a `make_run` folder into a run of another method (its config, choices, exits)."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["method"] = {"name": method}
+    config["model"] = model
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    hydra = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+    hydra["hydra"]["runtime"]["choices"]["method"] = method
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["exits"] = [e for e in summary["exits"] if e["block"] in exits]
+    summary["storage_kb"] = storage_kb
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_methods_compare_in_one_table_by_exit_block(tmp_path):
+    """Baselines with one exit sit in the block-12 column; MET switches name MET ablations only;
+    1-bit is named for any method; storage comes from summary.json."""
+    probe = {"exits": [-1], "adapter": {"kind": "none", "exit_specific": False,
+             "separate_cls": False, "bits": 32}, "loss": {"graph_weight": 0.0}}  # fmt: skip
+    for seed in (0, 1):
+        make_run(tmp_path / "met" / f"s{seed}", data="cifar100", task=None, seed=seed)
+        folder = make_run(tmp_path / "lp" / f"s{seed}", data="cifar100", task=None, seed=seed,
+                          accs=(0.1, 0.2, 0.3, 0.7 + 0.02 * seed))  # fmt: skip
+        _as_method(folder, "linear_probe", probe, [12], 300.0)
+        folder = make_run(tmp_path / "bin" / f"s{seed}", data="cifar100", task=None, seed=seed,
+                          accs=(0.55, 0.6, 0.7, 0.9))  # fmt: skip
+        adapter = {"kind": "e_adapter", "bits": 1, "exit_specific": True, "separate_cls": True}
+        model = {"exits": [3, 6, 9, 12], "adapter": adapter, "loss": {"graph_weight": 0.1}}
+        _as_method(folder, "met", model, [3, 6, 9, 12], 75.0)
+    out = tmp_path / "report.md"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    header = _row(text, "| split | method |")
+    assert header[3:8] == ["last exit", "exit @ block 3", "exit @ block 6", "exit @ block 9",
+                           "exit @ block 12"]  # fmt: skip
+    assert header[-1] == "storage (KB)"
+    probe_row = _row(text, "| test | linear_probe | 2 |")  # not "linear_probe (no graph)"
+    assert probe_row[3] == "71.00 ± 1.41" and probe_row[4:7] == ["-", "-", "-"]
+    assert probe_row[7] == "71.00 ± 1.41" and probe_row[-1] == "300.0"
+    one_bit = _row(text, "| test | met (1-bit) | 2 |")
+    assert one_bit[3] == "**90.00 ± 0.00**" and one_bit[4] == "**55.00 ± 0.00**"  # the best
+    assert one_bit[-1] == "75.0"
+    assert _row(text, "| test | met | 2 |")[-1] == "2,343.8"
