@@ -293,3 +293,26 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
     n = min(len(stored), len(logits))  # debug=fast tests a few batches only
     assert n > 0
     torch.testing.assert_close(logits[:n], stored[:n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, sites", [("adaptformer", ["mlp"]), ("lora", ["q", "v"])])
+def test_early_exit_engine_works_for_every_adapter_kind(kind, sites):
+    """Multi-exit AdaptFormer / LoRA: the engine gives the simulated exits and the full logits."""
+    from met_lightning.inference.budget import SplitScores, calibrate_thresholds, simulate_exits
+    from met_lightning.inference.engine import EarlyExitEngine
+
+    net = MultiExitViT(tiny_backbone(), C, [1, 2, 4], exit_specific=False, sites=sites,
+                       adapter_kind=kind).eval()  # fmt: skip
+    for p in net.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    images = torch.randn(30, 3, 32, 32)
+    with torch.no_grad():
+        full = net(images).logits
+    scores = SplitScores.from_logits(full, torch.zeros(30, dtype=torch.long))
+    thresholds = calibrate_thresholds(scores.confidence, [0.4, 0.3, 0.3])
+    result = EarlyExitEngine(net, thresholds)(images)
+    expected = simulate_exits(scores.confidence, thresholds)
+    assert torch.equal(result.exit_index, expected) and len(expected.unique()) == 3
+    rows = torch.arange(30)
+    torch.testing.assert_close(result.logits, full[rows, expected], atol=1e-5, rtol=1e-5)
