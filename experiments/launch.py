@@ -307,14 +307,14 @@ class Launcher:
                 f"it had instead: {extra}); delete the folder to run it again"
             )
 
-    def summary(self, minutes_per_run: tuple[float, float]) -> str:
+    def summary(self, minutes_per_run: tuple[float, float], hours: str = "GPU hours") -> str:
         lo, hi = minutes_per_run
         if self.dry_run:
             n = len(self.planned)
             return (
                 f"# dry run: {n} run(s) to do, {len(self.skipped)} finished already; at "
                 f"{lo:g}-{hi:g} min per run (estimate) that is {n * lo / 60:.1f}-"
-                f"{n * hi / 60:.1f} GPU hours"
+                f"{n * hi / 60:.1f} {hours}"
             )
         text = (
             f"# {len(self.ran)} run(s) finished now, {len(self.skipped)} were finished already, "
