@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.report import ReportError, find_runs, load_run  # noqa: E402
+from experiments.report import ReportError, assign_variants, find_runs, load_run  # noqa: E402
 
 CURVE_FILE = "budget_curve.csv"
 
@@ -40,15 +40,18 @@ def read_curve(run_dir: Path) -> tuple[list[float], list[float]] | None:
 def mean_curves(roots: Sequence[Path]) -> dict[str, dict]:
     """label -> {'macs': [...], 'fraction': [...], 'acc': [...], 'n': seeds, 'full': MACs}."""
     by_label: dict[str, list[tuple[list[float], list[float], float]]] = defaultdict(list)
+    runs = []
     for path in find_runs(roots):
         try:
-            run = load_run(path)
+            runs.append(load_run(path))
         except ReportError as err:
             print(f"warning: skipped {err}", file=sys.stderr)
-            continue
-        curve = read_curve(path)
+    assign_variants(runs)  # e.g. `full_finetune [lr=0.0001]`, as in the report
+    for run in runs:
+        curve = read_curve(run.path)
         if curve is not None:
-            by_label[run.method].append((*curve, float(run.summary["exits"][-1]["macs"])))
+            label = f"{run.method} [{run.variant}]" if run.variant else run.method
+            by_label[label].append((*curve, float(run.summary["exits"][-1]["macs"])))
     curves = {}
     for label, members in sorted(by_label.items()):
         length = min(len(m[0]) for m in members)
@@ -71,21 +74,23 @@ def plot(curves: dict[str, dict], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    for label, c in curves.items():
+    fig, ax = plt.subplots(figsize=(10, 5.0), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, c) in enumerate(curves.items()):
         points = sorted(zip(c["macs"], c["acc"], strict=True))
         xs = [x / 1e6 for x, _ in points]
         ys = [100 * y for _, y in points]
         text = f"{label} (n={c['n']})"
+        color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # the dark shades first
         if len(set(xs)) == 1:  # one exit: a single point
-            ax.plot(xs[:1], ys[:1], "s", markersize=7, label=text)
+            ax.plot(xs[:1], ys[:1], "s", markersize=7, color=color, label=text)
         else:
-            ax.plot(xs, ys, "-", marker=".", markersize=4, linewidth=1.3, label=text)
+            ax.plot(xs, ys, "-", marker=".", markersize=4, linewidth=1.3, color=color, label=text)
     ax.set_xlabel("mean MACs per image (millions)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -55,7 +55,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "full_finetune": ("method=full_finetune",),
     "full_finetune_lr1e-4": ("method=full_finetune", "optimizer.lr=1e-4"),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("experiments/results")  # relative, so the report names it as given
 
 
 def setting_run(out: Path, setting: str, seed: int, extra: Sequence[str]) -> Run:
