@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: python experiments/report.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.run_vtab1k import GROUPS, VTAB_GROUPS  # noqa: E402
+from met_lightning.atomic import write_text  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 # Short column names of the VTAB-1K tasks, as in the PETL papers' tables.
@@ -57,7 +58,8 @@ KEEP = (("keep100", "1", "keep 100 %"), ("keep99", "0.99", "keep 99 %"))
 # Config values that never make two runs different settings (seeds, places, logging, workers).
 IGNORED_KEYS = (
     "seed", "data.seed", "paths", "task_name", "tags", "logger", "ckpt_path", "optimized_metric",
-    "trainer.default_root_dir", "callbacks.model_checkpoint.dirpath",
+    "trainer.default_root_dir", "callbacks.model_checkpoint.dirpath", "callbacks.last_checkpoint",
+    "resume",
     "callbacks.budget_analysis.output_dir", "callbacks.progress_bar", "data.root",
     "data.num_workers", "data.eval_batch_size", "data.download", "backbone.weights_file",
 )  # fmt: skip
@@ -671,7 +673,7 @@ def write_csv(groups: Sequence[Group], path: Path) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
+    write_text(path, buffer.getvalue())  # temporary file + rename: never half-written
 
 
 # ---------------------------------------------------------------------- the report
@@ -770,7 +772,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "experiments/report.py")
     text, groups = build_report(runs, budgets, command, args.roots, skipped)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_text(args.out, text)
         print(f"wrote {args.out} ({len(runs)} runs, {len(groups)} settings)")
     else:
         sys.stdout.write(text)

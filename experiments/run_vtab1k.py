@@ -35,6 +35,7 @@ from experiments.launch import (  # noqa: E402
     run_main,
     selection_score,
 )
+from met_lightning.atomic import write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_DIR = REPO / "conf" / "experiment" / "vtab1k"
@@ -207,7 +208,7 @@ def run_task(
                 record = {"metric": args.select_by, "seeds": list(tune_seeds), "points": rows,
                           "chosen": chosen}  # fmt: skip
                 path = task_dir(args.out, task) / "tune" / "selection.json"
-                path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+                write_text(path, json.dumps(record, indent=2))  # atomic
     if chosen is None:
         chosen = [f"{key}={PLACEHOLDER}" for key, _ in points[0]]
     for seed in args.seeds:

@@ -18,6 +18,7 @@ from met_lightning.atomic import atomic_path
 from met_lightning.builders import build_backbone, build_network
 from met_lightning.errors import CheckpointError
 from met_lightning.models.binary import export_state, load_export
+from met_lightning.models.fingerprint import verify_backbone
 
 FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
@@ -83,6 +84,7 @@ def load_trainable(
         # random (not pretrained) frozen weights come out as in training: same seed, built first
         torch.manual_seed(int(config.get("seed", 0)))
         backbone = build_backbone(backbone_cfg)
+    verify_backbone(backbone, config, path, weights_file)  # the backbone it was trained on
     net = build_network(config["method"], config["model"], backbone, config["num_classes"])
     load_export(net, tensors, str(path))
     return net.eval(), config

@@ -1,13 +1,23 @@
-"""Shared behaviour of the command-line entry points: user errors are one line, exit code 2."""
+"""Shared behaviour of the command-line entry points: user errors are one line, exit code 2.
+
+Also the early checks that every entry point shares: that an output folder or file can be written
+(`check_writable`), and `RunFolderCheck`, a Hydra callback that tries Hydra's run folder before
+Hydra creates it (a folder that cannot be written is one `error:` line, not a traceback).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
-from met_lightning.errors import MetError
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from met_lightning.errors import ConfigError, MetError
 
 T = TypeVar("T")
 
@@ -29,5 +39,89 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
         cause = user_error(err)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {error_message(cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_message(err: MetError) -> str:
+    """The message of `err`; one raised in a DataLoader worker comes back wrapped by torch
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its own last line.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__name__):
+        if last.startswith(f"{name}: "):
+            return last[len(name) + 2 :]
+    return last
+
+
+WRITABLE_HINT = "give a path in a writable folder"
+
+
+def check_writable(path: str | Path, key: str, folder: bool = True) -> Path:
+    """`path` if it is, or can be created as, a writable folder (`folder`) or file; else a
+    ConfigError naming `key` and the reason. Creates nothing."""
+    target = Path(path).expanduser()
+    if target.exists() and folder != target.is_dir():
+        kind = "a file" if folder else "a folder"
+        raise ConfigError(f"{key}={path} is {kind}; give {'a folder' if folder else 'a file'} path")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}={path} cannot be created: {existing} is a file, not a folder; {WRITABLE_HINT}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key}={path} is not writable (no write permission on {existing}); {WRITABLE_HINT}"
+        )
+    return target
+
+
+def _try_folder(folder: str, key: str) -> None:
+    """Create `folder` (as Hydra is about to) and a file in it; a ConfigError if either fails."""
+    path = check_writable(folder, key)
+    probe = path / f".met_write_test_{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = f": {err.filename}" if err.filename and str(err.filename) != str(path) else ""
+        message = f"{key}={folder} cannot be written ({reason}{where}); {WRITABLE_HINT}"
+        raise ConfigError(message) from err
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback (conf/hydra/default.yaml): the run (or sweep) folder must be writable before
+    Hydra creates it and starts the job; otherwise `error: ...` and exit code 2."""
+
+    HINT = (
+        "runs are written to <paths.log_dir>/<task_name>/runs/<date_time>: set "
+        "paths.log_dir=/a/writable/folder (or hydra.run.dir=...)"
+    )
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        try:
+            folder = OmegaConf.select(config, key)
+        except Exception:  # noqa: BLE001 - an interpolation Hydra itself will report
+            return
+        if folder is None:
+            return
+        try:
+            _try_folder(str(folder), key)
+        except ConfigError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {err} ({self.HINT})", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")

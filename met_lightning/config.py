@@ -25,6 +25,7 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "method",
     "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "optimized_metric",
+    "resume",
 }  # fmt: skip
 
 
@@ -169,7 +170,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         value = data.get(key)
         _require(
-            value is None or (isinstance(value, int) and value > 0),
+            value is None or (type(value) is int and value > 0),
             f"data.{key}={value} must be a positive integer",
         )
     max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
@@ -179,6 +180,173 @@ def validate_config(cfg: DictConfig) -> None:
         f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with trainer.max_steps)",
     )
     _require(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
+    check_targets(cfg)  # data / trainer / optimizer / ... keys: unknown names, strings for numbers
+    check_output_dir(cfg)
 
     spec = describe_backbone(backbone.name, OmegaConf.to_container(backbone.model_kwargs))
     check_exits(list(model.exits), spec.depth)
+
+
+# ---------------------------------------------------------------------- instantiated groups
+# Config groups instantiated with Hydra: one `_target_` node (False) or a dict of them (True).
+TARGET_GROUPS = {
+    "data": False,
+    "trainer": False,
+    "optimizer": False,
+    "scheduler": False,
+    "callbacks": True,
+    "logger": True,
+}
+# How many valid keys an "unknown key" message lists.
+SHOWN_KEYS = 16
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Check the `_target_` nodes of the groups in `TARGET_GROUPS` against their targets'
+    signatures, before anything is instantiated (see `check_target_node`)."""
+    for group, is_dict in TARGET_GROUPS.items():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        items = node.items() if is_dict else [(None, node)]
+        for name, item in items:
+            if isinstance(item, DictConfig) and "_target_" in item:
+                check_target_node(item, group if name is None else f"{group}.{name}")
+
+
+def check_target_node(node: DictConfig, key: str) -> None:
+    """ConfigError for a key of `node` that its `_target_` does not take (unless it takes
+    **kwargs), or a string given for an argument that takes only numbers / booleans."""
+    import difflib
+
+    from hydra.utils import get_object
+
+    target = str(node["_target_"])
+    try:
+        obj = get_object(target)
+    except Exception as err:  # noqa: BLE001 - ImportError, AttributeError, ...
+        raise ConfigError(
+            f"{key}._target_={target!r} cannot be imported ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    params, open_kwargs = _target_parameters(obj)
+    if params is None:  # no signature to check against
+        return
+    try:
+        values = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException:  # an interpolation Hydra reports when it instantiates
+        return
+    for name, value in values.items():
+        if name.startswith("_"):
+            continue
+        if name not in params:
+            if open_kwargs:
+                continue
+            close = difflib.get_close_matches(name, list(params), n=1)
+            hint = f"did you mean {key}.{close[0]}? " if close else ""
+            valid = sorted(params)
+            listed = ", ".join(valid[:SHOWN_KEYS]) + (", ..." if len(valid) > SHOWN_KEYS else "")
+            raise ConfigError(
+                f"{key}.{name}: unknown key; {hint}({target.rsplit('.', 1)[-1]} takes: {listed})"
+            )
+        if isinstance(value, str):
+            wanted = _non_string_kind(params[name].annotation)
+            if wanted:
+                raise ConfigError(f"{key}.{name}={value!r} must be {wanted}, not a string")
+
+
+def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
+    """(named parameters that `obj(...)` accepts, whether it also takes arbitrary keywords).
+
+    A class: its `__init__` and the `__init__`s that it passes `**kwargs` on to (the MRO); None
+    if a signature cannot be read.
+    """
+    import inspect
+
+    def signature(fn: Any) -> inspect.Signature | None:
+        for eval_str in (True, False):
+            try:
+                return inspect.signature(fn, eval_str=eval_str)
+            except (NameError, TypeError, ValueError, AttributeError, SyntaxError):
+                continue
+        return None
+
+    functions = (
+        [
+            k.__dict__["__init__"]
+            for k in obj.__mro__
+            if k is not object and "__init__" in k.__dict__
+        ]
+        if inspect.isclass(obj)
+        else [obj]
+    )
+    if not functions:
+        return None, True
+    params: dict[str, Any] = {}
+    for fn in functions:
+        sig = signature(fn)
+        if sig is None:
+            return None, True
+        takes_kwargs = False
+        for name, param in sig.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                takes_kwargs = True
+            elif param.kind is not inspect.Parameter.VAR_POSITIONAL and name != "self":
+                params.setdefault(name, param)
+        if not takes_kwargs:
+            return params, False
+    return params, True  # every one passes **kwargs on
+
+
+def _non_string_kind(annotation: Any) -> str | None:
+    """'an integer' / 'a number' / 'true or false' (+ ' or null') if `annotation` admits only
+    such values; None if it admits a string or cannot be told."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    members = (
+        typing.get_args(annotation)
+        if origin is typing.Union or origin is types.UnionType
+        else (annotation,)
+    )
+    kinds = set()
+    for member in members:
+        if member is type(None):
+            kinds.add("null")
+        elif typing.get_origin(member) is typing.Literal:
+            if any(isinstance(v, str) for v in typing.get_args(member)):
+                return None
+            kinds.add("a number")
+        elif member is bool:
+            kinds.add("true or false")
+        elif member is int:
+            kinds.add("an integer")
+        elif member is float or _is_tensor_type(member):
+            kinds.add("a number")
+        else:
+            return None
+    named = [k for k in ("an integer", "a number", "true or false") if k in kinds]
+    if not named:
+        return None
+    if "an integer" in named and "a number" in named:
+        named.remove("an integer")
+    return " or ".join(named + (["null"] if "null" in kinds else []))
+
+
+def _is_tensor_type(member: Any) -> bool:
+    import torch
+
+    return isinstance(member, type) and issubclass(member, torch.Tensor)
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """paths.output_dir (the run folder) must be, or be creatable as, a writable folder."""
+    from met_lightning.cli import check_writable
+
+    try:
+        output_dir = OmegaConf.select(cfg, "paths.output_dir")
+    except OmegaConfBaseException:  # ${hydra:...} outside a Hydra run
+        return
+    if output_dir:
+        check_writable(str(output_dir), "paths.output_dir")

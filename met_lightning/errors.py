@@ -19,3 +19,7 @@ class CheckpointError(MetError):
 
 class DataError(MetError):
     """A dataset is missing or malformed."""
+
+
+class TrainingDivergedError(MetError, FloatingPointError):
+    """The training loss or the trainable parameters became NaN / infinite."""

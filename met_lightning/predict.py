@@ -21,16 +21,21 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
 from met_lightning.atomic import write_text
 from met_lightning.checkpoint import load_trainable, read_trainable
-from met_lightning.cli import exit_on_user_error
+from met_lightning.cli import check_writable, exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.data.base import InputSpec
-from met_lightning.data.images import IMAGE_EXTENSIONS, load_image
+from met_lightning.data.images import (
+    IMAGE_EXTENSIONS,
+    SHOWN,
+    decode_error,
+    header_error,
+    load_image,
+)
 from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError, DataError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
@@ -86,21 +91,26 @@ def list_images(inputs: str | Sequence[str]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
-    """Files whose header PIL recognizes; DataError naming the first bad one unless `skip_bad`."""
-    good, bad = [], []
+    """The files PIL can read. Without `skip_bad`: their headers are checked (fast) and a DataError
+    counts and names the bad ones; with it, every image is decoded and the bad ones are dropped
+    with one warning that counts and names them."""
+    check = decode_error if skip_bad else header_error
+    good, bad, first = [], [], ""
     for path in files:
-        try:
-            with Image.open(path):
-                good.append(path)
-        except (UnidentifiedImageError, OSError) as err:
-            if not skip_bad:
-                raise DataError(
-                    f"cannot read image {str(path)!r}: {err}. Remove it from the input or pass "
-                    "skip_bad_images=true"
-                ) from None
+        error = check(path)
+        if error is None:
+            good.append(path)
+        else:
             bad.append(path)
+            first = first or error
+    shown = ", ".join(map(str, bad[:SHOWN])) + (", ..." if len(bad) > SHOWN else "")
+    if bad and not skip_bad:
+        raise DataError(
+            f"cannot read {len(bad)} input image(s): {shown} (first: {first}). Remove them from "
+            "the input or pass skip_bad_images=true"
+        )
     if bad:
-        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
+        log.warning("skipped %d undecodable image(s) (skip_bad_images=true): %s", len(bad), shown)
     if not good:
         raise DataError("none of the input images can be read")
     return good
@@ -175,7 +185,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_confidence(cfg.confidence)
     if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "input"):
         raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and input=IMAGE_FILE_OR_FOLDER")
-    read_trainable(cfg.checkpoint)  # fails fast on a missing / foreign file
+    # everything that can fail is checked before the network is built and an image is read
+    _, recorded = read_trainable(cfg.checkpoint)  # fails fast on a missing / foreign file
+    if cfg.thresholds is not None and cfg.budget is None:
+        check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
+    if cfg.output:
+        check_writable(cfg.output, "output", folder=False)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
     device = pick_device(cfg.device)

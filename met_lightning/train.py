@@ -12,6 +12,8 @@ from typing import Any
 import hydra
 import lightning as L
 from dotenv import find_dotenv, load_dotenv
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
@@ -20,12 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from met_lightning.atomic import write_text
 from met_lightning.builders import build_backbone, build_loss, build_network
 from met_lightning.checkpoint import FILENAME, save_trainable
-from met_lightning.cli import exit_on_user_error
+from met_lightning.cli import exit_on_user_error, user_error
 from met_lightning.config import config_dir, validate_config
-from met_lightning.data.base import InputSpec
-from met_lightning.errors import CheckpointError
+from met_lightning.data.base import InputSpec, build_datamodule
+from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.callback import BudgetAnalysis
-from met_lightning.training.loggers import build_loggers, finish_wandb
+from met_lightning.models.fingerprint import KEY as FINGERPRINT_KEY
+from met_lightning.models.fingerprint import backbone_fingerprint
+from met_lightning.resume import resume_argv, resume_checkpoint
+from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
+from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
 
@@ -52,11 +58,16 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
         raise CheckpointError(
             f"ckpt_path={ckpt_path!r} does not exist; give a Lightning .ckpt file"
         )
+    load_lightning_checkpoint(ckpt_path)  # corrupt or unsafe: fails now, before anything is built
     return str(ckpt_path)
 
 
 def rebuild_config(
-    cfg: DictConfig, num_classes: int, input_spec: InputSpec, datamodule: Any = None
+    cfg: DictConfig,
+    num_classes: int,
+    input_spec: InputSpec,
+    datamodule: Any = None,
+    fingerprint: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """What a trainable checkpoint records to rebuild its network without the training config."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -72,6 +83,8 @@ def rebuild_config(
         "normalize": getattr(datamodule, "normalize", "backbone"),
         # a backbone with random weights is rebuilt from this seed (train() builds it first)
         "seed": cfg.seed,
+        # timm name and weights hash of the backbone as built, checked by load_trainable
+        FINGERPRINT_KEY: fingerprint,
     }
 
 
@@ -79,13 +92,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit, test, export the trainable weights and print the summary."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    resumed_step = None
+    if cfg.get("resume"):  # before config.yaml is written: it is compared with the run's own
+        ckpt_path, resumed_step = resume_checkpoint(cfg)
+        log.info("resuming %s from %s (step %d)", output_dir, ckpt_path, resumed_step)
+    else:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    datamodule = build_datamodule(cfg.data)  # bad data fails here, before the backbone
     if rank_zero_only.rank == 0:
         write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
     backbone = build_backbone(cfg.backbone)  # first, right after seeding: see load_trainable
-    datamodule = instantiate(cfg.data)
+    # hashed as built, before the method wraps or trains any of it
+    fingerprint = backbone_fingerprint(backbone, cfg.backbone.name)
     input_spec = InputSpec.from_timm(backbone)
     datamodule.set_input_spec(input_spec)
     net = build_network(cfg.method, cfg.model, backbone, datamodule.num_classes)
@@ -102,7 +122,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = instantiate_group(cfg.get("callbacks"))
         if not loggers:  # nothing to report learning rates to
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[SafeCheckpointIO()],  # atomic .ckpt writes, weights-only loading
+        )
+        if resumed_step is not None:  # rows logged after the checkpoint are logged again
+            rewind_csv(loggers, resumed_step)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
@@ -114,9 +141,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             save_trainable(
                 net,
                 output_dir / FILENAME,
-                rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule),
+                rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule, fingerprint),
             )
-            report_summary(net, metrics, output_dir, analysis.report if analysis else None)
+            report_summary(net, metrics, output_dir, analysis.report if analysis else None,
+                           method=cfg.method.name)  # fmt: skip
             log.info("run folder: %s", output_dir)
     finally:
         finish_wandb(loggers)
@@ -145,19 +173,45 @@ def fit_and_test(
     return metrics
 
 
+def is_multirun() -> bool:
+    """Whether this job is part of a Hydra multirun (a sweep)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_job(cfg: DictConfig) -> dict[str, float]:
+    """A multirun job: a user error is logged as one line and raised, never `sys.exit`, so the
+    sweeper's failure handling applies (Optuna: a failed trial, within max_failure_rate)."""
+    if cfg.get("resume"):
+        raise ConfigError("resume= continues a single run, not a multirun job (drop -m)")
+    try:
+        return train(cfg)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is not None:
+            log.error("error: %s", cause)
+        raise
+
+
 def _task(cfg: DictConfig) -> float | None:
-    metrics = exit_on_user_error(lambda: train(cfg))
+    multirun = is_multirun()
+    metrics = _sweep_job(cfg) if multirun else exit_on_user_error(lambda: train(cfg))
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:
-        print(f"error: optimized_metric={metric!r} is not among this run's metrics: "
-              f"{sorted(metrics)}", file=sys.stderr)  # fmt: skip
+        message = f"optimized_metric={metric!r} is not among this run's metrics: {sorted(metrics)}"
+        if multirun:  # a failed job, not the end of the whole sweep
+            raise ConfigError(message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     return metrics.get(metric) if metric else None
 
 
 def main() -> None:
-    """Console entry point: load `.env` (from the working directory up), then run the Hydra app."""
+    """Console entry point: load `.env` (from the working directory up), then run the Hydra app.
+
+    `resume=RUN_DIR` also brings in the run's own overrides and its folder (met_lightning.resume).
+    """
     load_dotenv(find_dotenv(usecwd=True), override=False)
+    sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_task)()
 
 

@@ -316,13 +316,21 @@ def test_vtab_missing_image(vtab_root):
     assert "test.txt" in str(err.value)
 
 
-def test_vtab_undecodable_image_named_when_loaded(vtab_root):
+def test_vtab_undecodable_image_named_at_setup_or_when_loaded(vtab_root):
+    """Not an image at all: the header check at setup counts and names it. A truncated image
+    (its header is fine): named when it is loaded."""
     image = vtab_root / VTAB_TASK / "images" / "val200" / "0001.jpg"
     image.write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
-    dm = ready(make_vtab(vtab_root, split="tune"))  # lazy: setup does not decode
+    with pytest.raises(DataError, match="1 undecodable image") as err:
+        ready(make_vtab(vtab_root, split="tune"))
+    assert "images/val200/0001.jpg" in str(err.value) and "skip_bad_images" in str(err.value)
+    write_image(image, np.random.default_rng(0))
+    png = vtab_root / VTAB_TASK / "images" / "val200" / "0002.png"
+    png.write_bytes(png.read_bytes()[:60])  # truncated: setup does not decode
+    dm = ready(make_vtab(vtab_root, split="tune"))
     assert dm.val_set[0][0].shape == (3, 32, 32)
-    with pytest.raises(DataError, match=re.escape(str(image))) as err:
-        dm.val_set[1]
+    with pytest.raises(DataError, match=re.escape(str(png))) as err:
+        dm.val_set[2]
     assert "skip_bad_images" in str(err.value)
 
 
@@ -460,6 +468,10 @@ def test_image_folder_grey_and_bad_images(tmp_path, caplog):
     grey = write_image(tmp_path / "train" / "cat" / "grey.png", rng, mode="L")
     bad = tmp_path / "train" / "dog" / "broken.jpg"
     bad.write_bytes(b"nope")
+    with pytest.raises(DataError, match="1 undecodable image.*dog/broken.jpg.*skip_bad_images"):
+        ready(make_folder(tmp_path))  # not an image at all: the header check at setup
+    write_image(bad, rng)
+    bad.write_bytes(bad.read_bytes()[:-50])  # truncated: named when loaded
     dm = ready(make_folder(tmp_path))
     index = [p for p, _ in dm.train_set.samples]
     assert dm.train_set[index.index(grey)][0].shape == (3, 32, 32)  # grey level -> RGB

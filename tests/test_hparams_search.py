@@ -30,7 +30,7 @@ def test_config_composes_with_the_optuna_sweeper():
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     from optuna.distributions import CategoricalDistribution, LogUniformDistribution
 
-    cfg = compose_with_hydra(["+hparams_search=met_optuna"])
+    cfg = compose_with_hydra(["hparams_search=met_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize" and sweeper.sampler.seed == 1234
@@ -55,9 +55,9 @@ def test_config_composes_with_the_optuna_sweeper():
 
 
 def test_two_trial_sweep_on_a_budget_metric(tmp_path: Path):
-    """`python -m met_lightning +hparams_search=met_optuna hydra.sweeper.n_trials=2 ...` (~20 s),
+    """`python -m met_lightning hparams_search=met_optuna hydra.sweeper.n_trials=2 ...` (~20 s),
     optimizing the accuracy at 75 % of the MACs (the tiny model cannot reach the 50 % budget)."""
-    args = ["+hparams_search=met_optuna", "hydra.sweeper.n_trials=2",
+    args = ["hparams_search=met_optuna", "hydra.sweeper.n_trials=2",
             "optimized_metric=budget/at_0.75_acc", "debug=fast", *TINY_OVERRIDES,
             f"paths.log_dir={tmp_path}"]  # fmt: skip
     result = run_cli(args, cwd=tmp_path, timeout=300)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from met_lightning.errors import ConfigError
+from met_lightning.errors import ConfigError, MetError
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,12 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def check_files(self) -> None:
+        """Cheap checks of the data on disk (folders, list files, labels, image headers), run by
+        `build_datamodule` before the backbone is built; a DataError names what is wrong.
+
+        A subclass that reads files overrides it and keeps what it read for `setup`."""
+
     def set_input_spec(self, spec: InputSpec) -> None:
         """Tell the data module the backbone's input size and normalization (before setup)."""
         self.input_spec = spec
@@ -123,3 +129,24 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         batch = max(self.eval_batch_size // self.world_size, 1)
         return self._loader(self.test_set, batch, shuffle=False)
+
+
+def build_datamodule(data_cfg) -> ImageClassificationDataModule:  # noqa: ANN001 - a DictConfig
+    """`instantiate(cfg.data)`, then `check_files()`: bad options and missing or malformed data
+    fail here, before the backbone is built. An argument of the wrong type (a ValueError or
+    TypeError in the constructor) is reported as a ConfigError naming data.*."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(data_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MetError) or not isinstance(cause, TypeError | ValueError):
+            raise
+        raise ConfigError(
+            f"data: {type(cause).__name__}: {cause} (check the data.* values; "
+            f"_target_={data_cfg.get('_target_')})"
+        ) from err
+    datamodule.check_files()
+    return datamodule

@@ -199,11 +199,40 @@ class Cifar100DataModule(ImageClassificationDataModule):
             f"holds {FOLDER}/)"
         )
 
+    @property
+    def archive(self) -> Path:
+        return self.root / Path(urlparse(CIFAR100_URL).path).name
+
+    def _how(self) -> str:
+        return (
+            "download the archive elsewhere and extract it so that the files are at "
+            f"{self._where()}, or put {self.archive.name} itself in {self.root}"
+        )
+
+    def _unreachable(self) -> DataError:
+        return DataError(
+            f"could not download CIFAR-100 from {CIFAR100_URL}: "
+            f"{urlparse(CIFAR100_URL).hostname} is not reachable (offline?). "
+            f"Either connect to the internet, or {self._how()}."
+        )
+
+    def check_files(self) -> None:
+        """Before the backbone is built: the files are there, or can be extracted or fetched."""
+        if not self._missing() or self.archive.is_file():
+            return
+        if not self.download:
+            raise DataError(
+                f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
+                f"files at {self._where()}, or set data.download=true to fetch {CIFAR100_URL}."
+            )
+        if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
+            raise self._unreachable()
+
     def prepare_data(self) -> None:
         """Download and extract the archive unless the files are there (rank 0 only)."""
         if not self._missing():
             return
-        archive = self.root / Path(urlparse(CIFAR100_URL).path).name
+        archive = self.archive
         if not self.download and not archive.is_file():
             raise DataError(
                 f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
@@ -219,16 +248,9 @@ class Cifar100DataModule(ImageClassificationDataModule):
             log.info("extracting %s", archive)
             extract_archive(str(archive), str(self.root))
         else:
-            how = (
-                "download the archive elsewhere and extract it so that the files are at "
-                f"{self._where()}, or put {archive.name} itself in {self.root}"
-            )
+            how = self._how()
             if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
-                raise DataError(
-                    f"could not download CIFAR-100 from {CIFAR100_URL}: "
-                    f"{urlparse(CIFAR100_URL).hostname} is not reachable (offline?). "
-                    f"Either connect to the internet, or {how}."
-                )
+                raise self._unreachable()
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 download_and_extract_archive(

@@ -23,6 +23,7 @@ from met_lightning.data.images import (
     IMAGE_EXTENSIONS,
     ImageListDataset,
     Sample,
+    check_headers,
     drop_undecodable,
     stratified_indices,
 )
@@ -57,8 +58,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     `num_classes`: null = the number of class folders, else it must equal it. The class folders
     are read when the module is built (`class_names`, `num_classes` are known before setup); the
-    image files at setup. Undecodable images raise a DataError naming the file when loaded, unless
-    `skip_bad_images` drops them at setup (one warning counts them).
+    image files by `check_files` (before the backbone is built; else at setup), which also checks
+    that PIL recognizes every file's header. An image that cannot be decoded all the same raises a
+    DataError naming it when loaded. `skip_bad_images` decodes every image instead and drops the
+    bad ones (one warning counts and names them).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         self.normalize = check_normalize(normalize)
         self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
+        self._splits: tuple[tuple[list[Sample], str], ...] | None = None
 
     def _scan(self, folder: Path, is_train: bool) -> list[Sample]:
         """(path, label) of every image of `folder`'s class folders."""
@@ -142,12 +146,29 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             raise DataError(f"{folder} holds no images in its class folders")
         if self.skip_bad_images:
             samples = drop_undecodable(samples, str(folder), root=folder)
+        else:
+            check_headers(samples, str(folder), root=folder)
         return samples
 
+    def check_files(self) -> None:
+        """Find the images of every split and check them (kept for setup)."""
+        if self._splits is None:
+            self._splits = self._sample_lists()
+
     def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+        self.check_files()
         spec = self.input_spec
         train_tf = train_transform(spec, self.normalize, self.augment)
         eval_tf = eval_transform(spec, self.normalize)
+        (train, source), (val, val_source), (test, test_source) = self._splits
+        return (
+            ImageListDataset(train, spec, train_tf, source),
+            ImageListDataset(val, spec, eval_tf, val_source),
+            ImageListDataset(test, spec, eval_tf, test_source),
+        )
+
+    def _sample_lists(self) -> tuple[tuple[list[Sample], str], ...]:
+        """((samples, source) of train, val, test): the images of each split and where from."""
         everything = self._scan(self.train_dir, is_train=True)
         source = str(self.train_dir)
         if self.split_layout:
@@ -183,13 +204,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             if not test:
                 log.info("data.test_fraction=0: testing on the validation images")
                 test, test_source = val, val_source
-            if not val:
-                raise DataError(
-                    f"{source} has too few images per class for data.val_fraction="
-                    f"{self.val_fraction}: the validation split is empty"
-                )
-        return (
-            ImageListDataset(train, spec, train_tf, source),
-            ImageListDataset(val, spec, eval_tf, val_source),
-            ImageListDataset(test, spec, eval_tf, test_source),
-        )
+        if not val:
+            folder = f", or add {self.root / 'val'}/<class>/ folders" if self.split_layout else ""
+            raise DataError(
+                f"{source} has too few images per class for data.val_fraction="
+                f"{self.val_fraction}: the validation split is empty; raise data.val_fraction "
+                f"or add images{folder}"
+            )
+        return (train, source), (val, val_source), (test, test_source)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.images import ImageListDataset, Sample, check_exist, drop_undecodable
+from met_lightning.data.images import (
+    ImageListDataset,
+    Sample,
+    check_exist,
+    check_headers,
+    drop_undecodable,
+)
 from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
 from met_lightning.errors import ConfigError, DataError
 
@@ -101,9 +107,11 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         is then part of the training set: val metrics are optimistic and only monitor training.
         This is what the literature (VPT, NOAH, MET) reports: final numbers are on test.txt.
 
-    No augmentation by default (the VTAB-1K recipe: resize to the input size only); images are
-    checked lazily (an undecodable one raises a DataError naming it when loaded) unless
-    `skip_bad_images`, which decodes every image at setup and drops the bad ones with a warning.
+    No augmentation by default (the VTAB-1K recipe: resize to the input size only).
+    `check_files` (before the backbone is built; else at setup) reads the list files of `split`
+    and checks labels, that every listed image exists and that PIL recognizes its header; an image
+    that cannot be decoded all the same raises a DataError naming it when loaded. With
+    `skip_bad_images`, every image is decoded instead and the bad ones dropped with one warning.
     `class_names` are the label indices as strings (the list files carry no names).
     """
 
@@ -142,6 +150,7 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
         self.class_names = [str(i) for i in range(info.num_classes)]
+        self._lists: dict[str, list[Sample]] | None = None
 
     @property
     def task_dir(self) -> Path:
@@ -153,22 +162,28 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         check_exist(samples, str(path), hint=PREPARE_HINT)
         if self.skip_bad_images:
             samples = drop_undecodable(samples, str(path), root=self.task_dir)
+        else:
+            check_headers(samples, str(path), root=self.task_dir)
         return samples
 
-    def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+    def check_files(self) -> None:
+        """Read and check the list files of `data.split` and their images (kept for setup)."""
+        if self._lists is not None:
+            return
         if not self.task_dir.is_dir():
             raise DataError(
                 f"VTAB-1K task folder {self.task_dir} does not exist (data.root={self.root}, "
                 f"data.task={self.task}). {PREPARE_HINT}."
             )
+        self._lists = {name: self._samples(name) for name in dict.fromkeys(SPLITS[self.split])}
+
+    def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+        self.check_files()
         spec = self.input_spec
         train_tf = train_transform(spec, self.normalize, self.augment)
         eval_tf = eval_transform(spec, self.normalize)
-        names = SPLITS[self.split]
-        cache: dict[str, list[Sample]] = {}
-        for name in dict.fromkeys(names):
-            cache[name] = self._samples(name)
-        train, val, test = names
+        cache = self._lists
+        train, val, test = SPLITS[self.split]
         return (
             ImageListDataset(cache[train], spec, train_tf, str(self.task_dir / train)),
             ImageListDataset(cache[val], spec, eval_tf, str(self.task_dir / val)),

@@ -3,20 +3,32 @@
 wandb: with no API key it logs offline (sync later with `wandb sync`); with a key but no network
 it logs offline too; if it still cannot start, the run goes on with its local logs. Each call is
 one warning, never an exception.
+
+`CSVLogger`: Lightning's, except that metrics.csv and hparams.yaml are written atomically
+(temporary file + rename) and that an existing metrics.csv is continued, not deleted (resume).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import socket
+import time
 from typing import Any
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+from met_lightning.atomic import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +93,10 @@ def make_wandb(item: DictConfig) -> WandbLogger | None:
         return None
     try:
         logger = instantiate(item, mode=mode)
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which wandb >= 0.19 warns about on every run
+            init.pop("anonymous", None)
         if rank_zero_only.rank == 0:
             _ = logger.experiment  # start the run now, so that a failure is caught here
         return logger
@@ -112,3 +128,116 @@ def finish_wandb(loggers: list[Logger]) -> None:
         wandb.finish()
     except Exception as err:
         warn_once(f"wandb could not finish the run cleanly: {err}")
+
+
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, but metrics.csv is rewritten whole, atomically.
+
+    Lightning's appends to the file in place (and rewrites it in place when new columns appear),
+    and deletes an existing metrics.csv when it starts. This one keeps the rows already there
+    (a resumed run goes on with them) and never leaves a half-written file. Lightning saves after
+    every logging call; the file is rewritten at most every `MIN_INTERVAL` seconds, and always on
+    `flush()` (before every checkpoint, at every epoch start, at the end of a run).
+    """
+
+    MIN_INTERVAL = 2.0
+
+    def _check_log_dir_exists(self) -> None:  # called by the base __init__: load, do not delete
+        self.rows: list[dict[str, Any]] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                reader = csv.DictReader(file)
+                self.rows = list(reader)
+                self.metrics_keys = sorted(set(self.metrics_keys) | set(reader.fieldnames or []))
+        # rows that were already there (a resumed run logs e.g. its parameter counts again)
+        self._loaded = {_row_key(row) for row in self.rows}
+        self._pending = False
+        self._written_at = 0.0
+
+    def drop_after(self, step: int) -> int:
+        """Forget the rows logged after `step` (a resumed run logs them again); how many."""
+        before = len(self.rows)
+        self.rows = [row for row in self.rows if not _after(row.get("step"), step)]
+        self._loaded = {_row_key(row) for row in self.rows}
+        if len(self.rows) != before:
+            self._write()
+        return before - len(self.rows)
+
+    def save(self) -> None:
+        if self.metrics:
+            self._record_new_keys()
+            self.rows.extend(row for row in self.metrics if _row_key(row) not in self._loaded)
+            self.metrics = []
+            self._pending = True
+        if self._pending and time.monotonic() - self._written_at >= self.MIN_INTERVAL:
+            self._write()
+
+    def flush(self) -> None:
+        """Write what was logged so far now."""
+        self.save()
+        if self._pending:
+            self._write()
+
+    def _write(self) -> None:
+        self._pending = False
+        self._written_at = time.monotonic()
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.metrics_file_path, buffer.getvalue())
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, str(v)) for k, v in row.items() if v is not None and v != ""))
+
+
+def _after(value: Any, step: int) -> bool:
+    try:
+        return int(float(value)) > step
+    except (TypeError, ValueError):
+        return False
+
+
+class CSVLogger(LightningCSVLogger):
+    """`lightning.pytorch.loggers.CSVLogger` with an atomic metrics.csv that survives a resume."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AtomicExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write metrics.csv now (the writer otherwise waits a little between rewrites)."""
+        if self._experiment is not None:
+            self._experiment.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        self.flush()
+
+
+def flush_csv(loggers: list[Logger]) -> None:
+    """Write the metrics.csv of every CSVLogger in `loggers` now."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.flush()
+
+
+def rewind_csv(loggers: list[Logger], step: int) -> None:
+    """Resuming from a checkpoint at `step`: drop metrics.csv rows of the lost part of the run."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger) and rank_zero_only.rank == 0:
+            dropped = logger.experiment.drop_after(step)
+            if dropped:
+                log.info("metrics.csv: %d row(s) after step %d dropped", dropped, step)

@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from met_lightning.errors import CheckpointError
+from met_lightning.errors import CheckpointError, TrainingDivergedError
 from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.training.loggers import flush_csv
 
 STAGES = ("train", "val", "test")
+# Our part of a Lightning checkpoint besides the trainable parameters: what an exact resume needs.
+RESUME_STATE = "met_resume_state"
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """Python / numpy / torch (and CUDA) RNG states as tensors and plain values (weights-only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `collect_rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+
+
+def _fmt(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values.detach().float().cpu().tolist()) + "]"
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -84,9 +119,10 @@ class MultiExitClassifier(L.LightningModule):
     ) -> torch.Tensor:
         parts, _ = self._shared_step(batch, "train")
         if not torch.isfinite(parts.total):
-            raise FloatingPointError(
-                f"non-finite training loss {parts.total.item()} at step {self.global_step} "
-                f"(ce per exit {parts.ce.tolist()}, graph {parts.graph.tolist()})"
+            raise TrainingDivergedError(
+                f"training diverged: the loss is {parts.total.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); loss parts: ce per exit "
+                f"{_fmt(parts.ce)}, graph per exit {_fmt(parts.graph)}. {self._after_divergence()}"
             )
         # the step value for the progress bar; epoch means come from synced metrics (see below)
         self.log("train/loss", parts.total, on_step=True, on_epoch=False, prog_bar=True)
@@ -141,6 +177,9 @@ class MultiExitClassifier(L.LightningModule):
             self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
+    def on_train_epoch_start(self) -> None:
+        flush_csv(self.loggers)  # the previous epoch's last rows, logged after its checkpoint
+
     def on_test_epoch_end(self) -> None:
         self._log_accuracy("test")
 
@@ -170,9 +209,55 @@ class MultiExitClassifier(L.LightningModule):
     def _trainable_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
+    def _after_divergence(self) -> str:
+        """How to go on after a divergence: the last good checkpoint and the usual fix."""
+        lr = ""
+        if self._trainer is not None and self.trainer.optimizers:
+            group = self.trainer.optimizers[0].param_groups[0]
+            lr = f" (now {group.get('initial_lr', group['lr']):.3g})"
+        callbacks = self._trainer.checkpoint_callbacks if self._trainer is not None else []
+        saved = [
+            path
+            for callback in callbacks
+            for path in (getattr(callback, "last_model_path", ""), callback.best_model_path)
+            if path and os.path.isfile(path)
+        ]
+        last = max(saved, key=os.path.getmtime) if saved else ""
+        start = self._trainer.ckpt_path if self._trainer is not None else None
+        if last:
+            kept = f"the last good checkpoint is {last}"
+        elif start:
+            kept = f"this run wrote no checkpoint; it started from {start}"
+        else:
+            kept = "no checkpoint was written before"
+        return (
+            f"Nothing of this state is saved; {kept}. Lower optimizer.lr{lr} or set "
+            "trainer.gradient_clip_val and start again"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        bad += [
+            k
+            for k in ("val/loss", "train/loss_epoch")
+            if k in metrics and not torch.isfinite(torch.as_tensor(metrics[k])).all()
+        ]
+        if bad:  # never save a diverged model over the last good checkpoint
+            raise TrainingDivergedError(
+                f"training diverged: parameters or epoch losses are NaN/infinite at step "
+                f"{self.global_step} (epoch {self.current_epoch}): {bad[:3]}. "
+                f"{self._after_divergence()}"
+            )
+        checkpoint["state_dict"] = state
+        flush_csv(self.loggers)  # metrics.csv holds every row logged before this checkpoint
+        # for an exact resume: the best val accuracy so far and the RNG states (data order)
+        checkpoint[RESUME_STATE] = {
+            "val_acc_best": self.val_acc_best.max_value.detach().cpu().clone(),
+            "rng": collect_rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = set(checkpoint.get("state_dict", {}))
@@ -185,3 +270,23 @@ class MultiExitClassifier(L.LightningModule):
                 f"{extra[:5]}{'...' if len(extra) > 5 else ''}): it was made with another "
                 "method / model / backbone config"
             )
+        params = dict(self.named_parameters())
+        wrong = [
+            f"{k} {list(v.shape)} (this model: {list(params[k].shape)})"
+            for k, v in checkpoint["state_dict"].items()
+            if tuple(v.shape) != tuple(params[k].shape)
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"checkpoint does not fit this model: {'; '.join(wrong[:3])}; it was made with "
+                "another number of classes (data.num_classes) or another model config"
+            )
+        resume = checkpoint.get(RESUME_STATE)
+        if resume is not None and self._trainer is not None and self.trainer.state.fn == "fit":
+            best = self.val_acc_best
+            best.max_value = resume["val_acc_best"].to(best.max_value.device)
+            best._computed = None
+            # Lightning restores the modules before it creates the training data iterator (in
+            # `estimated_stepping_batches` or at the first epoch): the resumed epoch draws its
+            # data order from these states, as the uninterrupted run did
+            set_rng_states(resume["rng"])

@@ -104,7 +104,7 @@ def run_summary(  # noqa: ANN001 - net is a MultiExitViT
     }
 
 
-def summary_table(summary: Mapping[str, Any], title: str = "MET run summary") -> Table:
+def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("exit", justify="right")
     table.add_column("after block", justify="right")
@@ -131,12 +131,17 @@ def summary_table(summary: Mapping[str, Any], title: str = "MET run summary") ->
 
 
 def report_summary(  # noqa: ANN001 - net is a MultiExitViT
-    net, metrics: Mapping[str, Any], output_dir: Path, budget: BudgetReport | None = None
+    net,
+    metrics: Mapping[str, Any],
+    output_dir: Path,
+    budget: BudgetReport | None = None,
+    method: str = "met",
 ) -> dict[str, Any]:
     """Print the summary tables and write them to `output_dir/summary.json`."""
-    summary = run_summary(net, metrics, budget)
+    summary = {"method": method, **run_summary(net, metrics, budget)}
     console = Console()
-    console.print(summary_table(summary))
+    title = "MET run summary" if method == "met" else f"{method} run summary"
+    console.print(summary_table(summary, title=title))
     if summary["budget"] is not None:
         console.print(budget_table(summary["budget"]))
     write_text(output_dir / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,73 @@
+"""Lightning checkpoints written atomically and read without unpickling arbitrary objects.
+
+Lightning's own `TorchCheckpointIO` writes through an fsspec transaction, which on a local disk
+stages the file in the system temp folder and then `shutil.move`s it: across file systems that is
+a copy onto the final name, so a crash can leave a truncated `last.ckpt`. Here the checkpoint goes
+to a temporary name next to the target and is renamed over it (`met_lightning.atomic`).
+
+Loading always uses `torch.load(..., weights_only=True)`: tensors and plain Python values only,
+never code from the file. Our checkpoints hold nothing else (see `MultiExitClassifier`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from met_lightning.atomic import atomic_path
+from met_lightning.errors import CheckpointError
+
+
+def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)`; CheckpointError naming the file if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain values; it is "
+            f"not loaded, since that would run code from the file ({reason[:200]}). Use a "
+            "checkpoint written by met_lightning, or start a fresh run"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({reason[:200]}); use another "
+            "checkpoint (ckpt_path=...) or start a fresh run"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a Lightning checkpoint (no state_dict)"
+        )
+    return checkpoint
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic `.ckpt` writes (temporary name + rename) and weights-only loading."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialize fully before touching the file system
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise CheckpointError("met_lightning loads checkpoints with weights_only=True only")
+        return load_lightning_checkpoint(path, map_location=map_location or "cpu")

@@ -1,0 +1,1 @@
+"""Fault suite: every failure scenario of issue 6, end to end through the CLI."""
