@@ -170,6 +170,7 @@ def test_cifar_offline_download_fails_fast(tmp_path, monkeypatch):
 def test_cifar_download_probe_does_not_hang(tmp_path, monkeypatch):
     def hang(*args, **kwargs):
         time.sleep(30)
+        raise OSError("timed out")  # as a real connect would, long after the probe gave up
 
     monkeypatch.setattr(socket, "create_connection", hang)  # e.g. DNS that never answers
     monkeypatch.setattr(cifar, "PROBE_TIMEOUT", 0.3)
