@@ -13,6 +13,7 @@ loading rebuilds W_q with the same function, so predictions are bit-identical.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,18 +132,31 @@ def binary_weights(net: nn.Module) -> dict[str, QuantLinear]:
     }
 
 
+def _trainable(net: nn.Module) -> Iterator[tuple[str, nn.Parameter, QuantLinear | None]]:
+    """(name, parameter, its 1-bit layer or None) of every trainable parameter of `net`."""
+    binary = binary_weights(net)
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            yield name, param, binary.get(name)
+
+
 def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors as stored: 1-bit weights packed (`PACKED_SUFFIXES`), the rest as is."""
-    binary = binary_weights(net)
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name in binary:
-            tensors.update(binary[name].binary_parts().pack(name))
+    for name, param, layer in _trainable(net):
+        if layer is not None:
+            tensors.update(layer.binary_parts().pack(name))
         else:
             tensors[name] = param.detach().cpu().contiguous()
     return tensors
+
+
+def export_state_keys(net: nn.Module) -> list[str]:
+    """The names `export_state` stores, without computing the tensors."""
+    keys = []
+    for name, _, layer in _trainable(net):
+        keys += [name + s for s in PACKED_SUFFIXES] if layer is not None else [name]
+    return keys
 
 
 def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -154,32 +168,24 @@ def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -
             f"checkpoint {source!r} does not match the network its config builds "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
-    binary = binary_weights(net)
     plain = {}
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
+    for name, param, layer in _trainable(net):
+        if layer is not None:
+            layer.load_binary(BinaryParts.unpack(tensors, name, param.shape))
             continue
-        if name in binary:
-            binary[name].load_binary(BinaryParts.unpack(tensors, name, param.shape))
-        else:
-            if tensors[name].shape != param.shape:
-                raise CheckpointError(
-                    f"checkpoint {source!r}: {name} has shape {list(tensors[name].shape)}, the "
-                    f"network expects {list(param.shape)}"
-                )
-            plain[name] = tensors[name]
+        if tensors[name].shape != param.shape:
+            raise CheckpointError(
+                f"checkpoint {source!r}: {name} has shape {list(tensors[name].shape)}, the "
+                f"network expects {list(param.shape)}"
+            )
+        plain[name] = tensors[name]
     net.load_state_dict(plain, strict=False)
 
 
-def export_state_keys(net: nn.Module) -> list[str]:
-    binary = binary_weights(net)
-    keys = []
-    for name, param in net.named_parameters():
-        if param.requires_grad:
-            keys += [name + s for s in PACKED_SUFFIXES] if name in binary else [name]
-    return keys
-
-
 def storage_bytes(net: nn.Module) -> int:
-    """Bytes of the trainable state as exported (packed 1-bit weights, fp32 everything else)."""
-    return sum(t.numel() * t.element_size() for t in export_state(net).values())
+    """Bytes of the trainable state as `export_state` stores it: a 1-bit weight is its packed
+    signs plus fp32 mu and sigma, every other tensor its own bytes (computed, nothing copied)."""
+    return sum(
+        (math.ceil(p.numel() / 8) + 8) if layer is not None else p.numel() * p.element_size()
+        for _, p, layer in _trainable(net)
+    )
