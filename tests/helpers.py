@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from met_lightning.config import config_dir
 from met_lightning.models.backbone import create_backbone
@@ -31,6 +34,17 @@ TINY_OVERRIDES = [
 def tiny_backbone(**overrides):
     """A frozen random 4-block ViT (width 48) on 32 px inputs."""
     return create_backbone(TINY_NAME, model_kwargs={**TINY_KWARGS, **overrides})
+
+
+def counted_macs(fn, *args) -> float:
+    """Multiply-accumulates torch counts while `fn(*args)` runs (no grad), for all images.
+
+    Attention runs on the math SDPA backend: FlopCounterMode counts its matmuls on every torch,
+    while the fused CPU kernel counts 0 FLOPs on some releases (2.14).
+    """
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops() / 2
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.analysis import analyze, write_report
@@ -26,7 +25,7 @@ from met_lightning.inference.engine import EarlyExitEngine, check_thresholds
 from met_lightning.inference.logit_store import LogitStore, SplitLogits
 from met_lightning.macs import model_exit_costs
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.helpers import tiny_backbone
+from tests.helpers import counted_macs, tiny_backbone
 
 INF = math.inf
 
@@ -162,12 +161,6 @@ def test_thresholds_of_the_wrong_length():
     assert check_thresholds([0.5, 0.6, 0.7, 0.9], 4)[-1] == -INF  # the last is ignored
     with pytest.raises(ConfigError, match="thresholds has 2 values, but the model has 4 exits"):
         check_thresholds([0.5, 0.6], 4)
-
-
-def counted_macs(fn, *args) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn(*args)
-    return counter.get_total_flops() / 2
 
 
 def test_engine_really_skips_compute(net, images, full):

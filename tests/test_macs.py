@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from met_lightning.macs import exit_costs, format_macs, model_exit_costs
 from met_lightning.models.backbone import describe_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.helpers import tiny_backbone
+from tests.helpers import counted_macs, tiny_backbone
 
 
 def test_vit_base_reference():
@@ -16,12 +15,6 @@ def test_vit_base_reference():
     assert costs.backbone == pytest.approx(17.58e9, rel=0.01)  # the spec's ~17.6 G
     assert costs.to_exit[0] == pytest.approx(0.25 * costs.full, rel=0.03)
     assert costs.full / costs.backbone < 1.02  # exits, early tokens and adapters are cheap
-
-
-def counted_macs(model, images):
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    return counter.get_total_flops() / 2
 
 
 @pytest.mark.parametrize(
