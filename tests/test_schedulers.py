@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from met_lightning.builders import build_loss, build_network
 from met_lightning.config import validate_config
+from met_lightning.errors import ConfigError
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.schedulers import cosine_with_warmup
 from tests.helpers import TINY_OVERRIDES, compose_config, tiny_backbone
@@ -80,3 +81,16 @@ def test_warmup_kept_with_max_epochs_minus_one_and_max_steps(tmp_path):
     trainer.fit(module, DataLoader(data, batch_size=4))
     expected = [LR * closed_form(s, 12, 4, 0.0) for s in range(12)]
     torch.testing.assert_close(record.lrs, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_parameter_groups_each_follow_their_own_curve():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], lr=0.1)
+    scheduler = cosine_with_warmup(optimizer, 20, 4, warmup_epochs=1)
+    for step in range(20):
+        expected = [base * closed_form(step, 20, 4, 0.0) for base in (0.1, 0.01)]
+        torch.testing.assert_close([g["lr"] for g in optimizer.param_groups], expected)
+        optimizer.step()
+        scheduler.step()
+    with pytest.raises(ConfigError, match=r"scheduler.min_lr_ratio=0.1 needs one learning rate"):
+        cosine_with_warmup(optimizer, 20, 4, warmup_epochs=1, min_lr_ratio=0.1)
