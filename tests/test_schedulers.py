@@ -84,8 +84,11 @@ def test_warmup_kept_with_max_epochs_minus_one_and_max_steps(tmp_path):
 
 
 def test_parameter_groups_each_follow_their_own_curve():
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], lr=0.1)
+    def two_groups():
+        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        return torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])
+
+    optimizer = two_groups()
     scheduler = cosine_with_warmup(optimizer, 20, 4, warmup_epochs=1)
     for step in range(20):
         expected = [base * closed_form(step, 20, 4, 0.0) for base in (0.1, 0.01)]
@@ -93,4 +96,4 @@ def test_parameter_groups_each_follow_their_own_curve():
         optimizer.step()
         scheduler.step()
     with pytest.raises(ConfigError, match=r"scheduler.min_lr_ratio=0.1 needs one learning rate"):
-        cosine_with_warmup(optimizer, 20, 4, warmup_epochs=1, min_lr_ratio=0.1)
+        cosine_with_warmup(two_groups(), 20, 4, warmup_epochs=1, min_lr_ratio=0.1)
