@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from experiments import report
-from tests.test_report import LAST, _as_method, make_run
+from tests.test_report import make_fixture_runs, make_method_runs, make_run
 
 GOLDEN = Path(__file__).resolve().parent / "data"
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc)
@@ -18,39 +18,10 @@ ROOT = "<ROOT>"
 
 def make_tree(root: Path) -> None:
     """tests/test_report.py's fixture runs, plus baselines, 1-bit and a duplicated seed."""
-    for (task, method), accs in LAST.items():
-        for seed, acc in enumerate(accs):
-            make_run(
-                root / "vtab" / method / task / "final" / f"seed{seed}",
-                task=task,
-                seed=seed,
-                accs=(acc - 0.3, acc - 0.2, acc - 0.1, acc),
-                graph_weight=0.0 if method == "nograph" else 0.1,
-                keep99_macs=8e9 if seed == 0 else 10e9,
-                budget_acc=None if (task, method, seed) == ("dmlab", "met", 1) else acc - 0.05,
-            )
-    make_run(root / "vtab" / "met" / "cifar" / "tune" / "seed0", task="cifar", split="tune",
-             accs=(0.1, 0.2, 0.3, 0.99))  # fmt: skip
+    make_fixture_runs(root)
     make_run(root / "vtab" / "met_r4" / "cifar" / "final" / "seed0", task="cifar", rank=4)
-    make_run(root / "c100" / "seed0", data="cifar100", task=None, accs=(0.6, 0.7, 0.8, 0.9))
     make_run(root / "c100" / "again0", data="cifar100", task=None, accs=(0.6, 0.7, 0.8, 0.91))
-    for seed in (0, 1):
-        make_run(root / "c100_rank4" / f"seed{seed}", data="cifar100", task=None, rank=4,
-                 accs=(0.5, 0.6, 0.7, 0.85), with_budget_json=False)  # fmt: skip
-    probe = {"exits": [-1], "adapter": {"kind": "none", "exit_specific": False,
-             "separate_cls": False, "bits": 32}, "loss": {"graph_weight": 0.0}}  # fmt: skip
-    for seed in (0, 1):
-        folder = make_run(root / "lp" / f"s{seed}", data="cifar100", task=None, seed=seed,
-                          accs=(0.1, 0.2, 0.3, 0.7 + 0.02 * seed))  # fmt: skip
-        _as_method(folder, "linear_probe", probe, [12], 300.0)
-        folder = make_run(root / "bin" / f"s{seed}", data="cifar100", task=None, seed=seed,
-                          accs=(0.55, 0.6, 0.7, 0.9))  # fmt: skip
-        adapter = {"kind": "e_adapter", "bits": 1, "exit_specific": True, "separate_cls": True}
-        model = {"exits": [3, 6, 9, 12], "adapter": adapter, "loss": {"graph_weight": 0.1}}
-        _as_method(folder, "met", model, [3, 6, 9, 12], 75.0)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "summary.json").write_text("{not json")
+    make_method_runs(root / "methods")
 
 
 def render(root: Path) -> tuple[str, str]:
