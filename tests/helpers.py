@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -89,8 +90,12 @@ def run_task(
     stdout, stderr = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(stderr)
     logging.getLogger().addHandler(handler)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    try:  # the environment as it was after (seed_everything sets PL_GLOBAL_SEED, ...)
+        with (
+            mock.patch.dict(os.environ),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
             if module == "met_lightning":
                 given = [a.split("=", 1)[1] for a in args if a.startswith("paths.output_dir=")]
                 cfg = compose_config(args, Path(given[-1]) if given else output_dir)
