@@ -23,13 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+
 SUMMARY_FILE = "summary.json"
 BUDGET_FILE = "budget.json"
 METRICS_FILE = "metrics.csv"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 # Keys the launchers set themselves; --extra / --grid may not set them.
 RESERVED_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "seed", "data.split")
-_SAFE_VALUE = re.compile(r"[\w./+\-@]+")
 
 
 class LaunchError(Exception):
@@ -37,63 +40,57 @@ class LaunchError(Exception):
 
 
 # ---------------------------------------------------------------------- overrides
+_PARSER = OverridesParser.create()  # Hydra's own override grammar
+
+
+def parse_override(text: str, what: str) -> Override:
+    """`text` as Hydra reads it; a LaunchError naming `what` if it is not an override."""
+    try:
+        return _PARSER.parse_override(text)
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LaunchError(
+            f"{what} {text!r} is not a Hydra override: write key=value ({first})"
+        ) from None
+
+
 def hydra_value(value: str | Path) -> str:
-    """`value` as the right-hand side of a Hydra override (quoted unless plainly safe).
-
-    Hydra's override grammar reads `a,b` as a sweep and rejects `=` or `~` in a bare value, so
-    a path such as `out/rank=4` must be quoted.
-    """
+    """`value` as the right-hand side of a Hydra override that Hydra reads back as `value`:
+    bare if it can (`out/seed0`), else quoted (`'out/rank=4'`, `'out/a,b'`)."""
     text = str(value)
-    if _SAFE_VALUE.fullmatch(text):
-        return text
-    for quote in ("'", '"'):
-        if quote not in text:
-            return f"{quote}{text}{quote}"
-    raise LaunchError(f"cannot pass {text!r} to Hydra: it holds both kinds of quotes")
-
-
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split at `sep` outside brackets and quotes: `[2,4],[3,6]` -> `['[2,4]', '[3,6]']`."""
-    parts, depth, quote, current = [], 0, "", []
-    for char in text:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[({":
-            depth += 1
-        elif char in "])}":
-            depth -= 1
-        elif char == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
+    for candidate in (text, f"'{text}'", f'"{text}"'):
+        try:
+            parsed = _PARSER.parse_override(f"key={candidate}")
+        except HydraException:
             continue
-        current.append(char)
-    parts.append("".join(current))
-    return [p.strip() for p in parts]
+        if not parsed.is_sweep_override() and parsed.value() == text:
+            return candidate
+    raise LaunchError(f"cannot pass {text!r} to Hydra as a plain string")
 
 
-def check_override(text: str, what: str) -> str:
+def check_override(text: str, what: str) -> Override:
     """A `key=value` (or `~key`) override that does not touch the keys the launcher sets."""
-    key = text.split("=", 1)[0].lstrip("+~")
-    if "=" not in text and not text.startswith("~"):
-        raise LaunchError(f"{what} {text!r} is not a Hydra override: write key=value")
-    if key in RESERVED_KEYS:
-        raise LaunchError(f"{what} {text!r}: the launcher sets {key} itself")
-    return text
+    override = parse_override(text, what)
+    if override.key_or_group in RESERVED_KEYS:
+        raise LaunchError(f"{what} {text!r}: the launcher sets {override.key_or_group} itself")
+    return override
 
 
 GridPoint = tuple[tuple[str, str], ...]  # ((key, value), ...) in the order given
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """`["model.adapter.rank=4,8", "model.loss.graph_weight=0.1,0.3"]` -> keys with values."""
+    """`["model.adapter.rank=4,8", "model.loss.graph_weight=0.1,0.3"]` -> keys with values (as
+    Hydra writes each value of the sweep)."""
     grid: list[tuple[str, list[str]]] = []
     for spec in specs:
-        check_override(spec, "--grid")
-        key, _, values_text = spec.partition("=")
-        values = split_top_level(values_text)
-        if not key or any(not v for v in values):
+        override = check_override(spec, "--grid")
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.get_value_element_as_str()]
+        if not values or any(v in ("", "''", '""') for v in values):
             raise LaunchError(f"--grid {spec!r}: write key=v1,v2,... with non-empty values")
         if key in (k for k, _ in grid):
             raise LaunchError(f"--grid names {key} twice")
@@ -307,6 +304,11 @@ class Launcher:
                 f"it had instead: {extra}); delete the folder to run it again"
             )
 
+    def finish(self, minutes_per_run: tuple[float, float], hours: str = "GPU hours") -> int:
+        """Print the summary; the launcher's exit code (1 if a run failed)."""
+        self.say(self.summary(minutes_per_run, hours))
+        return 1 if self.failed else 0
+
     def summary(self, minutes_per_run: tuple[float, float], hours: str = "GPU hours") -> str:
         lo, hi = minutes_per_run
         if self.dry_run:
@@ -326,6 +328,15 @@ class Launcher:
 
 
 # ---------------------------------------------------------------------- command line
+def make_parser(prog: str, description: str, default_out: str) -> argparse.ArgumentParser:
+    """A launcher's argument parser with the arguments every launcher has."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(parser, default_out)
+    return parser
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)"
@@ -362,8 +373,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
 
 
 def make_launcher(args: argparse.Namespace) -> Launcher:
-    for override in args.extra:
-        check_override(override, "--extra")
+    for text in args.extra:
+        if check_override(text, "--extra").is_sweep_override():
+            raise LaunchError(f"--extra {text!r} is a sweep: give its values with --grid")
     return Launcher(
         python=args.python,
         dry_run=args.dry_run,

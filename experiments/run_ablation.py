@@ -25,14 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python experiments/run_ablation.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import plot_budget_curves, report  # noqa: E402
-from experiments.launch import (  # noqa: E402
-    LaunchError,
-    Run,
-    add_common_arguments,
-    make_launcher,
-    run_main,
-)
+from experiments import launch, plot_budget_curves, report  # noqa: E402
 
 MINUTES_PER_RUN = (1.0, 2.5)  # one demo run on a 2-core CPU (measured: 0.8-2.2 min)
 # setting -> overrides of the demo config. Full fine-tuning trains every backbone weight; it runs
@@ -58,18 +51,13 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 RESULTS = Path("experiments/results")  # relative, so the report names it as given
 
 
-def setting_run(out: Path, setting: str, seed: int, extra: Sequence[str]) -> Run:
+def setting_run(out: Path, setting: str, seed: int, extra: Sequence[str]) -> launch.Run:
     overrides = (*SETTINGS[setting], f"seed={seed}", *extra)
-    return Run(Path(out) / setting / f"seed{seed}", overrides, f"{setting} seed {seed}")
+    return launch.Run(Path(out) / setting / f"seed{seed}", overrides, f"{setting} seed {seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_ablation.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser, "outputs/ablation_demo")
+    parser = launch.make_parser("run_ablation.py", __doc__, "outputs/ablation_demo")
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -88,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> int:
-    launcher = make_launcher(args)
+    launcher = launch.make_launcher(args)
     launcher.say(f"# demo ablation: {args.settings} x seeds {args.seeds}, runs in {args.out}")
     for setting in args.settings:
         for seed in args.seeds:
@@ -97,16 +85,16 @@ def body(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if launcher.failed:
-        raise LaunchError("some runs failed (above); the report is not written")
+        raise launch.LaunchError("some runs failed (above); the report is not written")
     command = shlex.join(["python", "experiments/run_ablation.py", *args.argv])
     markdown = args.results / f"{args.name}.md"
     png = args.results / f"{args.name}.png"
     if report.main([str(args.out), "--out", str(markdown), "--csv",
                     str(args.results / f"{args.name}.csv")]) != 0:  # fmt: skip
-        raise LaunchError(f"experiments/report.py failed on {args.out}")
+        raise launch.LaunchError(f"experiments/report.py failed on {args.out}")
     title = f"Demo ablation (digits, demo ViT), seeds {' '.join(map(str, args.seeds))}"
     if plot_budget_curves.main([str(args.out), "--out", str(png), "--title", title]) != 0:
-        raise LaunchError(f"experiments/plot_budget_curves.py failed on {args.out}")
+        raise launch.LaunchError(f"experiments/plot_budget_curves.py failed on {args.out}")
     # say in the report which command made it (report.py records its own command line)
     text = markdown.read_text(encoding="utf-8")
     markdown.write_text(
@@ -121,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     parser.set_defaults(argv=argv)  # the command line, for the report's provenance line
-    return run_main(body, argv, parser)
+    return launch.run_main(body, argv, parser)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python experiments/run_cifar100.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.launch import (  # noqa: E402
-    LaunchError,
-    Run,
-    add_common_arguments,
-    make_launcher,
-    run_main,
-)
+from experiments import launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "cifar100"
@@ -49,35 +43,29 @@ examples:
 )
 
 
-def seed_run(out: Path, seed: int, extra: Sequence[str]) -> Run:
+def seed_run(out: Path, seed: int, extra: Sequence[str]) -> launch.Run:
     overrides = (f"+experiment={EXPERIMENT}", f"seed={seed}", *extra)
-    return Run(Path(out) / f"seed{seed}", overrides, f"cifar100 seed {seed}")
+    return launch.Run(Path(out) / f"seed{seed}", overrides, f"cifar100 seed {seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_cifar100.py",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser, "outputs/cifar100")
+    parser = launch.make_parser("run_cifar100.py", DESCRIPTION, "outputs/cifar100")
     return parser
 
 
 def body(args: argparse.Namespace) -> int:
     config = REPO / "conf" / "experiment" / f"{EXPERIMENT}.yaml"
     if not config.is_file():
-        raise LaunchError(f"{config} does not exist: the CIFAR-100 recipe is missing")
-    launcher = make_launcher(args)
+        raise launch.LaunchError(f"{config} does not exist: the CIFAR-100 recipe is missing")
+    launcher = launch.make_launcher(args)
     launcher.say(f"# CIFAR-100: seeds {args.seeds}, results in {args.out}")
     for seed in args.seeds:
         launcher.launch(seed_run(args.out, seed, args.extra))
-    launcher.say(launcher.summary(MINUTES_PER_RUN))
-    return 1 if launcher.failed else 0
+    return launcher.finish(MINUTES_PER_RUN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(body, argv, build_parser())
+    return launch.run_main(body, argv, build_parser())
 
 
 if __name__ == "__main__":

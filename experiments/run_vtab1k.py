@@ -19,22 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python experiments/run_vtab1k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.launch import (  # noqa: E402
-    SELECT_HELP,
-    GridPoint,
-    Launcher,
-    LaunchError,
-    Run,
-    add_common_arguments,
-    grid_points,
-    make_launcher,
-    parse_grid,
-    parse_select,
-    point_names,
-    point_overrides,
-    run_main,
-    selection_score,
-)
+from experiments import launch  # noqa: E402
 from met_lightning.atomic import write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +82,7 @@ def parse_tasks(names: Sequence[str]) -> list[str]:
         elif name in VTAB_GROUPS:
             chosen.add(name)
         else:
-            raise LaunchError(
+            raise launch.LaunchError(
                 f"unknown VTAB-1K task {name!r}; tasks: {', '.join(VTAB_GROUPS)}; "
                 f"groups: {', '.join(GROUPS)}"
             )
@@ -109,37 +94,37 @@ def task_dir(out: Path, task: str) -> Path:
 
 
 def tune_run(
-    out: Path, task: str, seed: int, point: GridPoint, name: str, extra: Sequence[str]
-) -> Run:
+    out: Path, task: str, seed: int, point: launch.GridPoint, name: str, extra: Sequence[str]
+) -> launch.Run:
     run_dir = task_dir(out, task) / "tune" / f"seed{seed}"
     if name:
         run_dir = run_dir / name
     overrides = (
         f"+experiment=vtab1k/{task}", f"seed={seed}", "data.split=tune",
-        *point_overrides(point), *extra,
+        *launch.point_overrides(point), *extra,
     )  # fmt: skip
     label = f"{task} tune seed {seed}" + (f" {name}" if name else "")
-    return Run(run_dir, overrides, label)
+    return launch.Run(run_dir, overrides, label)
 
 
 def final_run(
     out: Path, task: str, seed: int, overrides: Sequence[str], extra: Sequence[str]
-) -> Run:
+) -> launch.Run:
     run_dir = task_dir(out, task) / "final" / f"seed{seed}"
     all_overrides = (
         f"+experiment=vtab1k/{task}", f"seed={seed}", "data.split=final", *overrides, *extra,
     )  # fmt: skip
-    return Run(run_dir, all_overrides, f"{task} final seed {seed}")
+    return launch.Run(run_dir, all_overrides, f"{task} final seed {seed}")
 
 
 def select_point(
     out: Path,
     task: str,
-    points: Sequence[GridPoint],
-    names: dict[GridPoint, str],
+    points: Sequence[launch.GridPoint],
+    names: dict[launch.GridPoint, str],
     seeds: Sequence[int],
     metric: str = "last",
-) -> tuple[GridPoint | None, list[dict]]:
+) -> tuple[launch.GridPoint | None, list[dict]]:
     """The grid point with the best mean tune score over `seeds` (ties: the first in grid order).
 
     Returns the point (None if no tune run of this task is finished) and one row per point:
@@ -151,12 +136,12 @@ def select_point(
         scores = {}
         for seed in seeds:
             run = tune_run(out, task, seed, point, names[point], ())
-            score = selection_score(run.run_dir, metric)
+            score = launch.selection_score(run.run_dir, metric)
             if score is not None:
                 scores[seed] = score
         mean = statistics.fmean(scores.values()) if scores else None
         rows.append(
-            {"name": names[point], "overrides": point_overrides(point), "scores": scores,
+            {"name": names[point], "overrides": launch.point_overrides(point), "scores": scores,
              "mean": mean}
         )  # fmt: skip
         if mean is not None and (best_mean is None or mean > best_mean):
@@ -174,9 +159,12 @@ def describe_selection(task: str, metric: str, rows: Sequence[dict], chosen: str
 
 
 def run_task(
-    task: str, args: argparse.Namespace, launcher: Launcher, points: Sequence[GridPoint]
+    task: str,
+    args: argparse.Namespace,
+    launcher: launch.Launcher,
+    points: Sequence[launch.GridPoint],
 ) -> None:
-    names = point_names(points)
+    names = launch.point_names(points)
     tune_seeds = args.tune_seeds if args.tune_seeds is not None else args.seeds
     pending_before = len(launcher.planned)
     if "tune" in args.stages:
@@ -186,7 +174,7 @@ def run_task(
     if "final" not in args.stages:
         return
     if len(points) == 1:  # nothing to choose
-        chosen: list[str] | None = point_overrides(points[0])
+        chosen: list[str] | None = launch.point_overrides(points[0])
     else:
         best, rows = select_point(args.out, task, points, names, tune_seeds, args.select_by)
         if len(launcher.planned) > pending_before:  # dry run with tune runs still to do
@@ -197,13 +185,13 @@ def run_task(
             if not launcher.dry_run:
                 message = f"{task}: no finished tune run to choose the grid point from"
                 if not launcher.keep_going:
-                    raise LaunchError(message + " (run the tune stage first)")
+                    raise launch.LaunchError(message + " (run the tune stage first)")
                 launcher.say(f"# {message}; --keep-going: no final runs for {task}")
                 return
             chosen = None
             launcher.say(f"# {task}: final runs wait for the tune stage; shown with {PLACEHOLDER}")
         else:
-            chosen = point_overrides(best)
+            chosen = launch.point_overrides(best)
             if not launcher.dry_run:
                 record = {"metric": args.select_by, "seeds": list(tune_seeds), "points": rows,
                           "chosen": chosen}  # fmt: skip
@@ -216,11 +204,7 @@ def run_task(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_vtab1k.py",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = launch.make_parser("run_vtab1k.py", DESCRIPTION, "outputs/vtab1k")
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -228,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TASK",
         help="tasks and/or groups (natural, specialized, structured); default: all 19",
     )
-    add_common_arguments(parser, "outputs/vtab1k")
     parser.add_argument(
         "--tune-seeds",
         type=int,
@@ -251,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(STAGES),
         help="stages to run (default: tune final); final alone reads the tune runs if --grid",
     )
-    parser.add_argument("--select-by", type=parse_select, default="last", help=SELECT_HELP)
+    parser.add_argument(
+        "--select-by", type=launch.parse_select, default="last", help=launch.SELECT_HELP
+    )
     return parser
 
 
@@ -259,21 +244,20 @@ def body(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     missing = [t for t in tasks if not (EXPERIMENT_DIR / f"{t}.yaml").is_file()]
     if missing:
-        raise LaunchError(f"no experiment config for {missing} in {EXPERIMENT_DIR}")
-    points = grid_points(parse_grid(args.grid))
-    launcher = make_launcher(args)
+        raise launch.LaunchError(f"no experiment config for {missing} in {EXPERIMENT_DIR}")
+    points = launch.grid_points(launch.parse_grid(args.grid))
+    launcher = launch.make_launcher(args)
     launcher.say(
         f"# VTAB-1K: {len(tasks)} task(s), seeds {args.seeds}, stages {args.stages}, "
         f"{len(points)} grid point(s), results in {args.out}"
     )
     for task in tasks:
         run_task(task, args, launcher, points)
-    launcher.say(launcher.summary(MINUTES_PER_RUN))
-    return 1 if launcher.failed else 0
+    return launcher.finish(MINUTES_PER_RUN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(body, argv, build_parser())
+    return launch.run_main(body, argv, build_parser())
 
 
 if __name__ == "__main__":

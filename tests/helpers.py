@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -17,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from met_lightning.config import config_dir
 from met_lightning.models.backbone import create_backbone
+from met_lightning.predict import _task as predict_task
+from met_lightning.train import _task as train_task
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NAME = "vit_tiny_patch16_224"
@@ -80,3 +86,41 @@ def run_folder(root: Path) -> Path:
     folders = [p.parent for p in root.rglob("summary.json")]
     assert len(folders) == 1, folders
     return folders[0]
+
+
+def compose_predict(args: list[str]):
+    """The predict config composed as `python -m met_lightning.predict ARGS` would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("predict", overrides=args)
+
+
+def run_task(
+    args: list[str], output_dir: Path, module: str = "met_lightning"
+) -> subprocess.CompletedProcess:
+    """In-process `python -m MODULE ARGS`: the entry's Hydra task (`_task`: a user error prints
+    `error: ...` and exits 2) on the config composed from ARGS; (exit code, stdout, stderr + log).
+    The run folder is `output_dir` (or the paths.output_dir= in ARGS)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    logging.getLogger().addHandler(handler)
+    try:  # the environment as it was after (seed_everything sets PL_GLOBAL_SEED, ...)
+        with (
+            mock.patch.dict(os.environ),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            if module == "met_lightning":
+                given = [a.split("=", 1)[1] for a in args if a.startswith("paths.output_dir=")]
+                cfg = compose_config(args, Path(given[-1]) if given else output_dir)
+                entry = train_task
+            else:
+                cfg, entry = compose_predict(args), predict_task
+            try:
+                entry(cfg)
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())

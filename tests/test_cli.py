@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
+from tests.helpers import TINY_OVERRIDES, run_cli, run_folder, run_task
 
 SHORT = [
     "trainer.max_epochs=1",
@@ -55,17 +55,6 @@ def test_experiment_composition_and_overrides(tmp_path):
         12,
     ]
     assert not (folder / "metrics.csv").exists()  # logger=none
-
-
-def test_offline_hub_request_fails_fast_with_both_options(tmp_path):
-    result = run_cli(
-        ["backbone=vit_tiny", f"paths.log_dir={tmp_path}"], cwd=tmp_path, HF_HOME=str(tmp_path)
-    )
-    assert result.returncode == 2
-    assert (
-        "backbone.weights_file=" in result.stderr and "backbone.pretrained=false" in result.stderr
-    )
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.demo
@@ -182,27 +171,25 @@ def test_ddp_on_two_cpu_processes(tmp_path, tiny_run):
     assert summary["exits"][-1]["accuracy"] is not None
 
 
-def test_cifar100_experiment_offline_fails_fast_and_clearly(tmp_path):
+def test_cifar100_experiment_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
     """Offline, +experiment=cifar100 stops in seconds with one message: first for the dataset
     (checked before the backbone is built), then, with the files in place, for the backbone."""
+    import huggingface_hub.constants
+
     from tests.data_fixtures import write_cifar100
 
+    # no network even on a connected machine: every request goes to a dead proxy; no hub cache
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["+experiment=cifar100", f"data.root={tmp_path / 'data'}"]
     start = time.monotonic()
-    result = run_cli(
-        ["+experiment=cifar100", f"data.root={tmp_path / 'data'}", f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        # no network even on a connected machine: every request goes to a dead proxy
-        https_proxy="http://127.0.0.1:9",
-        HTTPS_PROXY="http://127.0.0.1:9",
-    )
+    result = run_task(args, tmp_path / "run")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "cifar-100-python" in result.stderr and "data.root" in result.stderr
 
     write_cifar100(tmp_path / "data", n_train=10, n_test=10)
-    result = run_cli(
-        ["+experiment=cifar100", f"data.root={tmp_path / 'data'}", f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-    )
+    result = run_task(args, tmp_path / "run")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "backbone.weights_file=" in result.stderr
     assert time.monotonic() - start < 60

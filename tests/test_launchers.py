@@ -264,6 +264,8 @@ def test_launcher_argument_errors(tmp_path, capsys):
         (["--extra", "trainer"], "is not a Hydra override"),
         (["--grid", "model.adapter.rank="], "non-empty values"),
         (["--grid", "data.split=tune,final"], "the launcher sets data.split itself"),
+        (["--extra", "model.adapter.rank=4,8"], "is a sweep: give its values with --grid"),
+        (["--grid", "model.exits=[3,6"], "is not a Hydra override"),
     ]:
         assert run_vtab1k.main(["--dry-run", "--out", str(tmp_path), *argv]) == 1
         assert message in capsys.readouterr().err
@@ -273,7 +275,10 @@ def test_launcher_argument_errors(tmp_path, capsys):
 
 
 def test_override_helpers():
-    assert launch.split_top_level("[3,6,9,12],[6,12], 0.1") == ["[3,6,9,12]", "[6,12]", "0.1"]
+    assert launch.parse_grid(["model.exits=[3,6,9,12],[6,12]", "+x='a,b',c"]) == [
+        ("model.exits", ["[3,6,9,12]", "[6,12]"]),
+        ("+x", ["'a,b'", "c"]),
+    ]
     assert launch.hydra_value("out/vtab1k/cifar/tune/seed0") == "out/vtab1k/cifar/tune/seed0"
     assert launch.hydra_value("out/a,b") == "'out/a,b'"
     points = launch.grid_points(launch.parse_grid(["model.exits=[3,6,9,12],[6,12]"]))

@@ -128,12 +128,10 @@ LAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def runs_root(tmp_path_factory) -> Path:
+def make_fixture_runs(root: Path) -> None:
     """VTAB-1K cifar + dtd (natural) and dmlab (structured) x {met, met without graph} x seeds
     0, 1 (no-graph lacks dtd), a tune run, a CIFAR-100 run, two CIFAR-100 runs with another rank
     and one broken folder."""
-    root = tmp_path_factory.mktemp("runs")
     for (task, method), accs in LAST.items():
         for seed, acc in enumerate(accs):
             make_run(
@@ -154,6 +152,12 @@ def runs_root(tmp_path_factory) -> Path:
     broken = root / "broken"
     broken.mkdir()
     (broken / "summary.json").write_text("{not json")
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    make_fixture_runs(root)
     return root
 
 
@@ -350,21 +354,26 @@ def _as_method(folder: Path, method: str, model: dict, exits: list[int], storage
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_methods_compare_in_one_table_by_exit_block(tmp_path):
-    """Baselines with one exit sit in the block-12 column; MET switches name MET ablations only;
-    1-bit is named for any method; storage comes from summary.json."""
+def make_method_runs(root: Path) -> None:
+    """MET, linear probe (one exit) and 1-bit MET on CIFAR-100, seeds 0 and 1."""
     probe = {"exits": [-1], "adapter": {"kind": "none", "exit_specific": False,
              "separate_cls": False, "bits": 32}, "loss": {"graph_weight": 0.0}}  # fmt: skip
     for seed in (0, 1):
-        make_run(tmp_path / "met" / f"s{seed}", data="cifar100", task=None, seed=seed)
-        folder = make_run(tmp_path / "lp" / f"s{seed}", data="cifar100", task=None, seed=seed,
+        make_run(root / "met" / f"s{seed}", data="cifar100", task=None, seed=seed)
+        folder = make_run(root / "lp" / f"s{seed}", data="cifar100", task=None, seed=seed,
                           accs=(0.1, 0.2, 0.3, 0.7 + 0.02 * seed))  # fmt: skip
         _as_method(folder, "linear_probe", probe, [12], 300.0)
-        folder = make_run(tmp_path / "bin" / f"s{seed}", data="cifar100", task=None, seed=seed,
+        folder = make_run(root / "bin" / f"s{seed}", data="cifar100", task=None, seed=seed,
                           accs=(0.55, 0.6, 0.7, 0.9))  # fmt: skip
         adapter = {"kind": "e_adapter", "bits": 1, "exit_specific": True, "separate_cls": True}
         model = {"exits": [3, 6, 9, 12], "adapter": adapter, "loss": {"graph_weight": 0.1}}
         _as_method(folder, "met", model, [3, 6, 9, 12], 75.0)
+
+
+def test_methods_compare_in_one_table_by_exit_block(tmp_path):
+    """Baselines with one exit sit in the block-12 column; MET switches name MET ablations only;
+    1-bit is named for any method; storage comes from summary.json."""
+    make_method_runs(tmp_path)
     out = tmp_path / "report.md"
     assert report.main([str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()

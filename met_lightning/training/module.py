@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable
@@ -195,10 +196,13 @@ class MultiExitClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
-        total = self.trainer.estimated_stepping_batches
-        epochs = max(self.trainer.max_epochs or 1, 1)
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if trainer.train_dataloader is None:  # max_epochs=-1: Lightning did not load it
+            trainer.fit_loop.setup_data()
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         scheduler = self.scheduler_factory(
-            optimizer=optimizer, total_steps=total, steps_per_epoch=total / epochs
+            optimizer=optimizer, total_steps=total, steps_per_epoch=per_epoch
         )
         return {
             "optimizer": optimizer,

@@ -1,36 +1,35 @@
-"""Bad input, end to end through the CLI: one clear `error:` line naming the problem and the fix,
-a non-zero exit, no Python traceback (unless HYDRA_FULL_ERROR=1), nothing written or lost, and,
-where the problem can be seen without it, no backbone built (no weights, no data loaded).
+"""Bad input: one clear `error:` line naming the problem and the fix, exit code 2, no Python
+traceback (unless HYDRA_FULL_ERROR=1), nothing written or lost, and, where the problem can be seen
+without it, no backbone built (no weights, no data loaded).
 
-Each scenario is one `python -m met_lightning ...` or `python -m met_lightning.predict ...` run.
-Almost all of such a run's time is imports (about 5 CPU seconds on the 2-core development
-machine; the error itself takes well under one): the selected scenarios run once, in a module
-fixture, from a warm process that forks one child per command (tests/reliability/warm_cli.py;
-MET_FAULTS_COLD=1 runs each as a fresh `python -m` process instead). Scenarios that depend on
-environment variables read at import time, the HYDRA_FULL_ERROR test and the run-folder test
-always run as fresh processes (`tests.helpers.run_cli`).
+Each scenario runs in-process as Hydra would run it: the real config composed from the same
+overrides (`tests.helpers.compose_config`), then the entry's Hydra task (`met_lightning.train._task`
+or `met_lightning.predict._task`, which print the `error:` line and `sys.exit(2)`), with stdout,
+stderr and the log captured. Config-key errors are in tests/test_config.py. What only a real
+process shows stays a `python -m` run: Hydra's own override error, an environment variable read at
+import time (HF_HOME), and one configuration error end to end (tests/test_config.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
+from met_lightning import train as train_entry
+from met_lightning.cli import RunFolderCheck
+from met_lightning.config import config_dir
+from met_lightning.errors import ConfigError
 from tests.data_fixtures import write_class_folders, write_image, write_vtab_task
-from tests.helpers import TINY_OVERRIDES, run_cli
-from tests.reliability.warm_cli import WarmCLI
+from tests.helpers import TINY_OVERRIDES, compose_config, run_cli, run_task
 
 TRAIN, PREDICT = "met_lightning", "met_lightning.predict"
-# one thread per run: a fresh process can go beside the warm one on a small machine
-ENV = {"OMP_NUM_THREADS": "1"}
 FAST = [*TINY_OVERRIDES, "debug=fast"]
 VTAB = ["data=vtab1k", "data.task=kitti", "data.split=tune", "data.num_workers=0"]
 # logged when a backbone with random weights is built (the tiny ViT of TINY_OVERRIDES, or the
@@ -45,7 +44,7 @@ class Scenario:
     expect: tuple[str, ...]  # fragments of the stderr
     before_backbone: bool = True  # fails before any backbone is built
     env: dict[str, str] = field(default_factory=dict)
-    cold: bool = False  # a fresh process (environment read at import time)
+    cli: bool = False  # a `python -m` process (Hydra's own errors, environment read at import)
 
 
 def train(*args: str, expect: tuple[str, ...], **kw) -> Scenario:
@@ -57,37 +56,12 @@ def predict(*args: str, expect: tuple[str, ...], **kw) -> Scenario:
 
 
 SCENARIOS = {
-    # ------------------------------------------------------------------ config
+    # ------------------------------------------------------------------ config (the key errors
+    # of validate_config: tests/test_config.py)
     "unknown-key": train(
-        "model.adapter.rnk=4", expect=("Could not override 'model.adapter.rnk'", "not in struct")
-    ),
-    "unknown-key-appended": train(
-        "+model.adapter.rnk=4",
-        expect=("model.adapter.rnk: unknown key", "valid keys there: kind, rank"),
-    ),
-    "unknown-data-key": train(
-        "+data.batchsize=8", expect=("data.batchsize: unknown key; did you mean data.batch_size?",)
-    ),
-    "wrong-type": train(
-        "optimizer.lr=fast", expect=("optimizer.lr='fast' must be a number, not a string",)
-    ),
-    "exits-out-of-range": train(
-        "model.exits=[2,5]", expect=("model.exits=[2, 5]: block(s) [5] outside 1..4",)
-    ),
-    "exits-unsorted": train(
-        "model.exits=[4,2]", expect=("model.exits=[4, 2] is not sorted; use model.exits=[2, 4]",)
-    ),
-    "exits-duplicated": train(
-        "model.exits=[2,2,4]", expect=("model.exits=[2, 2, 4] has duplicate blocks",)
-    ),
-    "rank-zero": train(
-        "model.adapter.rank=0", expect=("model.adapter.rank=0 must be a positive integer",)
-    ),
-    "negative-graph-weight": train(
-        "model.loss.graph_weight=-0.5", expect=("model.loss.graph_weight=-0.5 must be >= 0",)
-    ),
-    "batch-size-zero": train(
-        "data.batch_size=0", expect=("data.batch_size=0 must be a positive integer",)
+        "model.adapter.rnk=4",
+        expect=("Could not override 'model.adapter.rnk'", "not in struct"),
+        cli=True,  # Hydra's own error, exit code 1
     ),
     # ------------------------------------------------------------------ data
     "missing-data-folder": train(
@@ -174,14 +148,10 @@ SCENARIOS = {
             "backbone.pretrained=false",
         ),
         before_backbone=False,
-        env={"HF_HOME": "{data}/hf_home"},
-        cold=True,
+        env={"HF_HOME": "{data}/hf_home"},  # read when huggingface_hub is imported
+        cli=True,
     ),
     # ------------------------------------------------------------------ output folders
-    "unwritable-log-dir": train(
-        "paths.log_dir={data}/a_file/outputs",
-        expect=("cannot be created: {data}/a_file is a file, not a folder", "paths.log_dir="),
-    ),
     "unwritable-output-dir": train(
         "paths.output_dir={data}/a_file/run",
         expect=("paths.output_dir={data}/a_file/run cannot be created: {data}/a_file is a file",),
@@ -221,7 +191,6 @@ SCENARIOS = {
         expect=("output={data}/a_file/preds.csv cannot be created: {data}/a_file is a file",),
     ),
 }
-NEEDS_RUN = {"ckpt-path-corrupt"} | {name for name, s in SCENARIOS.items() if s.module == PREDICT}
 # runs that succeed: the skip options (counted warnings)
 SKIPS = {
     "skip-undecodable-images": Scenario(
@@ -238,9 +207,13 @@ SKIPS = {
         expect=("skipped 1 undecodable image(s) (skip_bad_images=true): {data}/bad_images/1.png",),
     ),
 }
+# the scenarios that read the tiny CLI run (a checkpoint or its truncated copy)
+NEEDS_RUN = {"ckpt-path-corrupt"} | {
+    name for name, s in {**SCENARIOS, **SKIPS}.items() if "checkpoint={run}" in s.args
+}
 
 
-def make_data(root: Path, run: Path | None) -> None:
+def make_data(root: Path) -> None:
     """Every bad (and good) input the scenarios name, under `root`."""
     rng = np.random.default_rng(0)
     write_vtab_task(root / "vtab")
@@ -267,65 +240,49 @@ def make_data(root: Path, run: Path | None) -> None:
         write_image(root / "bad_images" / f"{i}.png", rng, size=8)
     (root / "bad_images" / "1.png").write_bytes(b"this is not a PNG")
     (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    if run is not None:
-        last = (run / "checkpoints" / "last.ckpt").read_bytes()
-        (root / "truncated.ckpt").write_bytes(last[: len(last) // 2])
 
 
 def fill(text: str, paths: dict[str, Path]) -> str:
     return text.format(**{k: str(v) for k, v in paths.items()})
 
 
-def selected(request: pytest.FixtureRequest, test_names: set[str]) -> set[str]:
-    """The scenario ids of this module's tests that this pytest session runs."""
-    return {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if item.module is request.module
-        and item.originalname in test_names
-        and hasattr(item, "callspec")
-    }
-
-
-def run_scenario(scenario: Scenario, paths: dict[str, Path], out: Path, cli: WarmCLI):
-    args = [fill(a, paths) for a in scenario.args]
-    if scenario.module == TRAIN and not any(a.startswith("paths.log_dir=") for a in args):
-        args.append(f"paths.log_dir={out}")
-    env = {**ENV, **{k: fill(v, paths) for k, v in scenario.env.items()}}
-    out.mkdir(parents=True, exist_ok=True)
-    run = run_cli if scenario.cold else cli.run
-    return run(args, cwd=out, module=scenario.module, **env)
-
-
 @pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory):
-    """{name: (completed process, its output folder, the paths)} of the selected scenarios."""
-    names = selected(request, {"test_bad_input_fails_early_and_clearly", "test_skip_options"})
-    everything = {**SCENARIOS, **SKIPS}
-    cli = WarmCLI(**ENV)  # imports while tiny_run trains
-    try:
-        run = request.getfixturevalue("tiny_run") if names & (NEEDS_RUN | set(SKIPS)) else None
-        root = tmp_path_factory.mktemp("bad_input")
-        paths = {"data": root / "data", "run": run or root / "no_run", "out": root / "runs"}
-        make_data(paths["data"], run)
-        cold = sorted(n for n in names if everything[n].cold)
-        warm = sorted(n for n in names if not everything[n].cold)
-        with ThreadPoolExecutor(1) as pool:  # the fresh processes beside the warm ones
-            futures = {
-                n: pool.submit(run_scenario, everything[n], paths, paths["out"] / n, cli)
-                for n in cold
-            }
-            results = {n: run_scenario(everything[n], paths, paths["out"] / n, cli) for n in warm}
-            results.update({n: f.result() for n, f in futures.items()})
-    finally:
-        cli.close()
-    return {name: (results[name], paths["out"] / name, paths) for name in names}
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_input")
+    make_data(root / "data")
+    return root
+
+
+@pytest.fixture
+def paths(request, data) -> dict[str, Path]:
+    """{data}, {run} (the tiny CLI run, for the scenarios that need one) and {out}."""
+    name = request.node.callspec.params["name"]
+    run = data / "no_run"
+    if name in NEEDS_RUN:
+        run = request.getfixturevalue("tiny_run")
+        truncated = data / "data" / "truncated.ckpt"
+        if not truncated.exists():
+            last = (run / "checkpoints" / "last.ckpt").read_bytes()
+            truncated.write_bytes(last[: len(last) // 2])
+    return {"data": data / "data", "run": run, "out": data / "runs" / name}
+
+
+def run_scenario(scenario: Scenario, paths: dict[str, Path]) -> subprocess.CompletedProcess:
+    args = [fill(a, paths) for a in scenario.args]
+    out = paths["out"]
+    out.mkdir(parents=True, exist_ok=True)
+    if not scenario.cli:
+        return run_task(args, out, module=scenario.module)
+    if scenario.module == TRAIN:
+        args.append(f"paths.log_dir={out}")
+    env = {k: fill(v, paths) for k, v in scenario.env.items()}
+    return run_cli(args, cwd=out, module=scenario.module, OMP_NUM_THREADS="1", **env)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_bad_input_fails_early_and_clearly(outcomes, name):
+def test_bad_input_fails_early_and_clearly(paths, name):
     scenario = SCENARIOS[name]
-    result, out, paths = outcomes[name]
+    result, out = run_scenario(scenario, paths), paths["out"]
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for fragment in scenario.expect:
@@ -343,31 +300,39 @@ def test_bad_input_fails_early_and_clearly(outcomes, name):
 
 
 @pytest.mark.parametrize("name", list(SKIPS))
-def test_skip_options(outcomes, name):
+def test_skip_options(paths, name):
     """skip_bad_images: the run goes on without the bad images, one warning counts and names
     them."""
-    result, _, paths = outcomes[name]
+    result = run_scenario(SKIPS[name], paths)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     (fragment,) = SKIPS[name].expect
     assert output.count(fill(fragment, paths)) == 1, output[-3000:]
 
 
-def test_hydra_full_error_shows_the_traceback(tmp_path):
-    """HYDRA_FULL_ERROR=1: the same user error with its traceback, for a bug report."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **ENV}
-    env["HYDRA_FULL_ERROR"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-m", TRAIN, *FAST, "model.adapter.rank=0", f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
-    assert "model.adapter.rank=0 must be a positive integer" in result.stderr
+def test_unwritable_log_dir_stops_before_hydra_makes_the_run_folder(tmp_path, capsys):
+    """Hydra's run-folder callback (conf/hydra/default.yaml) on the composed hydra.run.dir."""
+    (tmp_path / "a_file").write_text("a file\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", [f"paths.log_dir={tmp_path}/a_file/outputs"], True)
+    with pytest.raises(SystemExit) as exit:
+        RunFolderCheck().on_run_start(config=cfg)
+    assert exit.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: hydra.run.dir={tmp_path}/a_file/outputs/")
+    assert f"cannot be created: {tmp_path}/a_file is a file, not a folder" in line
+    assert "paths.log_dir=" in line
+    assert (tmp_path / "a_file").read_text() == "a file\n"
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path, monkeypatch):
+    """HYDRA_FULL_ERROR=1: the same user error raised (Hydra prints its traceback), for a bug
+    report."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    cfg = compose_config([*FAST, "model.adapter.rank=0"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.adapter\.rank=0 must be a positive integer"):
+        train_entry._task(cfg)
 
 
 def test_a_run_folder_survives_bad_input(tiny_run, tmp_path):
@@ -379,16 +344,8 @@ def test_a_run_folder_survives_bad_input(tiny_run, tmp_path):
         for p in folder.rglob("*")
         if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
     }
-    result = run_cli(
-        [
-            *FAST,
-            "data=image_folder",
-            f"data.root={tmp_path / 'nowhere'}",
-            f"hydra.run.dir={folder}",
-        ],
-        cwd=tmp_path,
-        **ENV,
-    )
+    args = [*FAST, "data=image_folder", f"data.root={tmp_path / 'nowhere'}"]
+    result = run_task(args, folder)
     assert result.returncode == 2 and "data.root=" in result.stderr, result.stderr[-3000:]
     after = {
         p.relative_to(folder): p.read_bytes()
