@@ -17,6 +17,8 @@ from met_lightning.inference.budget import (
     simulate_exits,
 )
 from met_lightning.inference.engine import EarlyExitEngine
+from met_lightning.models.multi_exit_vit import MultiExitViT
+from tests.helpers import tiny_backbone
 
 INF = math.inf
 
@@ -88,10 +90,6 @@ def test_simulate_exits_rejects_what_the_engine_rejects():
 
 
 def test_simulate_exits_matches_engine_with_k_minus_1():
-    from tests.helpers import tiny_backbone
-
-    from met_lightning.models.multi_exit_vit import MultiExitViT
-
     torch.manual_seed(0)
     net = MultiExitViT(tiny_backbone(), num_classes=5, exits=[1, 2, 4]).eval()
     images = torch.randn(16, 3, 32, 32)
