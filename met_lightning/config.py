@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from met_lightning.errors import ConfigError
 from met_lightning.losses.graph import GRAPH_KINDS
 from met_lightning.models.backbone import describe_backbone
-from met_lightning.models.multi_exit_vit import check_adapter, check_exits
+from met_lightning.models.multi_exit_vit import check_adapter, check_exits, lora_scale_message
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -60,6 +60,7 @@ class AdapterSchema:
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     bits: int = 32
     scale: float | None = None
+    alpha: float | None = None
 
 
 @dataclass
@@ -140,7 +141,11 @@ def validate_config(cfg: DictConfig) -> None:
         list(adapter.sites),
         adapter.bits,
         adapter.scale,
+        adapter.alpha,
     )
+    if adapter.kind == "lora" and adapter.scale is not None and "alpha" in cfg.model.adapter:
+        # LoRA's scale is alpha / rank; only configs written before `alpha` existed set `scale`
+        raise ConfigError(lora_scale_message(adapter.scale, adapter.rank))
     _require(
         loss.graph in GRAPH_KINDS,
         f"model.loss.graph={loss.graph!r} must be one of {list(GRAPH_KINDS)}",

@@ -229,7 +229,7 @@ def _plain(node):
         (["method=linear_probe", "model.adapter.sites=[mlp]"], "model.adapter.sites", "sites=[]"),
         (["method=lora", "model.adapter.bits=1"], "model.adapter.bits=1", "bits=32"),
         (["model.adapter.bits=4"], "model.adapter.bits=4", "[1, 32]"),
-        (["model.adapter.scale=0.5"], "model.adapter.scale", "adaptformer or lora"),
+        (["model.adapter.scale=0.5"], "model.adapter.scale", "adaptformer only"),
         (["method=adapter", "model.adapter.exit_specific=true"], "exit_specific", "e_adapter"),
         (["model.exits=[-13]"], "model.exits", "-1..-12"),
         (["model.exits=[3,-1,-1]"], "model.exits", "duplicate"),

@@ -2,9 +2,9 @@
 
 Shared by `vtab.py` and `image_folder.py`:
 
-- `ImageListDataset`: (path, label) samples, loaded with PIL in the backbone's colour mode and
-  transformed; a file that cannot be read raises a DataError naming it (checked lazily, when the
-  sample is loaded).
+- `ImageListDataset`: (path, label) samples, loaded with PIL in the backbone's colour mode (the
+  rule of `transforms.to_input_mode`, shared with predict) and transformed; a file that cannot be
+  read raises a DataError naming it (checked lazily, when the sample is loaded).
 - `check_exist`: every listed file exists (cheap, done before the backbone is built).
 - `check_headers`: PIL recognizes every file's header (cheap, no decoding: catches empty files,
   text or HTML saved as .jpg; a truncated image is named when it is loaded).
@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from met_lightning.data.base import InputSpec
-from met_lightning.data.transforms import to_input_mode
+from met_lightning.data.transforms import to_8bit, to_input_mode
 from met_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,12 @@ def _listing(names: Sequence[str]) -> str:
 
 
 def decode_error(path: Path) -> str | None:
-    """Why the image at `path` cannot be fully decoded by PIL, or None if it can."""
+    """Why the image at `path` cannot be fully decoded by PIL, or converted to 8 bits by the
+    rule of `transforms.to_8bit` (e.g. a float image outside [0, 1]), or None if it can."""
     try:
         with Image.open(path) as image:
             image.load()
+            to_8bit(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
     return None

@@ -1,7 +1,33 @@
-"""Image transforms derived from the backbone's `InputSpec` (shared by DataModules and predict)."""
+"""Image transforms derived from the backbone's `InputSpec` (shared by DataModules and predict).
+
+Image modes: every image file, in training (`data.images.load_image`, used by the VTAB-1K and
+image-folder datasets) and in predict, goes through `to_input_mode`, one rule for every Pillow
+mode. First to 8 bits (`to_8bit`), by value, never by clipping:
+
+- `L`, `RGB`: unchanged; `1` (bilevel): 0 / 255.
+- 16-bit grey (`I;16`, `I;16L`, `I;16B`, `I;16N`; 16-bit PNG and TIFF open so): v8 = round(v / 257)
+  (0 -> 0, 65535 -> 255; v / 257 is never halfway between two integers, so no tie rule).
+- `I` (32-bit signed integers): read as 16-bit values, the same v / 257; a value outside
+  0..65535 is a ValueError naming the range (no guess of another scale).
+- `F` (32-bit float): read as [0, 1]: v8 = floor(255 v + 0.5); a value that does not round into
+  0..255 (outside about [-0.002, 1.002]) or NaN is a ValueError naming the range.
+- Alpha (`RGBA`, `LA`, `PA`, premultiplied `RGBa` / `La`, `P` with a transparent palette entry,
+  `L` / `RGB` / 16-bit grey with a transparent key colour): composited over white,
+  c8 = round((c a + 255 (255 - a)) / 255). White because such images (icons, cut-out objects,
+  drawings, scans) are made to be seen on white pages: a dark object on a transparent
+  background stays visible, while dropping the alpha (Pillow's `convert("RGB")`) shows whatever
+  colour hides under transparent pixels, often black.
+- `CMYK`, `YCbCr`, `LAB`, `HSV`, `RGBX`, `P`: Pillow's conversion to RGB (CMYK: R = round((255 -
+  C) (255 - K) / 255), likewise G with M and B with Y).
+
+Then to the backbone's channels: grey to RGB by replicating the grey level; RGB to grey (1-channel
+backbones) by Pillow's ITU-R 601-2 luma, L = 0.299 R + 0.587 G + 0.114 B, rounded. (Pillow opens
+16-bit-per-channel colour PNGs as 8-bit RGB / RGBA already.)
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
@@ -39,9 +65,70 @@ class Clamp01(torch.nn.Module):
         return x.clamp(0.0, 1.0)
 
 
+# 16-bit grey modes (and `I`, read as 16-bit values): v8 = round(v / 257)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# grey modes whose alpha is composited in grey
+GREY_ALPHA_MODES = ("L", "LA", "La")
+# the background that transparent pixels are composited over (white)
+ALPHA_BACKGROUND = 255
+
+
+def over_background(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """uint8 `colour` [H, W, C] composited with uint8 `alpha` [H, W, 1] over `ALPHA_BACKGROUND`:
+    round((c a + bg (255 - a)) / 255), exact in integers (never halfway)."""
+    c, a = colour.astype(np.uint32), alpha.astype(np.uint32)
+    return ((c * a + ALPHA_BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _high_bit_to_8bit(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W] of a 16-bit, `I` or `F` image (module docstring), ValueError out of range."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.floor(values.astype(np.float64) * 255 + 0.5)
+        if not (np.isfinite(scaled).all() and scaled.min() >= 0 and scaled.max() <= 255):
+            raise ValueError(
+                f"a float image (Pillow mode F) is read as values in [0, 1], but this one holds "
+                f"[{np.nanmin(values):g}, {np.nanmax(values):g}]"
+                + (" and NaN" if np.isnan(values).any() else "")
+                + "; scale it to [0, 1] or save it as 8- or 16-bit"
+            )
+        return scaled.astype(np.uint8)
+    wide = values.astype(np.int64)
+    if wide.min() < 0 or wide.max() > 65535:
+        raise ValueError(
+            f"a 32-bit integer image (Pillow mode {image.mode}) is read as 16-bit values "
+            f"0..65535, but this one holds {wide.min()}..{wide.max()}; save it as 8- or 16-bit"
+        )
+    grey = ((2 * wide + 257) // 514).astype(np.uint8)  # round(v / 257)
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a transparent grey level (PNG tRNS)
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)
+        grey = over_background(grey[..., None], alpha[..., None])[..., 0]
+    return grey
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """The image as 8-bit `L` (grey) or `RGB` (colour), by the rule of the module docstring:
+    high bit depths scaled by value, alpha composited over white. ValueError for `I` / `F`
+    values out of their range."""
+    if image.mode in (*SIXTEEN_BIT_MODES, "F"):
+        return Image.fromarray(_high_bit_to_8bit(image))
+    if image.mode == "1":
+        return image.convert("L")
+    if image.has_transparency_data:
+        rgba = np.asarray(image.convert("LA" if image.mode in GREY_ALPHA_MODES else "RGBA"))
+        flat = over_background(rgba[..., :-1], rgba[..., -1:])
+        return Image.fromarray(flat[..., 0] if flat.shape[-1] == 1 else flat)
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("RGB")
+
+
 def to_input_mode(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """The PIL image in the colour mode the backbone takes (RGB for 3 channels, L for 1)."""
+    """The PIL image in the colour mode the backbone takes (RGB for 3 channels, L for 1), by the
+    rule of the module docstring (`to_8bit`, then grey replicated / RGB to luma)."""
     mode = "L" if spec.input_size[0] == 1 else "RGB"
+    image = to_8bit(image)
     return image if image.mode == mode else image.convert(mode)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import confidence
+from met_lightning.inference.engine import check_thresholds
 from met_lightning.macs import format_macs
 
 # the spec's sweep: 40 values of p in (0, 2]
@@ -105,8 +106,10 @@ def calibrate_thresholds(conf: torch.Tensor, shares: Sequence[float]) -> tuple[f
 
 
 def simulate_exits(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """0-based exit of every sample: the first k with conf_k >= T_k (the last exit always)."""
-    limits = torch.tensor(list(thresholds), dtype=torch.float64)
+    """0-based exit [N] of every sample of `conf` [N, K]: the first k with conf_k >= T_k (the last
+    exit always). `thresholds`: K values (the last is ignored) or K-1, as `EarlyExitEngine`
+    takes them (`engine.check_thresholds`)."""
+    limits = torch.tensor(check_thresholds(thresholds, conf.shape[1]), dtype=torch.float64)
     passes = conf.double() >= limits
     passes[:, -1] = True
     return passes.to(torch.uint8).argmax(dim=1)
@@ -115,7 +118,9 @@ def simulate_exits(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Ten
 def evaluate(
     scores: SplitScores, thresholds: Sequence[float], exit_macs: Sequence[int], label: str = ""
 ) -> BudgetPoint:
-    """Accuracy, exit shares and mean MACs per image of a threshold setting on one split."""
+    """Accuracy, exit shares and mean MACs per image of a threshold setting on one split
+    (`thresholds`: K or K-1 values, recorded as K)."""
+    thresholds = check_thresholds(thresholds, scores.num_exits)
     exit_index = simulate_exits(scores.confidence, thresholds)
     rows = torch.arange(len(exit_index))
     accuracy = scores.correct[rows, exit_index].float().mean().item()
@@ -182,6 +187,16 @@ def budget_candidates(
     return [point for _, point in curve] + anytime_points(calibration, exit_macs)
 
 
+def smallest_fraction(macs: float, full_macs: int, decimals: int = 3) -> float:
+    """The smallest fraction with `decimals` decimals whose budget (fraction x `full_macs`, as
+    `resolve_budget` computes it) covers `macs`: the ratio rounded up, never down."""
+    step = 10**decimals
+    units = math.ceil(macs / full_macs * step)
+    while units / step * full_macs < macs:  # the float product must fit too
+        units += 1
+    return units / step
+
+
 def select_for_budget(
     calibration: SplitScores,
     exit_macs: Sequence[int],
@@ -200,7 +215,8 @@ def select_for_budget(
             f"{key}: {format_macs(budget_macs)} per image is below the cost of exit 1 "
             f"({format_macs(exit_macs[0])}, {100 * exit_macs[0] / exit_macs[-1]:.1f} % of the "
             "full model), so no image can be classified within it; raise the budget to at least "
-            f"{exit_macs[0]} MACs or {exit_macs[0] / exit_macs[-1]:.3f} of the full cost"
+            f"{exit_macs[0]} MACs or {smallest_fraction(exit_macs[0], exit_macs[-1]):.3f} of the "
+            "full cost"
         )
     if candidates is None:
         candidates = budget_candidates(calibration, exit_macs)

@@ -3,8 +3,9 @@
 timm computes q, k and v with one `Linear(d, 3d)`. LoRA as the papers apply it to ViTs adapts
 the query and value projections only; `LoRAQKV` wraps the fused layer and adds
 `scale * B_s A_s x` to the output slice of each chosen site `s` in {q, k, v}, where `A_s` [r, d]
-starts Kaiming-uniform and `B_s` [d, r] at zero (so the wrapped layer starts unchanged) and
-`scale` plays the role of `alpha / r`. Trainable parameters per site: `2 d r`.
+starts Kaiming-uniform and `B_s` [d, r] at zero (so the wrapped layer starts unchanged).
+`scale` is the multiplier itself; `MultiExitViT` passes HF peft's `lora_alpha / r`
+(`model.adapter.alpha / model.adapter.rank`). Trainable parameters per site: `2 d r`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class LoRAQKV(nn.Module):
 
     def __init__(self, qkv: nn.Linear, rank: int, sites: Sequence[str], scale: float) -> None:
         super().__init__()
+        if not isinstance(qkv, nn.Linear):
+            raise ValueError(f"LoRAQKV wraps timm's fused qkv nn.Linear(d, 3d), got {qkv}")
         dim = qkv.in_features
         if qkv.out_features != 3 * dim:
             raise ValueError(f"expected a fused qkv Linear({dim}, {3 * dim}), got {qkv}")
@@ -53,6 +56,17 @@ class LoRAQKV(nn.Module):
 
 
 def add_lora(blocks: nn.ModuleList, rank: int, sites: Sequence[str], scale: float) -> None:
-    """Wrap `attn.qkv` of every block in `LoRAQKV` (in place)."""
+    """Wrap `attn.qkv` of every block in `LoRAQKV` (in place).
+
+    ValueError, before any block is changed, if a block is already wrapped: a backbone takes one
+    LoRA (build each LoRA network on a fresh backbone).
+    """
+    wrapped = [i for i, blk in enumerate(blocks) if isinstance(blk.attn.qkv, LoRAQKV)]
+    if wrapped:
+        raise ValueError(
+            f"attn.qkv of block(s) {wrapped} is already wrapped in LoRAQKV: this backbone already "
+            "carries a LoRA; build the new LoRA network on a fresh backbone (e.g. create_backbone "
+            "again, or copy.deepcopy the plain one before wrapping)"
+        )
     for blk in blocks:
         blk.attn.qkv = LoRAQKV(blk.attn.qkv, rank, sites, scale)

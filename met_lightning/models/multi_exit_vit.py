@@ -14,6 +14,7 @@ exit reads ``c_K``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,8 +36,19 @@ ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
     "lora": LORA_SITES,  # slices of the fused qkv projection
     "none": (),  # heads only (linear probe, multi-exit linear, full fine-tuning)
 }
-# model.adapter.scale when null
-DEFAULT_SCALE = {"adaptformer": 0.1, "lora": 1.0}
+# model.adapter.scale when null (AdaptFormer's s)
+DEFAULT_SCALE = {"adaptformer": 0.1}
+# model.adapter.alpha when null: HF peft's default `lora_alpha` (LoraConfig); LoRA's B A x is
+# scaled by alpha / rank, peft's `lora_alpha / r`
+DEFAULT_LORA_ALPHA = 8.0
+# LoRA's multiplier in configs written before model.adapter.alpha existed, when their
+# model.adapter.scale is null (it did not depend on the rank then)
+LEGACY_LORA_SCALE = 1.0
+
+
+def lora_scale(rank: int, alpha: float | None = None) -> float:
+    """LoRA's multiplier of `B A x`: alpha / rank, as HF peft's `lora_alpha / r` (None: 8)."""
+    return (DEFAULT_LORA_ALPHA if alpha is None else float(alpha)) / int(rank)
 
 
 class MultiExitOutput(NamedTuple):
@@ -75,8 +87,14 @@ def check_adapter(
     sites: Sequence[str] = ADAPTER_SITES,
     bits: int = 32,
     scale: float | None = None,
+    alpha: float | None = None,
 ) -> None:
-    """Validate the adapter switches (keys under model.adapter)."""
+    """Validate the adapter switches (keys under model.adapter).
+
+    `scale` with kind lora (the multiplier itself, as configs written before model.adapter.alpha
+    set it) is allowed here, not together with `alpha`; `config.validate_config` rejects it in a
+    config that has the `alpha` key.
+    """
     if kind not in ADAPTER_KINDS:
         raise ConfigError(f"model.adapter.kind={kind!r} must be one of {list(ADAPTER_KINDS)}")
     valid_sites = ADAPTER_KINDS[kind]
@@ -109,9 +127,31 @@ def check_adapter(
         )
     if scale is not None and kind not in ("adaptformer", "lora"):
         raise ConfigError(
-            f"model.adapter.scale={scale} applies to kind adaptformer or lora only "
+            f"model.adapter.scale={scale} is AdaptFormer's s and applies to kind adaptformer only "
             f"(kind={kind}); set model.adapter.scale=null"
         )
+    if alpha is not None and kind != "lora":
+        raise ConfigError(
+            f"model.adapter.alpha={alpha} is LoRA's alpha and applies to kind lora only "
+            f"(kind={kind}); set model.adapter.alpha=null"
+        )
+    if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0):
+        raise ConfigError(
+            f"model.adapter.alpha={alpha} must be > 0: LoRA scales B A x by alpha / rank "
+            f"(null = peft's default {DEFAULT_LORA_ALPHA:g})"
+        )
+    if kind == "lora" and scale is not None and alpha is not None:
+        raise ConfigError(lora_scale_message(scale, rank))
+
+
+def lora_scale_message(scale: float, rank: int) -> str:
+    """The error for model.adapter.scale with kind lora: use alpha = scale x rank instead."""
+    return (
+        f"model.adapter.scale={scale} does not apply to kind lora: LoRA scales B A x by "
+        "model.adapter.alpha / rank (HF peft's lora_alpha / r, alpha default "
+        f"{DEFAULT_LORA_ALPHA:g}); set model.adapter.alpha={float(scale) * int(rank):g} "
+        f"(= scale x rank {rank}) and model.adapter.scale=null"
+    )
 
 
 class MultiExitViT(nn.Module):
@@ -120,6 +160,11 @@ class MultiExitViT(nn.Module):
     `adapter_kind` picks the parameter-efficient module: ``e_adapter`` (MET), ``adaptformer``,
     ``lora`` or ``none``; with one exit and no adapter this is a linear probe, and
     `finetune_backbone=True` trains the whole backbone too (full fine-tuning).
+
+    `scale`: AdaptFormer's s (None: 0.1). `alpha`: LoRA's alpha, its `B A x` is scaled by
+    alpha / rank as in HF peft (None: peft's default 8). With kind lora, `scale` instead of
+    `alpha` gives the multiplier itself: how networks of configs written before
+    model.adapter.alpha existed are rebuilt (`from_config`).
     """
 
     def __init__(
@@ -135,11 +180,12 @@ class MultiExitViT(nn.Module):
         bits: int = 32,
         scale: float | None = None,
         finetune_backbone: bool = False,
+        alpha: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec_of(backbone)
         self.exits = check_exits(exits, self.spec.depth)
-        check_adapter(adapter_kind, rank, exit_specific, separate_cls, sites, bits, scale)
+        check_adapter(adapter_kind, rank, exit_specific, separate_cls, sites, bits, scale, alpha)
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.num_exits = len(self.exits)
@@ -153,7 +199,12 @@ class MultiExitViT(nn.Module):
             backbone.requires_grad_(True)
 
         dim, depth, k = self.spec.embed_dim, self.spec.depth, self.num_exits
-        scale = DEFAULT_SCALE.get(adapter_kind) if scale is None else float(scale)
+        if scale is not None:
+            scale = float(scale)
+        elif adapter_kind == "lora":
+            scale = lora_scale(rank, alpha)
+        else:
+            scale = DEFAULT_SCALE.get(adapter_kind)
         # E-adapters, keyed by site, run before the sub-layer; AdaptFormer's run beside the MLP
         self.adapters = nn.ModuleDict()
         self.parallel_adapters: nn.ModuleList | None = None
@@ -184,8 +235,16 @@ class MultiExitViT(nn.Module):
 
     @classmethod
     def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
-        """Build from the `model` config group (exits, adapter.*, finetune_backbone)."""
+        """Build from the `model` config group (exits, adapter.*, finetune_backbone).
+
+        A LoRA config without the `alpha` key (a run folder written before it existed) keeps its
+        meaning then: B A x multiplied by model.adapter.scale, null = 1, whatever the rank.
+        """
         adapter = model.adapter
+        kind = adapter.get("kind", "e_adapter")
+        scale, alpha = adapter.get("scale"), adapter.get("alpha")
+        if kind == "lora" and "alpha" not in adapter:
+            scale = LEGACY_LORA_SCALE if scale is None else scale
         return cls(
             backbone,
             num_classes,
@@ -194,10 +253,11 @@ class MultiExitViT(nn.Module):
             exit_specific=adapter.exit_specific,
             separate_cls=adapter.separate_cls,
             sites=list(adapter.sites),
-            adapter_kind=adapter.get("kind", "e_adapter"),
+            adapter_kind=kind,
             bits=adapter.get("bits", 32),
-            scale=adapter.get("scale"),
+            scale=scale,
             finetune_backbone=model.get("finetune_backbone", False),
+            alpha=alpha,
         )
 
     # ------------------------------------------------------------------ structure

@@ -1,0 +1,175 @@
+"""LoRA's scale follows HF peft: `model.adapter.alpha` (peft's `lora_alpha`, default 8) and
+B A x scaled by alpha / rank; run folders written before the key existed load unchanged; a
+backbone is LoRA-wrapped once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from met_lightning.builders import build_network
+from met_lightning.checkpoint import load_trainable, save_trainable
+from met_lightning.config import validate_config
+from met_lightning.errors import ConfigError
+from met_lightning.models.lora import LoRAQKV, add_lora
+from met_lightning.models.multi_exit_vit import MultiExitViT
+from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
+
+D, C = TINY_KWARGS["embed_dim"], 10
+TINY = [
+    "backbone.weights_file=null",
+    f"backbone.model_kwargs.embed_dim={D}",
+    f"backbone.model_kwargs.depth={TINY_KWARGS['depth']}",
+    f"backbone.model_kwargs.num_heads={TINY_KWARGS['num_heads']}",
+]
+# peft (src/peft/tuners/lora/config.py, LoraConfig): `lora_alpha: int = 8`, and the adapter's
+# scaling is `lora_alpha / r` (`lora_alpha / sqrt(r)` only with use_rslora=True)
+PEFT_DEFAULT_LORA_ALPHA = 8
+
+
+def peft_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, r: int):
+    """peft's LoRA output added to the base layer: (lora_alpha / r) * B A x."""
+    return (alpha / r) * (x @ a.t() @ b.t())
+
+
+def _lora_modules(net: torch.nn.Module) -> list[LoRAQKV]:
+    return [m for m in net.modules() if isinstance(m, LoRAQKV)]
+
+
+def _randomize_b(net: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for module in _lora_modules(net):
+            for b in module.lora_b.values():
+                b.normal_()
+
+
+@pytest.mark.parametrize("rank, alpha", [(4, None), (8, None), (16, 32.0), (2, 1.0), (3, 8.0)])
+def test_lora_delta_is_peft_alpha_over_r_times_b_a_x(rank, alpha):
+    torch.manual_seed(0)
+    net = MultiExitViT(
+        tiny_backbone(), C, exits=[-1], rank=rank, exit_specific=False, sites=["q", "v"],
+        adapter_kind="lora", alpha=alpha,
+    )  # fmt: skip
+    _randomize_b(net)
+    lora = net.backbone.blocks[0].attn.qkv
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        delta = lora(x) - lora.base(x)
+    q, k, v = delta.split(D, dim=-1)
+    expected_alpha = PEFT_DEFAULT_LORA_ALPHA if alpha is None else alpha
+    for site, got in (("q", q), ("v", v)):
+        want = peft_delta(x, lora.lora_a[site], lora.lora_b[site], expected_alpha, rank)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k, torch.zeros_like(k))
+    assert all(m.scale == expected_alpha / rank for m in _lora_modules(net))
+
+
+def _build(tmp_path, *overrides):
+    cfg = compose_config(["method=lora", *TINY, *overrides], tmp_path)
+    validate_config(cfg)
+    torch.manual_seed(0)
+    return cfg, build_network(cfg.method, cfg.model, tiny_backbone(), C)
+
+
+@pytest.mark.parametrize(
+    "overrides, scale",
+    [
+        ([], 8 / 8),  # method=lora: rank 8, alpha 8 (peft's defaults)
+        (["model.adapter.rank=4"], 8 / 4),  # alpha stays 8: scale 2, as in peft
+        (["model.adapter.rank=4", "model.adapter.alpha=16"], 16 / 4),
+        (["model.adapter.rank=16", "model.adapter.alpha=null"], 8 / 16),  # null = peft's 8
+    ],
+)
+def test_config_alpha_sets_the_scale(overrides, scale, tmp_path):
+    cfg, net = _build(tmp_path, *overrides)
+    modules = _lora_modules(net)
+    assert modules and all(m.scale == scale for m in modules)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["model.adapter.scale=2"], ["model.adapter.scale", "model.adapter.alpha=16"]),
+        (
+            ["model.adapter.rank=4", "model.adapter.scale=0.5"],
+            ["model.adapter.scale", "model.adapter.alpha=2", "alpha / rank"],
+        ),
+        (["model.adapter.alpha=0"], ["model.adapter.alpha=0", "> 0"]),
+        (["method=met", "model.adapter.alpha=8"], ["model.adapter.alpha", "kind lora only"]),
+        (["method=adapter", "model.adapter.alpha=8"], ["model.adapter.alpha", "kind lora only"]),
+    ],
+)
+def test_alpha_and_scale_config_errors(overrides, fragments, tmp_path):
+    cfg = compose_config(["method=lora", *TINY, *overrides], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert all(f in str(err.value) for f in fragments), str(err.value)
+
+
+def _legacy_config(cfg, scale):
+    """The config a run folder written before model.adapter.alpha records: no `alpha` key."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    del model["adapter"]["alpha"]
+    model["adapter"]["scale"] = scale
+    return {
+        "method": OmegaConf.to_container(cfg.method, resolve=True), "model": model,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "num_classes": C,
+        "seed": 0,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [1.0, None, 0.3])  # old lora.yaml, met.yaml + kind=lora, custom
+def test_old_run_folders_keep_their_scale(scale, tmp_path):
+    """Before `alpha`, LoRA multiplied B A x by model.adapter.scale (null: 1) whatever the rank:
+    a trainable file without `alpha` rebuilds that network and predicts the same logits."""
+    cfg, _ = _build(tmp_path, "model.adapter.rank=3", "model.exits=[-1]")
+    config = _legacy_config(cfg, scale)
+    old_scale = 1.0 if scale is None else scale
+    torch.manual_seed(0)
+    # what the old code built: the multiplier itself
+    trained = MultiExitViT(
+        tiny_backbone(), C, exits=[-1], rank=3, exit_specific=False, sites=["q", "v"],
+        adapter_kind="lora", scale=old_scale,
+    )  # fmt: skip
+    _randomize_b(trained)
+    trained.eval()
+    save_trainable(trained, tmp_path / "trainable.safetensors", config)
+    with torch.random.fork_rng():
+        loaded, _ = load_trainable(tmp_path / "trainable.safetensors")
+    assert all(m.scale == old_scale for m in _lora_modules(loaded))
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).logits, trained(images).logits)
+
+
+def test_scale_and_alpha_together_are_rejected_in_python():
+    with pytest.raises(ConfigError, match="model.adapter.alpha"):
+        MultiExitViT(
+            tiny_backbone(), C, exits=[-1], rank=4, exit_specific=False, sites=["q"],
+            adapter_kind="lora", alpha=8.0, scale=1.0,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- wrapping twice
+def test_add_lora_twice_is_a_clear_error():
+    backbone = tiny_backbone()
+    add_lora(backbone.blocks, 4, ["q", "v"], 1.0)
+    wrapped = [blk.attn.qkv for blk in backbone.blocks]
+    with pytest.raises(ValueError, match="already wrapped in LoRAQKV"):
+        add_lora(backbone.blocks, 4, ["q", "v"], 1.0)
+    assert [blk.attn.qkv for blk in backbone.blocks] == wrapped  # left as it was
+
+
+def test_second_lora_network_on_one_backbone_is_a_clear_error():
+    backbone = tiny_backbone()
+    kwargs = dict(exits=[-1], rank=4, exit_specific=False, sites=["q"], adapter_kind="lora")
+    MultiExitViT(backbone, C, **kwargs)
+    with pytest.raises(ValueError, match="fresh backbone"):
+        MultiExitViT(backbone, C, **kwargs)
+
+
+def test_lora_wraps_only_a_fused_linear():
+    with pytest.raises(ValueError, match="fused qkv"):
+        LoRAQKV(torch.nn.Linear(D, 2 * D), 4, ["q"], 1.0)
