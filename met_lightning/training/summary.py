@@ -136,9 +136,16 @@ def report_summary(  # noqa: ANN001 - net is a MultiExitViT
     output_dir: Path,
     budget: BudgetReport | None = None,
     method: str = "met",
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Print the summary tables and write them to `output_dir/summary.json`."""
+    """Print the summary tables and write them to `output_dir/summary.json`.
+
+    `weights`: which weights were evaluated and exported (`train.exported_weights`: the best
+    checkpoint's file, epoch and global step, or the last epoch's), under the key `weights`.
+    """
     summary = {"method": method, **run_summary(net, metrics, budget)}
+    if weights is not None:
+        summary["weights"] = dict(weights)
     console = Console()
     title = "MET run summary" if method == "met" else f"{method} run summary"
     console.print(summary_table(summary, title=title))
