@@ -87,9 +87,8 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
     """The artifacts of `run_dir` equal those of the uninterrupted `reference` run."""
     for name in ("trainable.safetensors", "logits.safetensors"):
         ours, theirs = load_file(run_dir / name), load_file(reference / name)
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f"{name} differs"
     assert (run_dir / "summary.json").read_text() == (reference / "summary.json").read_text()
-    assert sorted(os.listdir(run_dir / "checkpoints")) == sorted(
-        os.listdir(reference / "checkpoints")
-    )
+    ours, theirs = (sorted(os.listdir(d / "checkpoints")) for d in (run_dir, reference))
+    assert ours == theirs, f"checkpoints/ holds {ours}; the uninterrupted run's: {theirs}"
