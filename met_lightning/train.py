@@ -192,7 +192,8 @@ def fit_and_test(
 
 def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dict[str, Any]:
     """Which weights the run exports: the best checkpoint's (file, epoch, global step, monitored
-    score) or, without one, the last epoch's. Paths inside the run folder are relative to it."""
+    score; "latest checkpoint" if its callback monitors nothing) or, without one, the last
+    epoch's. A checkpoint inside the run folder is named relative to it."""
     if best is None:
         return {
             "source": "last epoch",
@@ -203,16 +204,17 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
     saved = load_lightning_checkpoint(best)
     callback = trainer.checkpoint_callback
     score = getattr(callback, "best_model_score", None)
+    monitor = getattr(callback, "monitor", None)
     try:
         name = Path(best).resolve().relative_to(Path(run_dir).resolve())
     except ValueError:
         name = Path(best)
     return {
-        "source": "best checkpoint",
+        "source": "best checkpoint" if monitor is not None else "latest checkpoint",
         "checkpoint": name.as_posix(),
         "epoch": int(saved.get("epoch", -1)),
         "global_step": int(saved.get("global_step", -1)),
-        "monitor": getattr(callback, "monitor", None),
+        "monitor": monitor,
         "score": None if score is None else float(score),
     }
 
