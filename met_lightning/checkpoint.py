@@ -24,12 +24,20 @@ FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
 
 
-def save_trainable(net: torch.nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
+def save_trainable(
+    net: torch.nn.Module,
+    path: str | Path,
+    config: dict[str, Any],
+    weights: dict[str, Any] | None = None,
+) -> Path:
     """Write the trainable tensors (`models.binary.export_state`) and `config` (JSON in the
-    metadata) atomically."""
+    metadata) atomically; `weights` (which epoch / checkpoint they are, see
+    `train.exported_weights`) goes to the metadata key `weights` as JSON."""
     path = Path(path)
     tensors = export_state(net)  # 1-bit adapter weights packed 8 signs per byte
     metadata = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
+    if weights is not None:
+        metadata["weights"] = json.dumps(weights, sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -4,20 +4,37 @@
 `.hydra/overrides.yaml`) in front of the user's and points Hydra's run folder at RUN_DIR, so that
 one override composes the run's config again. `resume_checkpoint` (in `train`) checks that the
 composed config is the run's `config.yaml` and returns RUN_DIR/checkpoints/last.ckpt.
+
+A copied or moved run folder resumes as itself: Lightning's ModelCheckpoint state holds absolute
+paths (`dirpath`, `best_model_path`, `best_k_models`, ...), which `relocate` re-roots from the
+folder the checkpoint was written in into RUN_DIR when the checkpoint is loaded (SafeCheckpointIO).
+
+`remove_stale_files` makes a killed folder look like the uninterrupted run's at the resume point:
+a checkpoint written after last.ckpt (e.g. the new best of the epoch whose last.ckpt the kill
+prevented) is from the lost future, unknown to the restored callback state; it is removed, as are
+the atomic writer's leftover `*.tmp` files.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.errors import CheckpointError, ConfigError
-from met_lightning.training.checkpoint_io import load_lightning_checkpoint
+from met_lightning.training.checkpoint_io import load_lightning_checkpoint, reroot
+
+log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# a leftover of met_lightning.atomic.atomic_path: .NAME.PID.tmp
+TMP_FILE = re.compile(r"\..+\.(\d+)\.tmp")
 # keys that may differ between the run's config.yaml and the resumed one
 IGNORED = ("resume",)
 
@@ -100,8 +117,40 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def resume_checkpoint(cfg: DictConfig) -> tuple[str, int]:
-    """(path, global step) of RUN_DIR's last.ckpt, after checking the config is the run's own.
+@dataclass(frozen=True)
+class ResumePoint:
+    """What `resume=RUN_DIR` goes on from (`resume_checkpoint`)."""
+
+    checkpoint: str  # RUN_DIR/checkpoints/last.ckpt
+    global_step: int  # of that checkpoint
+    run_dir: str  # RUN_DIR, resolved as ModelCheckpoint resolves its dirpath
+    written_in: str  # the (resolved) run folder the checkpoint was written in
+    callbacks: dict[str, Any]  # the checkpoint's callback states, paths re-rooted into run_dir
+
+    @property
+    def relocate(self) -> tuple[str, str] | None:
+        """(old, new) run folder for SafeCheckpointIO if the folder was moved or copied."""
+        return None if self.written_in == self.run_dir else (self.written_in, self.run_dir)
+
+
+def written_in(checkpoint: dict[str, Any], fallback: str) -> str:
+    """The run folder a run's checkpoints/last.ckpt was written in.
+
+    ModelCheckpoint records the path of the file it writes in its state before writing it, so
+    last.ckpt names itself (<run folder>/checkpoints/last.ckpt); `fallback` if none does.
+    """
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict):
+            continue
+        for key in ("best_model_path", "last_model_path"):
+            path = state.get(key)
+            if isinstance(path, str) and PurePath(path).parts[-2:] == LAST_CHECKPOINT.parts:
+                return str(PurePath(path).parent.parent)
+    return fallback
+
+
+def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
+    """RUN_DIR's last.ckpt (`ResumePoint`), after checking the config is the run's own.
 
     CheckpointError if the checkpoint is missing, corrupt or unsafe; ConfigError if the composed
     config differs from the run's config.yaml or the run folder is not RUN_DIR.
@@ -139,4 +188,84 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str, int]:
             f"from its checkpoint: ckpt_path={last}"
         )
     checkpoint = load_lightning_checkpoint(last)  # corrupt / unsafe: fails here, before building
-    return str(last), int(checkpoint.get("global_step", 0))
+    here = os.path.realpath(output_dir)
+    saved_dir = saved.get("paths", {}).get("output_dir")
+    origin = written_in(checkpoint, os.path.realpath(str(saved_dir)) if saved_dir else here)
+    callbacks = checkpoint.get("callbacks") or {}
+    if origin != here:
+        log.info("run folder moved or copied from %s: checkpoint paths re-rooted", origin)
+        callbacks = reroot(callbacks, origin, here)
+    return ResumePoint(str(last), int(checkpoint.get("global_step", 0)), here, origin, callbacks)
+
+
+def _paths(value: Any) -> set[str]:
+    """Every string in `value` (dict keys and values, lists), as a resolved path."""
+    if isinstance(value, str):
+        return {os.path.realpath(value)} if value else set()
+    if isinstance(value, dict):
+        return set().union(*(_paths(k) | _paths(v) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_paths(v) for v in value))
+    return set()
+
+
+def _writer_running(pid: int) -> bool:
+    """Whether process `pid` (another one than this) is alive and may still be writing."""
+    if pid == os.getpid():  # this process has not written anything in the run folder yet
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _global_step(path: Path) -> int | None:
+    """The global step a Lightning checkpoint was written at (tensors memory-mapped, not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception:  # noqa: BLE001 - not a readable checkpoint of ours: never removed
+        return None
+
+
+def remove_stale_files(point: ResumePoint) -> list[Path]:
+    """Remove what a killed run left in RUN_DIR that the run resumed from `point` never uses.
+
+    The rule, which can never remove a checkpoint the resumed run still needs:
+    - a `.ckpt` in a ModelCheckpoint folder inside RUN_DIR whose global step is larger than the
+      resume checkpoint's was written after it (e.g. the epoch's new best, written before the kill
+      stopped its last.ckpt). The restored callback state cannot know it, so the resumed run never
+      loads, keeps or deletes it: it would stay next to its rewritten copy (`epoch_001.ckpt` and
+      `epoch_001-v1.ckpt`). Files the state knows, and every file written at or before the resume
+      step (e.g. every epoch of a `save_top_k: -1` callback), are kept; unreadable files too;
+    - a temporary file of the atomic writer (`.NAME.PID.tmp`, `met_lightning.atomic`) anywhere in
+      RUN_DIR whose writing process is no longer running.
+    Returns the removed files.
+    """
+    run_dir = Path(point.run_dir)
+    removed = []
+    for path in sorted(run_dir.rglob("*.tmp")):
+        match = TMP_FILE.fullmatch(path.name)
+        if match and path.is_file() and not _writer_running(int(match.group(1))):
+            path.unlink()
+            removed.append(path)
+    known = _paths(point.callbacks) | {os.path.realpath(point.checkpoint)}
+    folders = {os.path.realpath(run_dir / LAST_CHECKPOINT.parent)} | {
+        os.path.realpath(state["dirpath"])
+        for state in point.callbacks.values()
+        if isinstance(state, dict) and isinstance(state.get("dirpath"), str)
+    }
+    for folder in sorted(f for f in folders if Path(f).is_relative_to(run_dir)):
+        for path in sorted(Path(folder).glob("*.ckpt")):
+            if os.path.realpath(path) in known or not path.is_file():
+                continue
+            step = _global_step(path)
+            if step is not None and step > point.global_step:
+                path.unlink()
+                removed.append(path)
+    for path in removed:
+        log.info("removed %s: written after %s, unused by the resumed run", path, point.checkpoint)
+    return removed

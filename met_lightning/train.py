@@ -29,7 +29,7 @@ from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.callback import BudgetAnalysis
 from met_lightning.models.fingerprint import KEY as FINGERPRINT_KEY
 from met_lightning.models.fingerprint import backbone_fingerprint
-from met_lightning.resume import resume_argv, resume_checkpoint
+from met_lightning.resume import remove_stale_files, resume_argv, resume_checkpoint
 from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.module import MultiExitClassifier
@@ -92,10 +92,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit, test, export the trainable weights and print the summary."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    resumed_step = None
+    resumed_step, relocate = None, None
     if cfg.get("resume"):  # before config.yaml is written: it is compared with the run's own
-        ckpt_path, resumed_step = resume_checkpoint(cfg)
+        point = resume_checkpoint(cfg)
+        ckpt_path, resumed_step, relocate = point.checkpoint, point.global_step, point.relocate
         log.info("resuming %s from %s (step %d)", output_dir, ckpt_path, resumed_step)
+        if rank_zero_only.rank == 0:  # what the kill left behind after last.ckpt
+            remove_stale_files(point)
     else:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     datamodule = build_datamodule(cfg.data)  # bad data fails here, before the backbone
@@ -126,15 +129,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers or False,
-            plugins=[SafeCheckpointIO()],  # atomic .ckpt writes, weights-only loading
+            # atomic .ckpt writes, weights-only loading, paths of a moved run folder re-rooted
+            plugins=[SafeCheckpointIO(relocate=relocate)],
         )
         if resumed_step is not None:  # rows logged after the checkpoint are logged again
             rewind_csv(loggers, resumed_step)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         analysis = next((c for c in callbacks if isinstance(c, BudgetAnalysis)), None)
-        metrics = fit_and_test(trainer, module, datamodule, ckpt_path, cfg.get("test", True),
-                               validate_first=analysis is not None)  # fmt: skip
+        metrics, best = fit_and_test(trainer, module, datamodule, ckpt_path, cfg.get("test", True),
+                                     validate_first=analysis is not None)  # fmt: skip
+        weights = exported_weights(trainer, best, output_dir)
         if analysis is not None:  # budget/* values can be a sweep's optimized_metric
             metrics.update(analysis.metrics)
         if trainer.is_global_zero:
@@ -142,9 +147,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 net,
                 output_dir / FILENAME,
                 rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule, fingerprint),
+                weights=weights,
             )
             report_summary(net, metrics, output_dir, analysis.report if analysis else None,
-                           method=cfg.method.name)  # fmt: skip
+                           method=cfg.method.name, weights=weights)  # fmt: skip
             log.info("run folder: %s", output_dir)
     finally:
         finish_wandb(loggers)
@@ -158,19 +164,59 @@ def fit_and_test(
     ckpt_path: str | None,
     test: bool,
     validate_first: bool,
-) -> dict[str, Any]:
-    """Fit; then, if `test`, validate (for the budget analysis) and test the best checkpoint."""
+) -> tuple[dict[str, Any], str | None]:
+    """Fit; then load the best checkpoint into `module` and, if `test`, test it.
+
+    The module ends with the best checkpoint's weights whenever there is one (those are exported):
+    with `test`, `trainer.test` loads them (after `trainer.validate` for the budget analysis if
+    `validate_first`); without, `trainer.validate` does, so that the val metrics are the exported
+    epoch's. Returns (metrics, the best checkpoint or None: the last epoch's weights).
+    """
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = dict(trainer.callback_metrics)
+    checkpoint = trainer.checkpoint_callback
+    best = (checkpoint.best_model_path if checkpoint is not None else "") or None
+    if best is not None and not Path(best).is_file():
+        log.warning("the best checkpoint %s does not exist: testing and exporting the last "
+                    "epoch's weights instead", best)  # fmt: skip
+        best = None
+    if (test and validate_first) or (not test and best is not None):
+        # test: held-out logits of the tested weights, for calibration; else: the best weights
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update(trainer.callback_metrics)
     if test:
-        checkpoint = trainer.checkpoint_callback
-        best = (checkpoint.best_model_path if checkpoint is not None else "") or None
-        if validate_first:  # held-out logits of the tested weights, for calibration
-            trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-            metrics.update(trainer.callback_metrics)
         trainer.test(module, datamodule=datamodule, ckpt_path=best)
         metrics.update(trainer.callback_metrics)
-    return metrics
+    return metrics, best
+
+
+def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dict[str, Any]:
+    """Which weights the run exports: the best checkpoint's (file, epoch, global step, monitored
+    score; "latest checkpoint" if its callback monitors nothing) or, without one, the last
+    epoch's. A checkpoint inside the run folder is named relative to it."""
+    if best is None:
+        return {
+            "source": "last epoch",
+            "checkpoint": None,
+            "epoch": trainer.current_epoch - 1,  # fit ends with the epoch counter past the last
+            "global_step": trainer.global_step,
+        }
+    saved = load_lightning_checkpoint(best)
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None)
+    monitor = getattr(callback, "monitor", None)
+    try:
+        name = Path(best).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        name = Path(best)
+    return {
+        "source": "best checkpoint" if monitor is not None else "latest checkpoint",
+        "checkpoint": name.as_posix(),
+        "epoch": int(saved.get("epoch", -1)),
+        "global_step": int(saved.get("global_step", -1)),
+        "monitor": monitor,
+        "score": None if score is None else float(score),
+    }
 
 
 def is_multirun() -> bool:

@@ -7,11 +7,15 @@ to a temporary name next to the target and is renamed over it (`met_lightning.at
 
 Loading always uses `torch.load(..., weights_only=True)`: tensors and plain Python values only,
 never code from the file. Our checkpoints hold nothing else (see `MultiExitClassifier`).
+
+`SafeCheckpointIO(relocate=(old, new))` re-roots the absolute paths that Lightning's callbacks
+(ModelCheckpoint) restore, for a run folder that was moved or copied (`met_lightning.resume`).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -51,8 +55,37 @@ def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> di
     return checkpoint
 
 
+def reroot(value: Any, old: str, new: str) -> Any:
+    """`value` with every string that is folder `old` or a path inside it moved into `new`.
+
+    Recurses into dict keys and values, lists and tuples (ModelCheckpoint's `best_k_models` is a
+    dict keyed by path); other values are returned as they are. `old` and `new`: absolute paths.
+    """
+    old, new = old.rstrip(os.sep) or os.sep, new.rstrip(os.sep) or os.sep
+    if isinstance(value, str):
+        if value == old:
+            return new
+        if value.startswith(old.rstrip(os.sep) + os.sep):
+            return os.path.join(new, value[len(old) :].lstrip(os.sep))
+        return value
+    if isinstance(value, dict):
+        return {reroot(k, old, new): reroot(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(reroot(v, old, new) for v in value)
+    return value
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic `.ckpt` writes (temporary name + rename) and weights-only loading."""
+    """Atomic `.ckpt` writes (temporary name + rename) and weights-only loading.
+
+    `relocate=(old, new)`: loaded checkpoints get their callback states' paths under folder `old`
+    re-rooted into `new` (`reroot`), so that ModelCheckpoint restores its best / last / top-k
+    files and its `dirpath` in a moved or copied run folder instead of the original one.
+    """
+
+    def __init__(self, relocate: tuple[str, str] | None = None) -> None:
+        super().__init__()
+        self.relocate = relocate
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -70,4 +103,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if weights_only is False:
             raise CheckpointError("met_lightning loads checkpoints with weights_only=True only")
-        return load_lightning_checkpoint(path, map_location=map_location or "cpu")
+        checkpoint = load_lightning_checkpoint(path, map_location=map_location or "cpu")
+        if self.relocate is not None and "callbacks" in checkpoint:
+            checkpoint["callbacks"] = reroot(checkpoint["callbacks"], *self.relocate)
+        return checkpoint

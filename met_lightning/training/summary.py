@@ -130,18 +130,38 @@ def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Tab
     return table
 
 
+def weights_line(weights: Mapping[str, Any]) -> str:
+    """One line naming the evaluated and exported weights (`train.exported_weights`)."""
+    where = f"epoch {weights['epoch']}, step {weights['global_step']}"
+    if weights.get("checkpoint") is None:
+        return f"weights: the last epoch ({where})"
+    score = ""
+    if weights.get("monitor") is not None and weights.get("score") is not None:
+        score = f", {weights['monitor']} {weights['score']:.4f}"
+    return f"weights: {weights['source']} {weights['checkpoint']} ({where}{score})"
+
+
 def report_summary(  # noqa: ANN001 - net is a MultiExitViT
     net,
     metrics: Mapping[str, Any],
     output_dir: Path,
     budget: BudgetReport | None = None,
     method: str = "met",
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Print the summary tables and write them to `output_dir/summary.json`."""
+    """Print the summary tables and write them to `output_dir/summary.json`.
+
+    `weights`: which weights were evaluated and exported (`train.exported_weights`: the best
+    checkpoint's file, epoch and global step, or the last epoch's), under the key `weights`.
+    """
     summary = {"method": method, **run_summary(net, metrics, budget)}
+    if weights is not None:
+        summary["weights"] = dict(weights)
     console = Console()
     title = "MET run summary" if method == "met" else f"{method} run summary"
     console.print(summary_table(summary, title=title))
+    if weights is not None:
+        console.print(weights_line(weights))
     if summary["budget"] is not None:
         console.print(budget_table(summary["budget"]))
     write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
