@@ -82,3 +82,18 @@ class SyncCounter(TorchDispatchMode):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
                 self.counts[f"{name}(bool)"] += 1
         return func(*args, **(kwargs or {}))
+
+
+class PoisonRank(L.Callback):
+    """Makes one process's loss infinite from batch `batch` of epoch `epoch` on (an inf pixel):
+    a divergence that only rank `rank` sees. Reach it from the CLI with PYTHONPATH=<repo> and
+    `+callbacks.poison._target_=tests.step_helpers.PoisonRank`."""
+
+    def __init__(self, rank: int = 1, epoch: int = 0, batch: int = 1) -> None:
+        self.rank, self.epoch, self.batch = rank, epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and (trainer.current_epoch, batch_idx) >= (
+            self.epoch, self.batch
+        ):  # fmt: skip
+            batch[0][0, 0, 0, 0] = float("inf")
