@@ -111,6 +111,13 @@ class MultiExitClassifier(L.LightningModule):
         self._bad_step: torch.Tensor | None = None  # [3] global step, epoch, batch; -1: none
         self._bad_parts: torch.Tensor | None = None  # [2K] loss, ce per exit, graph per exit
 
+    def compile_network(self, mode: str | None = None, **options: Any) -> None:
+        """torch.compile the network and the loss in place (`nn.Module.compile`): parameter
+        names, checkpoints and the export stay those of the eager modules, and the early-exit
+        engine's direct calls (net.embed, net.run_stage) run eagerly. `options`: e.g. backend."""
+        self.net.compile(mode=mode, **options)
+        self.loss.compile(mode=mode, **options)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of every exit [B, K, C]."""
         return self.net(images).logits
