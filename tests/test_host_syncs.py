@@ -107,3 +107,32 @@ def test_a_checkpoint_after_an_unchecked_bad_step_is_refused(tmp_path):
     module._record_divergence(Parts(), batch_idx=0)
     with pytest.raises(TrainingDivergedError, match=r"the loss is inf at step 0 \(epoch 0, batch 0\)"):
         module.on_save_checkpoint({"state_dict": {}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_real_trainer_batches_between_log_intervals_do_not_sync_the_gpu(tmp_path):
+    """On a GPU: whole Trainer batches (step, backward, AdamW, progress bar, logger, checkpoint
+    callbacks) between logging intervals under torch.cuda.set_sync_debug_mode("error")."""
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.step_helpers import batch
+
+    class SyncDebug(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            torch.cuda.set_sync_debug_mode("error" if batch_idx in (2, 3) else "default")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    images, labels = batch(48)
+    data = DataLoader(TensorDataset(images.cuda(), labels.cuda()), batch_size=8)
+    module = build_module("met", tmp_path)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=5,
+                        log_every_n_steps=5, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        callbacks=[SyncDebug(), RichProgressBar()], enable_model_summary=False)  # fmt: skip
+    try:
+        trainer.fit(module, train_dataloaders=data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -136,8 +136,9 @@ class MultiExitClassifier(L.LightningModule):
     ) -> torch.Tensor:
         parts, _ = self._shared_step(batch, "train")
         self._record_divergence(parts, batch_idx)  # checked every log_every_n_steps, no sync here
-        # the step value for the progress bar; epoch means come from synced metrics (see below)
-        self.log("train/loss", parts.total, on_step=True, on_epoch=False, prog_bar=True)
+        # the step value for the logger (read every log_every_n_steps); epoch means come from
+        # synced metrics (see below). Not for the progress bar: it reads its values every batch.
+        self.log("train/loss", parts.total, on_step=True, on_epoch=False)
         terms = [parts.total.detach(), *parts.ce, *parts.graph]
         # a tensor weight: a Python number is turned into a tensor and checked for NaN on the host
         weight = torch.full_like(terms[0], batch[0].shape[0])
@@ -202,6 +203,12 @@ class MultiExitClassifier(L.LightningModule):
         every = self.trainer.log_every_n_steps
         if every > 0 and (batch_idx + 1) % every == 0:
             self.raise_if_diverged()
+            # the progress bar's loss, on the host: the bar converts its values every batch, a
+            # device tensor there would be a sync per step
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):
+                self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False,
+                         on_step=True, on_epoch=False)  # fmt: skip
 
     def on_train_epoch_start(self) -> None:
         flush_csv(self.loggers)  # the previous epoch's last rows, logged after its checkpoint
