@@ -263,15 +263,15 @@ def trainer_run(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         root = Path(tmp)
         n_train = args.trainer_batches * args.batch + 100  # + val_size
         write_cifar100(root / "data", n_train=n_train, n_test=100)
-        depth = depth_of(args)
+        exits = ",".join(str(e) for e in variant_kwargs("met", depth_of(args))[0]["exits"])
         measured = root / "throughput.json"
         kwargs = ",".join(f"{k}:{v}" for k, v in args.model_kwargs.items())
         overrides = [
             "data=cifar100", f"data.root={root / 'data'}", "data.download=false",
-            "data.val_size=100", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
-            f"data.num_workers={args.workers}", "backbone=vit_tiny", f"backbone.name={args.timm_name}",
-            "backbone.pretrained=false", f"++backbone.model_kwargs={{{kwargs}}}",
-            f"model.exits=[{','.join(str(e) for e in variant_kwargs('met', depth)[0]['exits'])}]",
+            "data.val_size=100", f"data.batch_size={args.batch}",
+            f"data.eval_batch_size={args.batch}", f"data.num_workers={args.workers}",
+            "backbone=vit_tiny", f"backbone.name={args.timm_name}", "backbone.pretrained=false",
+            f"++backbone.model_kwargs={{{kwargs}}}", f"model.exits=[{exits}]",
             "trainer.max_epochs=1", "trainer.limit_val_batches=1", "test=false", "logger=none",
             "callbacks.budget_analysis=null", "scheduler.warmup_epochs=0",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
@@ -353,16 +353,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="torch.compile backend (default: inductor on "
+        "cuda; aot_eager on cpu, where inductor's C++ codegen takes minutes per variant "
+        "on a small machine: the CPU figures show the compiled path's overhead only)",
+    )
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--trainer-batches", type=int, default=20, help="0: no Trainer run")
     p.add_argument("--trainer-compile", action="store_true", help="model.compile=true there")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on CPU (1: a shared machine's cores are not ours)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (1: a shared machine's cores are not ours)",
+    )
     p.add_argument("--out", default=None, help="results stem (default results/bench_train_step_"
                    "<device>)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.backend is None:
+        args.backend = "inductor" if args.device.startswith("cuda") else "aot_eager"
     if args.model == "demo":
         args.timm_name, args.model_kwargs = "vit_tiny_patch16_224", dict(DEMO_KWARGS)
         args.img = args.img or DEMO_KWARGS["img_size"]

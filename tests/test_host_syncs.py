@@ -105,7 +105,9 @@ def test_a_checkpoint_after_an_unchecked_bad_step_is_refused(tmp_path):
         graph = torch.zeros(0)
 
     module._record_divergence(Parts(), batch_idx=0)
-    with pytest.raises(TrainingDivergedError, match=r"the loss is inf at step 0 \(epoch 0, batch 0\)"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"the loss is inf at step 0 \(epoch 0, batch 0\)"
+    ):
         module.on_save_checkpoint({"state_dict": {}})
 
 
@@ -129,9 +131,17 @@ def test_real_trainer_batches_between_log_intervals_do_not_sync_the_gpu(tmp_path
     images, labels = batch(48)
     data = DataLoader(TensorDataset(images.cuda(), labels.cuda()), batch_size=8)
     module = build_module("met", tmp_path)
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=5,
-                        log_every_n_steps=5, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-                        callbacks=[SyncDebug(), RichProgressBar()], enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=5,
+        log_every_n_steps=5,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        callbacks=[SyncDebug(), RichProgressBar()],
+        enable_model_summary=False,
+    )
     try:
         trainer.fit(module, train_dataloaders=data)
     finally:

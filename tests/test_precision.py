@@ -9,7 +9,9 @@ from met_lightning.losses.multi_exit import MultiExitLoss
 from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
 
 
-def tight_features(n: int = 8, d: int = 64, spread: float = 3e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def tight_features(
+    n: int = 8, d: int = 64, spread: float = 3e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two classes whose members differ by `spread`-sized noise around two random centres:
     G (within-class / all-pairs distance ratio) of about 1e-3... 1e-5."""
     g = torch.Generator().manual_seed(0)
@@ -58,8 +60,13 @@ def test_loss_is_fp32_and_equals_the_fp32_loss_for_fp32_inputs():
 def test_cpu_bf16_mixed_training_run(tmp_path):
     """A short CLI run of the tiny config with trainer.precision=bf16-mixed on the CPU."""
     result = run_cli(
-        ["debug=fast", *TINY_OVERRIDES, "trainer.precision=bf16-mixed", "logger=csv",
-         f"paths.log_dir={tmp_path}"],  # fmt: skip
+        [
+            "debug=fast",
+            *TINY_OVERRIDES,
+            "trainer.precision=bf16-mixed",
+            "logger=csv",
+            f"paths.log_dir={tmp_path}",
+        ],  # fmt: skip
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -84,7 +84,7 @@ class MultiExitClassifier(L.LightningModule):
                 f"{stage}_acc": nn.ModuleList(
                     MulticlassAccuracy(
                         num_classes=num_classes, average="micro", validate_args=False
-                    )  # validation reads values on the host: a sync per update
+                    )  # the argument checks read values on the host: a sync per update
                     for _ in range(num_exits)
                 )
                 for stage in STAGES
@@ -262,16 +262,24 @@ class MultiExitClassifier(L.LightningModule):
         One device->host read; under DDP a collective (every process calls it at the same
         point), so every process raises together and none waits in the next all-reduce.
         """
+        trainer = self._trainer
+        # a collective only where every process calls this: inside a running fit
+        collective = (
+            trainer is not None
+            and trainer.world_size > 1
+            and trainer.state.fn == "fit"
+            and trainer.state.status == "running"
+        )
         if self._bad_step is None:
-            if self._trainer is None or self.trainer.world_size == 1:
+            if not collective:
                 return
             # this process trained no step yet; it still takes part in the collective
             self._bad_step = torch.full((3,), -1, dtype=torch.long, device=self.device)
             self._bad_parts = torch.zeros(2 * self.net.num_exits, device=self.device)
         record = torch.cat([self._bad_step.double(), self._bad_parts.double()])
         width = record.shape[0]
-        if self._trainer is not None and self.trainer.world_size > 1:
-            record = self.trainer.strategy.all_gather(record)  # [world, width]
+        if collective:
+            record = trainer.strategy.all_gather(record)  # [world, width]
         rows = [r for r in record.reshape(-1, width).cpu().tolist() if r[0] >= 0]
         if not rows:
             return
