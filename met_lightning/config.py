@@ -76,6 +76,8 @@ class LossSchema:
 class ModelSchema:
     exits: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     finetune_backbone: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
     adapter: AdapterSchema = field(default_factory=AdapterSchema)
     loss: LossSchema = field(default_factory=LossSchema)
 

@@ -119,6 +119,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
+    if cfg.model.get("compile"):  # trainer=gpu turns it on
+        module.compile_network(mode=cfg.model.get("compile_mode"))
 
     loggers = build_loggers(cfg.get("logger"))
     try:

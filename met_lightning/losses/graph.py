@@ -45,14 +45,17 @@ def graph_energy_ratio(
     """
     n = features.shape[0]
     if n < 2:
-        return features.sum() * 0.0  # stays in the graph: zero gradient, not a missing one
-    dist = pairwise_sq_dist(features)
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=features.device)
-    num_edges = edges.sum()
-    # no `if not edges.any()`: that would sync with the GPU every step
-    within = (dist * edges).sum() / num_edges.clamp_min(1)
-    total = dist[off_diag].mean()
-    return torch.where(num_edges > 0, within / (total + eps), within * 0.0)
+        return features.float().sum() * 0.0  # stays in the graph: zero gradient, not a missing one
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        # fp32: in bf16, `f @ f.T` rounds a tight class's distances of ~1e-3 to exactly 0
+        dist = pairwise_sq_dist(features.float())
+        num_edges = edges.sum()
+        # no `if not edges.any()` and no `dist[off_diag]`: a data-dependent branch or boolean
+        # indexing would sync with the GPU every step: masked sums instead
+        off_diag = 1.0 - torch.eye(n, dtype=dist.dtype, device=dist.device)
+        within = (dist * edges).sum() / num_edges.clamp_min(1)
+        total = (dist * off_diag).sum() / (n * (n - 1))
+        return torch.where(num_edges > 0, within / (total + eps), within * 0.0)
 
 
 class GraphRegularizer(torch.nn.Module):

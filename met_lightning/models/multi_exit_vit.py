@@ -36,6 +36,8 @@ ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
     "lora": LORA_SITES,  # slices of the fused qkv projection
     "none": (),  # heads only (linear probe, multi-exit linear, full fine-tuning)
 }
+# timm ViT modules after the last block: MultiExitViT reads the class token through its own norms
+UNUSED_BACKBONE_PARTS = ("norm", "fc_norm", "attn_pool", "head_drop", "head")
 # model.adapter.scale when null (AdaptFormer's s)
 DEFAULT_SCALE = {"adaptformer": 0.1}
 # model.adapter.alpha when null: HF peft's default `lora_alpha` (LoraConfig); LoRA's B A x is
@@ -197,6 +199,12 @@ class MultiExitViT(nn.Module):
         self.finetune_backbone = bool(finetune_backbone)
         if self.finetune_backbone:
             backbone.requires_grad_(True)
+            # parts this network never runs (each exit has its own LN_k and head) stay frozen:
+            # DDP with find_unused_parameters=false needs a gradient for every trainable one
+            for name in UNUSED_BACKBONE_PARTS:
+                part = getattr(backbone, name, None)
+                if isinstance(part, nn.Module):
+                    part.requires_grad_(False)
 
         dim, depth, k = self.spec.embed_dim, self.spec.depth, self.num_exits
         if scale is not None:

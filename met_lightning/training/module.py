@@ -83,13 +83,17 @@ class MultiExitClassifier(L.LightningModule):
         self.accuracy = nn.ModuleDict(
             {
                 f"{stage}_acc": nn.ModuleList(
-                    MulticlassAccuracy(num_classes=num_classes, average="micro")
+                    MulticlassAccuracy(
+                        num_classes=num_classes, average="micro", validate_args=False
+                    )  # the argument checks read values on the host: a sync per update
                     for _ in range(num_exits)
                 )
                 for stage in STAGES
             }
         )
-        self.val_loss = MeanMetric()
+        # nan_strategy="disable": the default NaN check reads a value on the host every update;
+        # a NaN loss is caught by the divergence record (see `_record_divergence`)
+        self.val_loss = MeanMetric(nan_strategy="disable")
         # epoch means of the loss terms. torchmetrics syncs them under DDP inside our own hook, on
         # every rank at the same point; `self.log(sync_dist=True)` would sync lazily and can
         # deadlock when only rank 0's progress bar asks for the value.
@@ -98,9 +102,22 @@ class MultiExitClassifier(L.LightningModule):
             + [f"train/ce_exit{k + 1}" for k in range(num_exits)]
             + [f"train/graph_exit{k + 1}" for k in range(num_exits - 1)]
         )
-        self.train_terms = nn.ModuleList(MeanMetric() for _ in self.train_term_names)
+        self.train_terms = nn.ModuleList(
+            MeanMetric(nan_strategy="disable") for _ in self.train_term_names
+        )
         self.val_acc_best = MaxMetric()
         self.num_trainable, self.num_total = count_parameters(net)
+        # the first non-finite training step, kept on the device (see `_record_divergence`);
+        # plain attributes, not buffers: DDP would overwrite every rank's with rank 0's
+        self._bad_step: torch.Tensor | None = None  # [3] global step, epoch, batch; -1: none
+        self._bad_parts: torch.Tensor | None = None  # [2K] loss, ce per exit, graph per exit
+
+    def compile_network(self, mode: str | None = None, **options: Any) -> None:
+        """torch.compile the network and the loss in place (`nn.Module.compile`): parameter
+        names, checkpoints and the export stay those of the eager modules, and the early-exit
+        engine's direct calls (net.embed, net.run_stage) run eagerly. `options`: e.g. backend."""
+        self.net.compile(mode=mode, **options)
+        self.loss.compile(mode=mode, **options)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of every exit [B, K, C]."""
@@ -119,25 +136,22 @@ class MultiExitClassifier(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         parts, _ = self._shared_step(batch, "train")
-        if not torch.isfinite(parts.total):
-            raise TrainingDivergedError(
-                f"training diverged: the loss is {parts.total.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); loss parts: ce per exit "
-                f"{_fmt(parts.ce)}, graph per exit {_fmt(parts.graph)}. {self._after_divergence()}"
-            )
-        # the step value for the progress bar; epoch means come from synced metrics (see below)
-        self.log("train/loss", parts.total, on_step=True, on_epoch=False, prog_bar=True)
-        weight = batch[0].shape[0]
-        terms = [parts.total, *parts.ce, *parts.graph]
+        self._record_divergence(parts, batch_idx)  # checked every log_every_n_steps, no sync here
+        # the step value for the logger (read every log_every_n_steps); epoch means come from
+        # synced metrics (see below). Not for the progress bar: it reads its values every batch.
+        self.log("train/loss", parts.total, on_step=True, on_epoch=False)
+        terms = [parts.total.detach(), *parts.ce, *parts.graph]
+        # a tensor weight: a Python number is turned into a tensor and checked for NaN on the host
+        weight = torch.full_like(terms[0], batch[0].shape[0])
         for metric, value in zip(self.train_terms, terms, strict=True):
-            metric.update(value.detach(), weight=weight)
+            metric.update(value, weight=weight)
         return parts.total
 
     def validation_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> dict[str, torch.Tensor]:
         parts, logits = self._shared_step(batch, "val")
-        self.val_loss.update(parts.total, weight=batch[0].shape[0])
+        self.val_loss.update(parts.total, weight=torch.full_like(parts.total, batch[0].shape[0]))
         return {"logits": logits, "labels": batch[1]}  # for callbacks (the budget analysis)
 
     def test_step(
@@ -161,6 +175,7 @@ class MultiExitClassifier(L.LightningModule):
         return values[-1]
 
     def on_train_epoch_end(self) -> None:
+        self.raise_if_diverged()  # before ModelCheckpoint's hook, which runs after this one
         self._log_accuracy("train")
         means = {
             name: m.compute()
@@ -170,6 +185,10 @@ class MultiExitClassifier(L.LightningModule):
             metric.reset()
         self.log_dict(means)
 
+    def on_validation_epoch_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.raise_if_diverged()  # validation at the end of a training epoch comes first
+
     def on_validation_epoch_end(self) -> None:
         acc = self._log_accuracy("val")
         self.log("val/loss", self.val_loss.compute())
@@ -177,6 +196,20 @@ class MultiExitClassifier(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def on_train_start(self) -> None:
+        self._bad_step = self._bad_parts = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.trainer.log_every_n_steps
+        if every > 0 and (batch_idx + 1) % every == 0:
+            self.raise_if_diverged()
+            # the progress bar's loss, on the host: the bar converts its values every batch, a
+            # device tensor there would be a sync per step
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):
+                self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False,
+                         on_step=True, on_epoch=False)  # fmt: skip
 
     def on_train_epoch_start(self) -> None:
         flush_csv(self.loggers)  # the previous epoch's last rows, logged after its checkpoint
@@ -192,7 +225,8 @@ class MultiExitClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
+        # named: met_lightning.training.optim.AdamW groups them (no decay on norms, biases, γ)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
@@ -208,6 +242,58 @@ class MultiExitClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    # ------------------------------------------------------------------ divergence
+    def _record_divergence(self, parts: Any, batch_idx: int) -> None:
+        """Keep the step and loss parts of the first non-finite loss, on the device (no sync)."""
+        total = parts.total.detach().float()
+        if self._bad_step is None or self._bad_step.device != total.device:
+            self._bad_step = torch.full((3,), -1, dtype=torch.long, device=total.device)
+            self._bad_parts = torch.zeros(1 + len(parts.ce) + len(parts.graph),
+                                          device=total.device)  # fmt: skip
+        first = ~torch.isfinite(total) & (self._bad_step[0] < 0)
+        where = torch.stack(
+            [torch.full_like(self._bad_step[0], v)
+             for v in (self.global_step, self.current_epoch, batch_idx)]
+        )  # fmt: skip
+        values = torch.cat([total[None], parts.ce.float(), parts.graph.float()])
+        self._bad_step = torch.where(first, where, self._bad_step)
+        self._bad_parts = torch.where(first, values, self._bad_parts)
+
+    def raise_if_diverged(self) -> None:
+        """Raise TrainingDivergedError if a training step of any process had a non-finite loss.
+
+        One device->host read; under DDP a collective (every process calls it at the same
+        point), so every process raises together and none waits in the next all-reduce.
+        """
+        trainer = self._trainer
+        # a collective only where every process calls this: inside a running fit
+        collective = (
+            trainer is not None
+            and trainer.world_size > 1
+            and trainer.state.fn == "fit"
+            and trainer.state.status == "running"
+        )
+        if self._bad_step is None:
+            if not collective:
+                return
+            # this process trained no step yet; it still takes part in the collective
+            self._bad_step = torch.full((3,), -1, dtype=torch.long, device=self.device)
+            self._bad_parts = torch.zeros(2 * self.net.num_exits, device=self.device)
+        record = torch.cat([self._bad_step.double(), self._bad_parts.double()])
+        width = record.shape[0]
+        if collective:
+            record = trainer.strategy.all_gather(record)  # [world, width]
+        rows = [r for r in record.reshape(-1, width).cpu().tolist() if r[0] >= 0]
+        if not rows:
+            return
+        step, epoch, batch, total, *rest = min(rows)  # the earliest step of any process
+        ce, graph = rest[: self.net.num_exits], rest[self.net.num_exits :]
+        raise TrainingDivergedError(
+            f"training diverged: the loss is {total} at step {int(step)} (epoch {int(epoch)}, "
+            f"batch {int(batch)}); loss parts: ce per exit {_fmt(torch.tensor(ce))}, graph per "
+            f"exit {_fmt(torch.tensor(graph))}. {self._after_divergence()}"
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_keys(self) -> set[str]:
@@ -240,6 +326,8 @@ class MultiExitClassifier(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a step that diverged since the last check: its (and later) weights are not saved
+        self.raise_if_diverged()
         keep = self._trainable_keys()
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
