@@ -234,6 +234,10 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         batch = max(self.eval_batch_size // self.world_size, 1)
         return self._loader(self.test_set, batch, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's (images, labels) batches (`trainer.predict(module, datamodule=...)`)."""
+        return self.test_dataloader()
+
 
 def build_datamodule(data_cfg) -> ImageClassificationDataModule:  # noqa: ANN001 - a DictConfig
     """`instantiate(cfg.data)`, then `check_files()`: bad options and missing or malformed data
