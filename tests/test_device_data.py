@@ -117,7 +117,8 @@ def test_image_folder_eval_equals_cpu_transform_with_mixed_sizes(tmp_path):
 
 def test_vtab_eval_equals_cpu_transform(tmp_path):
     write_vtab_task(tmp_path)
-    dm = ready(Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4, eval_batch_size=3))
+    dm = Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4, eval_batch_size=3)
+    dm = ready(dm)
     images, _ = prepared_split(dm, dm.test_dataloader())
     expected = [eval_transform(SPEC)(load_image(p, SPEC, "test")) for p, _ in dm.test_set.samples]
     torch.testing.assert_close(images, torch.stack(expected), **TOL)

@@ -143,6 +143,11 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         spec = self.batch_transform
         return ImageCollate(spec.size, spec.mode, spec.value_max)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_generators"] = {}  # generators do not pickle; they are reseeded per batch anyway
+        return state
+
     def pins_memory(self) -> bool:
         """`data.pin_memory` resolved: "auto" pins when the attached trainer runs on a GPU."""
         if self.pin_memory != "auto":

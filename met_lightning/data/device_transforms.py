@@ -209,6 +209,17 @@ class BatchTransform:
         self.value_max = float(value_max)
         stats = resolve_normalization(spec, normalize)
         self.mean, self.std = (None, None) if stats is None else stats
+        # mean / std tensors [1, C, 1, 1] per device, made once (a host-to-device copy syncs)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalization's (mean, std) as float32 [1, C, 1, 1] tensors on `device`."""
+        if device not in self._stats:
+            self._stats[device] = tuple(
+                torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+                for v in (self.mean, self.std)
+            )
+        return self._stats[device]
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> float32 in [0, 1]: integers are divided by `value_max` (as torchvision's
@@ -223,8 +234,7 @@ class BatchTransform:
             images = images.expand(-1, self.channels, -1, -1)
         if self.mean is None:
             return images.contiguous()
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = self.stats(images.device)
         return (images - mean) / std
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
