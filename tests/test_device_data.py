@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -317,3 +319,38 @@ def test_pin_memory_auto_follows_the_trainers_device(cifar_root):
 def test_batch_transform_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="resize mode 'area'"):
         BatchTransform(SPEC, mode="area")
+
+
+# ---------------------------------------------------------------------- hot path
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero")
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records the ops that force a device -> host sync (scalar reads, boolean-mask indexing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        tensors = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
+        masked = name.startswith("aten::index") and any(t.dtype == torch.bool for t in tensors[1:])
+        if name in SYNC_OPS or masked:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_batch_preparation_has_no_host_sync(cifar_root):
+    dm = ready(make_cifar(cifar_root, augment=True))
+    x, _ = next(iter(dm.train_dataloader()))
+    generator = dm.train_generator(x.device, 0, 0)
+    dm.batch_transform.stats(x.device)  # made once per device, before the hot path
+    with SyncCounter() as counter:
+        dm.batch_transform.train(x, generator)
+        dm.batch_transform.eval(x)
+    assert counter.syncs == []
+    with SyncCounter() as counter:  # the counter sees a sync when there is one
+        x.float().mean().item()
+        x[x > 3]
+    assert counter.syncs[0] == "aten::_local_scalar_dense" and len(counter.syncs) == 2
