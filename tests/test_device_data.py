@@ -18,6 +18,7 @@ from met_lightning.data.cifar import Cifar100DataModule
 from met_lightning.data.device_transforms import (
     BatchTransform,
     augment_seed,
+    crop_draws,
     resized_crop,
     sample_crops,
 )
@@ -354,3 +355,16 @@ def test_batch_preparation_has_no_host_sync(cifar_root):
         x.float().mean().item()
         x[x > 3]
     assert counter.syncs[0] == "aten::_local_scalar_dense" and len(counter.syncs) == 2
+
+
+def test_batch_transforms_compile_fullgraph():
+    """Eval and the augmentation (from its eager draws) compile without graph breaks."""
+    bt = BatchTransform(SPEC, augment=True)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    bt.stats(x.device)
+    draws = crop_draws(4, torch.Generator().manual_seed(3), x.device)
+    augment = torch.compile(bt.augment_with, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(augment(x, draws), bt.augment_with(x, draws), **TOL)
+    evaluate = torch.compile(bt.eval, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(evaluate(x), bt.eval(x), **TOL)
+    assert torch.equal(bt.train(x, torch.Generator().manual_seed(3)), bt.augment_with(x, draws))

@@ -75,6 +75,12 @@ def augment_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
     return ((high << 32) | low) & ((1 << 63) - 1)
 
 
+def crop_draws(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The uniform draws [B, 2 * CROP_ATTEMPTS + 3] of one batch's crops and flips (eager: a
+    `torch.Generator` argument breaks a compiled graph; `crops_from_draws` compiles)."""
+    return torch.rand(batch, 2 * CROP_ATTEMPTS + 3, generator=generator, device=device)
+
+
 def sample_crops(
     batch: int,
     height: int,
@@ -84,13 +90,24 @@ def sample_crops(
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample RandomResizedCrop boxes and flips, as torchvision draws them, on `device`.
+    """Per-sample RandomResizedCrop boxes and flips, as torchvision draws them, on `device`
+    (`crops_from_draws` of `crop_draws`)."""
+    return crops_from_draws(crop_draws(batch, generator, device), height, width, scale, ratio)
+
+
+def crops_from_draws(
+    draws: torch.Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes and flips from uniform `draws` [B, 2 * CROP_ATTEMPTS + 3].
 
     Returns (top, left, crop height, crop width) as float tensors [B] of whole pixels and `flip`,
     a bool tensor [B]. For each sample: the first of `CROP_ATTEMPTS` (area, aspect) draws whose box
     fits the height x width image, else torchvision's centre-crop fallback.
     """
-    draws = torch.rand(batch, 2 * CROP_ATTEMPTS + 3, generator=generator, device=device)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * draws[:, :CROP_ATTEMPTS])
     low, high = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(low + (high - low) * draws[:, CROP_ATTEMPTS : 2 * CROP_ATTEMPTS])
@@ -246,9 +263,14 @@ class BatchTransform:
         sample drawn from `generator` (on the images' device): [B, C, h, w] -> [B, C', H, W]."""
         if not self.augment:
             return self.eval(images)
+        return self.augment_with(images, crop_draws(images.shape[0], generator, images.device))
+
+    def augment_with(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The augmented input from the uniform `draws` of `crop_draws`: [B, C, h, w] ->
+        [B, C', H, W] (generator-free, so `torch.compile(fullgraph=True)` accepts it)."""
         x = self.to_unit(images)
-        top, left, crop_h, crop_w, flip = sample_crops(
-            x.shape[0], x.shape[-2], x.shape[-1], generator, x.device, self.crop_scale
+        top, left, crop_h, crop_w, flip = crops_from_draws(
+            draws, x.shape[-2], x.shape[-1], self.crop_scale
         )
         x = resized_crop(x, top, left, crop_h, crop_w, self.size, self.mode, flip)
         return self.finish(x.clamp_(0.0, 1.0))
