@@ -32,7 +32,9 @@ def test_split_sizes_stratified_and_disjoint():
 
 def test_images_match_backbone_input():
     dm = make()
-    images, labels = next(iter(dm.train_dataloader()))
+    raw, labels = next(iter(dm.train_dataloader()))
+    assert raw.shape == (32, 1, 8, 8) and raw.dtype == torch.uint8  # as stored: values 0..16
+    images = dm.prepare_batch(raw, train=True)  # on the device, in on_after_batch_transfer
     assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.long
     assert torch.equal(images[:, 0], images[:, 2])  # grey level repeated over channels

@@ -52,6 +52,12 @@ def ready(dm, spec: InputSpec = SPEC):
     return dm
 
 
+def prepared(dm, dataset, index: int, train: bool = False) -> torch.Tensor:
+    """Sample `index` as the model gets it: the uint8 image through the DataModule's batched
+    device transform (`on_after_batch_transfer`)."""
+    return dm.prepare_batch(dataset[index][0][None], train)[0]
+
+
 def labels_of(dataset) -> list[int]:
     return [int(y) for y in dataset.targets]
 
@@ -104,7 +110,7 @@ def test_cifar_splits_labels_and_names(cifar_root):
     pixels = [{img.numpy().tobytes() for img in ds.images} for ds in (dm.train_set, dm.val_set)]
     assert len(pixels[0] | pixels[1]) == 300 and not pixels[0] & pixels[1]
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8  # stored, unscaled
     assert labels.dtype == torch.long
 
 
@@ -120,7 +126,7 @@ def test_cifar_normalization(cifar_root, normalize):
     raw = cifar_file(cifar_root / "cifar-100-python", "test")["data"][0]
     expected = torch.from_numpy(raw.reshape(3, 32, 32)).float() / 255.0
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in STATS[normalize])
-    image, label = dm.test_set[0]
+    image, label = prepared(dm, dm.test_set, 0), dm.test_set[0][1]
     assert label == 0
     torch.testing.assert_close(image, (expected - mean) / std)
 
@@ -128,11 +134,12 @@ def test_cifar_normalization(cifar_root, normalize):
 def test_cifar_resizes_and_augments(cifar_root):
     spec = InputSpec((3, 48, 48), (0.5,) * 3, (0.5,) * 3)
     dm = ready(make_cifar(cifar_root, augment=True), spec)
-    assert dm.train_set[0][0].shape == dm.test_set[0][0].shape == (3, 48, 48)
-    assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])  # random augmentation
-    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])  # evaluation is deterministic
+    train = dm.prepare_batch(torch.stack([dm.train_set[0][0]] * 2), train=True)
+    assert train.shape == (2, 3, 48, 48) == (2, *prepared(dm, dm.test_set, 0).shape)
+    assert not torch.equal(train[0], train[1])  # random augmentation
+    assert torch.equal(prepared(dm, dm.val_set, 0), prepared(dm, dm.val_set, 0))  # deterministic
     grey = ready(make_cifar(cifar_root), InputSpec((1, 32, 32), (0.5,), (0.5,)))
-    assert grey.test_set[0][0].shape == (1, 32, 32)
+    assert prepared(grey, grey.test_set, 0).shape == (1, 32, 32)
 
 
 def test_cifar_prepare_data_is_a_no_op_when_files_exist(cifar_root, monkeypatch):
@@ -261,7 +268,8 @@ def test_vtab_splits(vtab_root, split, sizes):
     if split == "tune":
         assert dm.test_set.samples == dm.val_set.samples
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
+    assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.long  # the files' size
+    assert dm.prepare_batch(images).shape == (4, 3, 32, 32)
 
 
 @pytest.mark.parametrize("normalize", list(STATS))
@@ -274,7 +282,7 @@ def test_vtab_normalization(vtab_root, normalize):
     assert path.suffix == ".png"  # lossless: exact pixels
     expected = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255.0
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in STATS[normalize])
-    torch.testing.assert_close(dm.val_set[0][0], (expected - mean) / std)
+    torch.testing.assert_close(prepared(dm, dm.val_set, 0), (expected - mean) / std)
     assert dm.val_set[1][0].shape == (3, 16, 16)  # JPEG
 
 
@@ -329,7 +337,7 @@ def test_vtab_undecodable_image_named_at_setup_or_when_loaded(vtab_root):
     png = vtab_root / VTAB_TASK / "images" / "val200" / "0002.png"
     png.write_bytes(png.read_bytes()[:60])  # truncated: setup does not decode
     dm = ready(make_vtab(vtab_root, split="tune"))
-    assert dm.val_set[0][0].shape == (3, 32, 32)
+    assert prepared(dm, dm.val_set, 0).shape == (3, 32, 32)
     with pytest.raises(DataError, match=re.escape(str(png))) as err:
         dm.val_set[2]
     assert "skip_bad_images" in str(err.value)
@@ -387,7 +395,8 @@ def test_image_folder_split_layout(tmp_path):
     assert labels_of(dm.val_set) == [0, 0, 1, 1, 2, 2]
     assert dm.test_set.samples[3][0] == tmp_path / "test" / "dog" / "000.png"
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
+    assert images.shape == (4, 3, 12, 12) and labels.dtype == torch.long  # the files' size
+    assert dm.prepare_batch(images).shape == (4, 3, 32, 32)
 
 
 def test_image_folder_without_test_tests_on_val(tmp_path, caplog):
@@ -475,7 +484,7 @@ def test_image_folder_grey_and_bad_images(tmp_path, caplog):
     bad.write_bytes(bad.read_bytes()[:-50])  # truncated: named when loaded
     dm = ready(make_folder(tmp_path))
     index = [p for p, _ in dm.train_set.samples]
-    assert dm.train_set[index.index(grey)][0].shape == (3, 32, 32)  # grey level -> RGB
+    assert prepared(dm, dm.train_set, index.index(grey)).shape == (3, 32, 32)  # grey -> RGB
     with pytest.raises(DataError, match=re.escape(str(bad))):
         dm.train_set[index.index(bad)]
     with caplog.at_level(logging.WARNING, logger="met_lightning"):

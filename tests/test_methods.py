@@ -293,7 +293,8 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
     datamodule.set_input_spec(InputSpec(**config["input_spec"]))
     datamodule.setup("test")
     with torch.no_grad():
-        logits = torch.cat([net(x).logits for x, _ in datamodule.test_dataloader()])
+        loader = datamodule.test_dataloader()  # uint8 batches, prepared as on the device
+        logits = torch.cat([net(datamodule.prepare_batch(x)).logits for x, _ in loader])
     stored = LogitStore.load(run).splits["test"].logits
     n = min(len(stored), len(logits))  # debug=fast tests a few batches only
     assert n > 0

@@ -57,6 +57,7 @@ def test_engine_reproduces_the_runs_stored_simulation(tiny_run):
                                         tuple(spec["std"]), spec["interpolation"]))  # fmt: skip
     datamodule.setup()
     images, labels = datamodule.val_set.tensors
+    images = datamodule.prepare_batch(images)  # stored uint8 -> the model's input, as in training
     store = LogitStore.load(tiny_run)
     assert torch.equal(store["val"].labels, labels)  # the stored pass covered the whole val split
     report = json.loads((tiny_run / "budget.json").read_text())

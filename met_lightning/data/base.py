@@ -3,6 +3,11 @@
 A subclass implements `_build_splits()` (train / val / test datasets for `self.input_spec`);
 the base validates the common options, receives the backbone's input specification before
 `setup`, and makes the dataloaders.
+
+Data path: the datasets yield uint8 images [C, h, w] at their stored size; the dataloaders collate
+them as uint8 batches (`device_transforms.ImageCollate`) and `on_after_batch_transfer` turns each
+batch, on the trainer's device, into the backbone's normalized float input [B, C, H, W]
+(`device_transforms.BatchTransform`: resize, augmentation of the training split, normalization).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from met_lightning.errors import ConfigError, MetError
@@ -40,8 +46,33 @@ class InputSpec:
         return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
 
 
+PIN_MEMORY = ("auto", True, False)
+
+
+def check_pin_memory(value: bool | str) -> bool | str:
+    """`data.pin_memory`: "auto" (pin when the trainer runs on a GPU), true or false."""
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.lower()]
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(
+        f"data.pin_memory={value!r} must be auto (pin host memory when the trainer uses a GPU), "
+        "true or false"
+    )
+
+
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
-    """Common options: `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`, `seed`."""
+    """Common options: `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`,
+    `pin_memory` (auto | true | false), `seed`.
+
+    Subclasses set `normalize` / `augment` (and `value_max` / `resize_mode` when their images are
+    not 8-bit or need another resize); `batch_transform` is built from them at setup.
+    """
+
+    normalize: str = "backbone"
+    augment: bool = False
+    value_max: float = 255.0  # the stored value of a white pixel
+    resize_mode: str | None = None  # None: the spec's interpolation, mapped as eval_transform does
 
     def __init__(
         self,
@@ -49,7 +80,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -64,12 +95,14 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
+        self.pin_memory = check_pin_memory(pin_memory)
         self.seed = int(seed)
         self.input_spec: InputSpec | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.batch_transform = None  # a device_transforms.BatchTransform, made at setup
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def check_files(self) -> None:
         """Cheap checks of the data on disk (folders, list files, labels, image headers), run by
@@ -91,6 +124,36 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         if self.input_spec is None:
             raise RuntimeError("call set_input_spec(InputSpec.from_timm(backbone)) before setup")
         self.train_set, self.val_set, self.test_set = self._build_splits()
+        self.batch_transform = self._make_batch_transform()
+
+    def _make_batch_transform(self):  # noqa: ANN202 - a BatchTransform (imported late: cycle)
+        from met_lightning.data.device_transforms import BatchTransform
+
+        return BatchTransform(
+            self.input_spec,
+            self.normalize,
+            self.augment,
+            value_max=self.value_max,
+            mode=self.resize_mode,
+        )
+
+    def _collate(self):  # noqa: ANN202 - an ImageCollate
+        from met_lightning.data.device_transforms import ImageCollate
+
+        spec = self.batch_transform
+        return ImageCollate(spec.size, spec.mode, spec.value_max)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_generators"] = {}  # generators do not pickle; they are reseeded per batch anyway
+        return state
+
+    def pins_memory(self) -> bool:
+        """`data.pin_memory` resolved: "auto" pins when the attached trainer runs on a GPU."""
+        if self.pin_memory != "auto":
+            return self.pin_memory
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -98,10 +161,56 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory(),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            collate_fn=self._collate(),
         )
+
+    # ------------------------------------------------------------------ on the device
+    def train_generator(self, device: torch.device, epoch: int, batch_idx: int) -> torch.Generator:
+        """The DataModule's generator on `device`, seeded for one training batch from
+        (data.seed, global rank, epoch, batch index): the draws survive a resume."""
+        from met_lightning.data.device_transforms import augment_seed
+
+        device = torch.device(device)
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        trainer = getattr(self, "trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        generator.manual_seed(augment_seed(self.seed, rank, epoch, batch_idx))
+        return generator
+
+    def prepare_batch(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """uint8 images [B, C, h, w] from a dataloader -> the backbone's float input [B, C, H, W].
+
+        Eval (`train=False`) equals the per-image `eval_transform`. In training with `augment`, the
+        crops and flips are drawn from `train_generator` for the trainer's current epoch and batch
+        (epoch 0, batch 0 outside a Trainer).
+        """
+        if self.batch_transform is None:
+            raise RuntimeError("call setup() before preparing batches")
+        if not (train and self.batch_transform.augment):
+            return self.batch_transform.eval(images)
+        trainer = getattr(self, "trainer", None)
+        epoch, batch_idx = 0, 0
+        if trainer is not None:
+            epoch = trainer.current_epoch
+            # the loop counts a batch as ready right after this hook: this batch's index
+            batch_idx = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        generator = self.train_generator(images.device, epoch, batch_idx)
+        return self.batch_transform.train(images, generator)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):  # noqa: ANN001, ANN201
+        """Lightning hook (train / val / test / predict), on the trainer's device: (uint8 images,
+        labels) -> (normalized float images [B, C, H, W], labels); augmentation in training only."""
+        trainer = getattr(self, "trainer", None)
+        train = trainer is not None and trainer.training
+        if isinstance(batch, torch.Tensor):
+            return self.prepare_batch(batch, train)
+        images, *rest = batch
+        return (self.prepare_batch(images, train), *rest)
 
     @property
     def world_size(self) -> int:
@@ -129,6 +238,10 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         batch = max(self.eval_batch_size // self.world_size, 1)
         return self._loader(self.test_set, batch, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's (images, labels) batches (`trainer.predict(module, datamodule=...)`)."""
+        return self.test_dataloader()
 
 
 def build_datamodule(data_cfg) -> ImageClassificationDataModule:  # noqa: ANN001 - a DictConfig

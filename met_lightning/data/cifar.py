@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
+from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,10 @@ def read_class_names(path: Path) -> list[str]:
 
 
 class TensorImageDataset(Dataset):
-    """(transform(uint8 image [C, h, w]), label) from in-memory tensors."""
+    """(uint8 image [C, h, w], label) from in-memory tensors, through `transform` if given (a
+    uint8 -> uint8 colour conversion; resizing and normalization happen batched on the device)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:  # noqa: ANN001
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:  # noqa: ANN001
         self.images = images
         self.labels = labels
         self.transform = transform
@@ -142,7 +143,8 @@ class TensorImageDataset(Dataset):
         return self.labels.tolist()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), int(self.labels[index])
+        image = self.images[index]
+        return (image if self.transform is None else self.transform(image)), int(self.labels[index])
 
 
 def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,9 +161,9 @@ def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.nd
 
 class Cifar100DataModule(ImageClassificationDataModule):
     """CIFAR-100: `val_size` of the 50 000 training images (stratified, fixed by `seed`) validate,
-    the 10 000 test images test. Images are resized to the backbone's input size; `augment` adds
-    RandomResizedCrop + horizontal flip on the training split; `normalize` is one of
-    backbone | imagenet | half | none.
+    the 10 000 test images test. The workers hand over the uint8 32x32 images; on the device they
+    are resized to the backbone's input size, `augment` adds RandomResizedCrop + horizontal flip
+    on the training split, and `normalize` (backbone | imagenet | half | none) is applied.
     """
 
     def __init__(
@@ -287,14 +289,10 @@ class Cifar100DataModule(ImageClassificationDataModule):
             torch.from_numpy(i)
             for i in split_train_val(train_labels.numpy(), self.val_size, self.seed)
         )
-        spec = self.input_spec
-        train_tf = train_transform(spec, self.normalize, self.augment)
-        eval_tf = eval_transform(spec, self.normalize)
-        if spec.input_size[0] == 1:  # a grey-level backbone
-            train_tf = v2.Compose([v2.Grayscale(1), train_tf])
-            eval_tf = v2.Compose([v2.Grayscale(1), eval_tf])
+        # a grey-level backbone: the uint8 grey level, as today's per-image transform began
+        grey = v2.Grayscale(1) if self.input_spec.input_size[0] == 1 else None
         return (
-            TensorImageDataset(train_images[train_idx], train_labels[train_idx], train_tf),
-            TensorImageDataset(train_images[val_idx], train_labels[val_idx], eval_tf),
-            TensorImageDataset(test_images, test_labels, eval_tf),
+            TensorImageDataset(train_images[train_idx], train_labels[train_idx], grey),
+            TensorImageDataset(train_images[val_idx], train_labels[val_idx], grey),
+            TensorImageDataset(test_images, test_labels, grey),
         )

@@ -9,7 +9,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.lowres import lowres_to_tensor
+from met_lightning.data.lowres import LOWRES_MAX
 from met_lightning.errors import ConfigError
 
 
@@ -31,8 +31,12 @@ def stratified_split(
 class DigitsDataModule(ImageClassificationDataModule):
     """1797 images, 10 classes; resized to the backbone's input and repeated over 3 channels.
 
-    The whole dataset is a few MB once resized, so it is prepared once as in-memory tensors.
+    The images are kept in memory as stored: uint8 [N, 1, 8, 8] with values 0..16 (`value_max`);
+    the batched device transform scales, resizes (bicubic for a bicubic backbone, else bilinear,
+    antialiased) and normalizes them exactly as `lowres.lowres_to_tensor` does.
     """
+
+    value_max = LOWRES_MAX
 
     def __init__(
         self, val_fraction: float = 0.2, test_fraction: float = 0.2, num_classes: int = 10, **kwargs
@@ -55,12 +59,15 @@ class DigitsDataModule(ImageClassificationDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
 
+    def _make_batch_transform(self):  # noqa: ANN202 - a BatchTransform
+        # lowres_to_tensor's resize: bicubic for a bicubic backbone, else bilinear
+        self.resize_mode = "bicubic" if self.input_spec.interpolation == "bicubic" else "bilinear"
+        return super()._make_batch_transform()
+
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()
-        spec = self.input_spec
-        images = lowres_to_tensor(
-            digits.images, spec.input_size, spec.mean, spec.std, spec.interpolation
-        )
+        # the values are whole numbers 0..16 stored as float64: uint8 keeps them exactly
+        images = torch.as_tensor(digits.images, dtype=torch.uint8).unsqueeze(1)
         labels = torch.as_tensor(digits.target, dtype=torch.long)
         splits = stratified_split(digits.target, self.val_fraction, self.test_fraction, self.seed)
         return tuple(TensorDataset(images[idx], labels[idx]) for idx in splits)

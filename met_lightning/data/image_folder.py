@@ -27,7 +27,7 @@ from met_lightning.data.images import (
     drop_undecodable,
     stratified_indices,
 )
-from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
+from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         self.check_files()
         spec = self.input_spec
-        train_tf = train_transform(spec, self.normalize, self.augment)
-        eval_tf = eval_transform(spec, self.normalize)
         (train, source), (val, val_source), (test, test_source) = self._splits
         return (
-            ImageListDataset(train, spec, train_tf, source),
-            ImageListDataset(val, spec, eval_tf, val_source),
-            ImageListDataset(test, spec, eval_tf, test_source),
+            ImageListDataset(train, spec, source=source),
+            ImageListDataset(val, spec, source=val_source),
+            ImageListDataset(test, spec, source=test_source),
         )
 
     def _sample_lists(self) -> tuple[tuple[list[Sample], str], ...]:

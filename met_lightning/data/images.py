@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import to_8bit, to_input_mode
@@ -91,19 +92,25 @@ def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) 
         ) from None
 
 
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> uint8 tensor [C, h, w] at its stored size (torchvision's `ToImage`)."""
+    return pil_to_tensor(image)
+
+
 class ImageListDataset(Dataset):
-    """(image tensor [C, H, W], label) from a list of (path, label) samples.
+    """(image tensor, label) from a list of (path, label) samples.
 
     `source` (a list file, a folder) is named in error messages; `transform` maps the PIL image
-    (already in the backbone's colour mode) to a tensor.
+    (already in the backbone's colour mode) to a tensor: by default the decoded uint8 image
+    [C, h, w] at its stored size (the DataModules resize and normalize batches on the device).
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         spec: InputSpec,
-        transform: Callable[[Image.Image], torch.Tensor],
-        source: str,
+        transform: Callable[[Image.Image], torch.Tensor] = pil_to_uint8,
+        source: str = "",
     ) -> None:
         self.samples = [(Path(p), int(y)) for p, y in samples]
         self.spec = spec

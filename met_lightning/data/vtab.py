@@ -22,7 +22,7 @@ from met_lightning.data.images import (
     check_headers,
     drop_undecodable,
 )
-from met_lightning.data.transforms import check_normalize, eval_transform, train_transform
+from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
 
@@ -180,12 +180,10 @@ class Vtab1kDataModule(ImageClassificationDataModule):
     def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         self.check_files()
         spec = self.input_spec
-        train_tf = train_transform(spec, self.normalize, self.augment)
-        eval_tf = eval_transform(spec, self.normalize)
         cache = self._lists
         train, val, test = SPLITS[self.split]
         return (
-            ImageListDataset(cache[train], spec, train_tf, str(self.task_dir / train)),
-            ImageListDataset(cache[val], spec, eval_tf, str(self.task_dir / val)),
-            ImageListDataset(cache[test], spec, eval_tf, str(self.task_dir / test)),
+            ImageListDataset(cache[train], spec, source=str(self.task_dir / train)),
+            ImageListDataset(cache[val], spec, source=str(self.task_dir / val)),
+            ImageListDataset(cache[test], spec, source=str(self.task_dir / test)),
         )
