@@ -59,8 +59,9 @@ async def post_all(server, requests):
     with wrap_litserve_start(server) as started:
         async with (
             LifespanManager(started.app) as manager,
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app),
-                              base_url="http://test") as client,  # fmt: skip
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+            ) as client,  # fmt: skip
         ):
             health = await client.get("/health")
             info = await client.get("/info")
