@@ -54,7 +54,7 @@ ACCEPTED = ("multipart/form-data", "application/json")
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 USAGE = (
     "send multipart/form-data with the image file in field 'file' "
-    "(curl -F file=@image.png URL) or application/json {\"image\": \"<base64 of the file>\"}"
+    '(curl -F file=@image.png URL) or application/json {"image": "<base64 of the file>"}'
 )
 
 
@@ -314,6 +314,11 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     if cfg.thresholds is not None and cfg.budget is None:
         check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
     device = pick_device(cfg.device)
+    if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
+        raise ConfigError(
+            f"device={cfg.device}: serve runs on cpu or cuda (the first visible GPU; choose it "
+            "with CUDA_VISIBLE_DEVICES)"
+        )
     if str(cfg.precision) == "16" and device.type == "cpu":
         raise ConfigError("precision=16 needs a GPU device; use precision=bf16 or 32 on CPU")
     session = open_session(cfg, torch.device("cpu"))
@@ -326,7 +331,7 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     server = ls.LitServer(
         api,
         accelerator="cuda" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
+        devices=1,  # LitServe's first GPU for cuda (pick one with CUDA_VISIBLE_DEVICES)
         timeout=cfg.timeout,
         model_metadata=info,
         middlewares=[(RequestGuard, {"max_upload_mb": cfg.max_upload_mb})],
