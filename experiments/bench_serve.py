@@ -100,8 +100,9 @@ def start_server(run: Path, thresholds: list[float] | None, args: argparse.Names
     ]
     if thresholds is not None:
         command.append(f"thresholds=[{','.join(repr(float(t)) for t in thresholds[:-1])}]")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # the server's torch threads
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -163,6 +164,19 @@ async def load(url: str, pngs: list[bytes], concurrency: int, requests: int, sec
     }
 
 
+async def round_trip(url: str, count: int = 32) -> float:
+    """Median latency (ms) of an upload the server rejects at decoding (not an image): HTTP,
+    LitServe's queues and a decode attempt, without the model."""
+    times = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for _ in range(count + 1):
+            start = time.perf_counter()
+            answer = await client.post("/predict", files={"file": ("x.png", b"not an image")})
+            times.append((time.perf_counter() - start) * 1000)
+            assert answer.status_code == 400, answer.text
+    return statistics.median(times[1:])
+
+
 def offline(session, images: torch.Tensor, settings: dict, batch: int, repeats: int) -> dict:
     """Engine images/s per setting (name -> thresholds) on batches of `batch` images: passes over
     the images alternate between the settings; medians of `repeats` passes."""
@@ -200,7 +214,7 @@ def breakdown(session, pngs: list[bytes], thresholds: list[float], count: int = 
 
 
 def bench(name: str, run: Path, args: argparse.Namespace, forced: bool) -> dict:
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     pngs = digit_pngs(run, args.images)
     if forced:
         session = open_session(session_cfg(run), torch.device("cpu"))
@@ -259,6 +273,7 @@ def bench(name: str, run: Path, args: argparse.Namespace, forced: bool) -> dict:
                 best["throughput_runs"] = [p["throughput"] for p in runs]
                 best["failures"] = sum(p["failures"] for p in runs)
                 result["served"][mode].append(best)
+        result["breakdown_c1"]["round_trip_ms"] = asyncio.run(round_trip(servers["early_exit"][1]))
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
@@ -273,8 +288,23 @@ def bench(name: str, run: Path, args: argparse.Namespace, forced: bool) -> dict:
     c1 = result["served"]["early_exit"][0]
     parts = result["breakdown_c1"]
     parts["latency_p50_ms"] = c1["p50_ms"]
-    parts["http_and_queues_ms"] = c1["p50_ms"] - parts["decode_ms"] - parts["model_ms"]
+    parts["decode_and_http_share"] = (parts["decode_ms"] + parts["round_trip_ms"]) / c1["p50_ms"]
     return result
+
+
+def breakdown_line(parts: dict) -> str:
+    line = (
+        f"- one request at concurrency 1: p50 {parts['latency_p50_ms']:.1f} ms; image decode + "
+        f"transform {parts['decode_ms']:.2f} ms; the engine on one image "
+        f"{parts['model_ms']:.1f} ms (offline, median)"
+    )
+    if "round_trip_ms" in parts:  # a rejected upload: HTTP + LitServe's queues, no model
+        line += (
+            f"; HTTP + LitServe queues {parts['round_trip_ms']:.1f} ms (a request rejected at "
+            f"decoding); decode + HTTP = {100 * parts['decode_and_http_share']:.0f} % of the "
+            "p50 latency, the loopback network ~0"
+        )
+    return line
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str, when: str) -> str:
@@ -282,10 +312,13 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, when: 
         "# Serving benchmark: LitServe + early exit in dynamic batches (cpu, loopback)",
         "",
         f"- command: `{command}`",
-        f"- machine: 2-core CPU dev machine, no GPU ({machine()}); shared with other jobs, and "
+        f"- machine: 2-core CPU dev machine, no GPU ({machine().split(', ')[0]}, torch "
+        f"{torch.__version__}); shared with other jobs (load average "
+        f"{os.getloadavg()[0]:.0f}), and "
         "the load clients run on the same 2 cores as the server",
         f"- date: {when}",
-        f"- server: max_batch_size={args.batch}, batch_timeout={args.batch_timeout} s, fp32; "
+        f"- server: max_batch_size={args.batch}, batch_timeout={args.batch_timeout} s, fp32, "
+        f"{args.threads} torch thread(s) (offline too); "
         f"clients: multipart PNG uploads of the digits test images, at most {args.requests} "
         f"requests or {args.seconds} s per run after one warm-up request; the early-exit and the "
         f"no-exit servers run side by side and their runs alternate, {args.load_repeats} per "
@@ -306,10 +339,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, when: 
             f"**{r['offline_speedup']:.2f}x**",
             f"- served (highest concurrency): speed-up **{r['served_speedup']:.2f}x**; "
             f"served / offline speed-up = **{r['ratio']:.2f}** (target >= 0.8)",
-            f"- one request at concurrency 1 (p50 {r['breakdown_c1']['latency_p50_ms']:.1f} ms): "
-            f"decode + transform {r['breakdown_c1']['decode_ms']:.2f} ms, model "
-            f"{r['breakdown_c1']['model_ms']:.1f} ms, HTTP + LitServe queues "
-            f"{r['breakdown_c1']['http_and_queues_ms']:.1f} ms (loopback: no network)",
+            breakdown_line(r["breakdown_c1"]),
             "",
             "| early exit | clients | requests | failed | req/s | p50 ms | p95 ms | p99 ms | "
             "mean batch |",
@@ -342,6 +372,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3, help="offline passes per setting")
     parser.add_argument("--load-repeats", type=int, default=3, help="load runs per point")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and offline")
+    parser.add_argument("--append", action="store_true", help="keep --out's earlier models")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve_cpu")
     args = parser.parse_args()
     command = "python " + " ".join(sys.argv)
@@ -353,6 +385,10 @@ def main() -> None:
             print(json.dumps({k: v for k, v in results[-1].items() if k != "served"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "date": when, "machine": machine(), "results": results}
+    if args.append and args.out.with_suffix(".json").is_file():  # results of an earlier model
+        earlier = json.loads(args.out.with_suffix(".json").read_text())
+        record["results"] = results = earlier["results"] + results
+        record["command"] = command = f"{earlier['command']}; then {command}"
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, args, command, when))
     print(markdown(results, args, command, when))

@@ -355,7 +355,6 @@ def serve(cfg: DictConfig) -> None:
         host=cfg.host,
         port=cfg.port,
         num_api_servers=1,
-        api_server_worker_type="thread",  # no third process to start; the main one only waits
         log_level=cfg.log_level,
         generate_client_file=False,
     )
