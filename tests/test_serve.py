@@ -64,9 +64,27 @@ async def post_all(server, requests):
             ) as client,  # fmt: skip
         ):
             health = await client.get("/health")
+            for _ in range(600):  # 503 until the worker process has loaded the model
+                if health.status_code == 200:
+                    break
+                await asyncio.sleep(0.2)
+                health = await client.get("/health")
             info = await client.get("/info")
             answers = await asyncio.gather(*(client.post("/predict", **r) for r in requests))
     return health, info.json()["model"], answers
+
+
+def assert_rows_equal(served, expected):
+    """Same class, exit, block and MACs; confidence equal up to float noise (another batch
+    composition runs other kernels)."""
+    if isinstance(served, dict):
+        assert served.keys() == expected.keys()
+        served, expected = list(served.values()), [expected[k] for k in served]
+    for got, want in zip(served, expected, strict=True):
+        assert {k: v for k, v in got.items() if k != "confidence"} == {
+            k: v for k, v in want.items() if k != "confidence"
+        }
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
 
 
 def upload(path):
@@ -96,7 +114,7 @@ def test_served_answers_equal_predict_on_the_demo_test_images(demo_run, tmp_path
     assert health.status_code == 200
     assert served_info["exits"] == info["exits"] and served_info["budget"] == 0.5
     assert [a.status_code for a in answers] == [200] * len(files)
-    assert {p.name: as_row(a) for p, a in zip(files, answers, strict=True)} == expected
+    assert_rows_equal({p.name: as_row(a) for p, a in zip(files, answers, strict=True)}, expected)
     assert len({r["exit"] for r in expected.values()}) > 1  # the budget really exits early
     assert max(a.json()["batch_size"] for a in answers) > 1  # requests were batched
 
@@ -134,7 +152,7 @@ def test_bad_requests_fail_alone_in_a_batch(tiny_run, tmp_path):
                                        "not valid JSON"], strict=True):  # fmt: skip
         assert words in reason
     good = [answers[i] for i in (0, 1, 6, 10)]
-    assert [as_row(a) for a in good] == [expected[p.name] for p in files]
+    assert_rows_equal([as_row(a) for a in good], [expected[p.name] for p in files])
     # the six requests LitServe saw were answered from one batch, bad ones included
     assert max(a.json()["batch_size"] for a in good) >= 6
 
@@ -210,7 +228,10 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
                     path = files[i % len(files)]
                     answer = http.post("/predict", files={"file": (path.name, path.read_bytes())})
                     results.append(answer.status_code)
-                    if answer.status_code != 200 or as_row(answer) != expected[path.name]:
+                    try:
+                        assert answer.status_code == 200
+                        assert_rows_equal([as_row(answer)], [expected[path.name]])
+                    except AssertionError:
                         wrong.append((path.name, answer.status_code, answer.text))
                     i += 1
 
