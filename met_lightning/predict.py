@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from met_lightning.atomic import write_text
-from met_lightning.checkpoint import load_trainable, read_trainable
+from met_lightning.checkpoint import read_trainable
 from met_lightning.cli import check_writable, exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.data.base import InputSpec
@@ -36,14 +36,16 @@ from met_lightning.data.images import (
     header_error,
     load_image,
 )
-from met_lightning.data.transforms import eval_transform
-from met_lightning.errors import CheckpointError, ConfigError, DataError
-from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
+from met_lightning.errors import ConfigError, DataError
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import EarlyExitEngine, check_thresholds
-from met_lightning.inference.logit_store import FILENAME as STORE_FILE
-from met_lightning.inference.logit_store import LogitStore
-from met_lightning.macs import format_macs, model_exit_costs
+from met_lightning.inference.engine import check_thresholds
+from met_lightning.inference.session import (  # noqa: F401 - choose_thresholds, store_path: API
+    choose_thresholds,
+    open_session,
+    pick_device,
+    store_path,
+)
+from met_lightning.macs import format_macs
 
 log = logging.getLogger(__name__)
 
@@ -131,52 +133,6 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
-# ---------------------------------------------------------------------- thresholds
-def store_path(checkpoint: str, store: str | None) -> Path:
-    """The logit store to calibrate on: `store`, else the checkpoint's run folder's."""
-    if store:
-        return Path(store)
-    path = Path(checkpoint)
-    return (path if path.is_dir() else path.parent) / STORE_FILE
-
-
-def choose_thresholds(cfg: DictConfig, net: torch.nn.Module) -> tuple[list[float], str]:
-    """Thresholds from `thresholds=`, from `budget=` (via the logit store), or none (+inf)."""
-    k = net.num_exits
-    if cfg.thresholds is not None and cfg.budget is not None:
-        raise ConfigError("give either budget= or thresholds=, not both")
-    if cfg.thresholds is not None:
-        return check_thresholds(list(cfg.thresholds), k), "thresholds given"
-    if cfg.budget is None:
-        return [math.inf] * k, "no early exit (give budget= or thresholds= to exit early)"
-    costs = model_exit_costs(net)
-    budget_macs = resolve_budget(cfg.budget, costs.full)
-    store = LogitStore.load(store_path(cfg.checkpoint, cfg.store))
-    if tuple(store.exits) != tuple(net.exits) or tuple(store.exit_macs) != costs.to_exit:
-        raise CheckpointError(
-            f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
-            f"model (exits {list(net.exits)}); pass store= for the right run"
-        )
-    calib = store["val"]
-    scores = SplitScores.from_logits(calib.logits, calib.labels, cfg.confidence)
-    point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={cfg.budget}")
-    how = (
-        f"budget {format_macs(budget_macs)} per image: thresholds with the best val accuracy "
-        f"({100 * point.accuracy:.2f} % at {format_macs(point.mean_macs)} on val, {point.label})"
-    )
-    return list(point.thresholds), how
-
-
-# ---------------------------------------------------------------------- run
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
-
-
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the early-exit engine on the input images; print and return rows and totals."""
     cfg = _typed(OmegaConf.create({"predict": cfg}), "predict", PredictSchema)
@@ -193,40 +149,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         check_writable(cfg.output, "output", folder=False)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
-    device = pick_device(cfg.device)
-    net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
-    net.to(device)
-    thresholds, how = choose_thresholds(cfg, net)
-    engine = EarlyExitEngine(net, thresholds, cfg.confidence)
-    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
-                        for k, v in config["input_spec"].items()})  # fmt: skip
-    transform = eval_transform(spec, config.get("normalize", "backbone"))
-    costs = model_exit_costs(net)
-    names = config.get("class_names")
+    session = open_session(cfg, pick_device(cfg.device))
+    engine, spec, transform, costs = session.engine, session.spec, session.transform, session.costs
+    thresholds, how = session.thresholds, session.how
 
     rows = []
     start = time.perf_counter()
     for chunk in batches(files, cfg.batch_size):
-        images = torch.stack([read_image(p, spec, transform) for p in chunk]).to(device)
+        images = torch.stack([read_image(p, spec, transform) for p in chunk]).to(session.device)
         result = engine(images)
-        for path, cls, conf, k in zip(
-            chunk,
-            result.predictions.tolist(),
-            result.confidence.tolist(),
-            result.exit_index.tolist(),
-            strict=True,
-        ):
-            rows.append(
-                {
-                    "file": str(path),
-                    "class": cls,
-                    "class_name": names[cls] if names else str(cls),
-                    "confidence": conf,
-                    "exit": k + 1,
-                    "block": net.exits[k],
-                    "macs": costs.to_exit[k],
-                }
-            )
+        for path, row in zip(chunk, session.rows(result), strict=True):
+            rows.append({"file": str(path), **row})
     seconds = time.perf_counter() - start
     totals = summarize(rows, costs.to_exit, seconds)
     totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]

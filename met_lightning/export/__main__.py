@@ -1,0 +1,69 @@
+"""`python -m met_lightning.export checkpoint=RUN format=onnx out=DIR`: one ONNX graph per exit
+stage plus manifest.json (see `met_lightning.export.onnx_export`); conf/export.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from met_lightning.checkpoint import load_trainable, read_trainable
+from met_lightning.cli import check_writable, exit_on_user_error
+from met_lightning.config import _typed, config_dir
+from met_lightning.errors import ConfigError
+from met_lightning.inference.confidence import check_confidence
+
+FORMATS = ("onnx",)
+
+
+@dataclass
+class ExportSchema:
+    checkpoint: str = "???"
+    format: str = "onnx"
+    out: str = "???"
+    confidence: str | None = None
+    weights_file: str | None = None
+    opset: int = 17
+
+
+def export(cfg: DictConfig) -> dict:
+    """Check the config, load the checkpoint, write the export; return the manifest."""
+    cfg = _typed(OmegaConf.create({"export": cfg}), "export", ExportSchema)
+    if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "out"):
+        raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and out=FOLDER")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format} must be one of {list(FORMATS)}")
+    if cfg.confidence is not None:
+        check_confidence(cfg.confidence)
+    check_writable(cfg.out, "out")
+    read_trainable(cfg.checkpoint)  # fails fast on a missing / corrupt file
+    try:
+        import onnxruntime  # noqa: F401 - the runner needs it; say so now
+
+        from met_lightning.export.onnx_export import export_onnx
+    except ImportError:
+        raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'") from None
+    net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
+    checkpoint = Path(cfg.checkpoint)
+    run_folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    manifest = export_onnx(net, config, Path(cfg.out), run_folder, cfg.confidence, cfg.opset)
+    print(
+        f"wrote {len(manifest['stages'])} stage graphs and manifest.json to {cfg.out} "
+        f"(exits {manifest['exits']}, {len(manifest['budgets'])} budgets)"
+    )
+    return manifest
+
+
+def _task(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: export(cfg))
+
+
+def main() -> None:
+    """Console entry point (`met-export`)."""
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Write one ONNX graph per exit stage plus a manifest, so a runtime can exit early between them.
+
+Folder layout written by `export_onnx`::
+
+    stage_0.onnx ... stage_{K-1}.onnx   stage k: tokens in -> tokens out + exit k's logits
+                                        (stage 0 takes images; the last gives logits only)
+    manifest.json                       exits, MACs per exit, thresholds of the run's budgets,
+                                        class names, input spec, confidence kind, stage I/O
+
+Shapes are static per stage except the batch axis. The graphs come from torch's TorchScript-based
+ONNX exporter (`dynamo=False`): a stage has no data-dependent control flow, so tracing is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from met_lightning.atomic import write_text
+from met_lightning.export.stages import ExitStage, stage_inputs
+from met_lightning.macs import model_exit_costs
+
+FORMAT = "met_lightning.onnx_stages"
+MANIFEST = "manifest.json"
+OPSET = 17
+
+
+def _json_thresholds(values: list[Any]) -> list[float | str]:
+    return [v if isinstance(v, str) or math.isfinite(v) else str(v) for v in values]
+
+
+def run_budgets(run_folder: Path | None) -> tuple[list[dict[str, Any]], str | None]:
+    """(budgets with their selected thresholds, confidence kind) from a run's budget.json."""
+    path = run_folder / "budget.json" if run_folder else None
+    if path is None or not path.is_file():
+        return [], None
+    report = json.loads(path.read_text())
+    budgets = [
+        {
+            "budget": b["budget"],
+            "budget_macs": b["budget_macs"],
+            "thresholds": _json_thresholds(b["selected"]["thresholds"]),
+            "label": b["selected"]["label"],
+            "val_accuracy": b["selected"]["accuracy"],
+            "val_mean_macs": b["selected"]["mean_macs"],
+        }
+        for b in report.get("budgets", [])
+    ]
+    return budgets, report.get("confidence")
+
+
+def export_onnx(
+    net: torch.nn.Module,
+    config: dict,
+    out: Path,
+    run_folder: Path | None = None,
+    confidence: str | None = None,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    """Write the stage graphs and manifest.json of `net` into `out`; return the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    net = net.eval()
+    spec = config["input_spec"]
+    input_size = tuple(spec["input_size"])
+    inputs = stage_inputs(net, input_size)
+    stages = []
+    for stage, example in enumerate(inputs):
+        last = stage == net.num_exits - 1
+        in_name = "images" if stage == 0 else "tokens"
+        out_names = ["logits"] if last else ["tokens_out", "logits"]
+        file = f"stage_{stage}.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                ExitStage(net, stage),
+                (example,),
+                str(out / file),
+                dynamo=False,
+                input_names=[in_name],
+                output_names=out_names,
+                dynamic_axes={name: {0: "batch"} for name in [in_name, *out_names]},
+                opset_version=opset,
+            )
+            result = ExitStage(net, stage)(example)
+        shapes = [result] if last else list(result)
+        stages.append(
+            {
+                "file": file,
+                "exit": stage + 1,
+                "blocks": [net.stage_blocks(stage)[0] + 1, net.stage_blocks(stage)[-1] + 1],
+                "inputs": {in_name: [None, *example.shape[1:]]},
+                "outputs": {
+                    n: [None, *t.shape[1:]] for n, t in zip(out_names, shapes, strict=True)
+                },
+            }
+        )
+    budgets, run_confidence = run_budgets(run_folder)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "backbone": config.get("backbone", {}).get("name"),
+        "num_classes": net.num_classes,
+        "class_names": config.get("class_names"),
+        "exits": list(net.exits),
+        "macs_per_exit": list(model_exit_costs(net).to_exit),
+        "macs": "multiply-accumulates per image to reach each exit",
+        "confidence": confidence or run_confidence or "max_softmax",
+        "budgets": budgets,
+        "input": {
+            "name": "images",
+            "shape": [None, *input_size],
+            "dtype": "float32",
+            "input_spec": spec,
+            "normalize": config.get("normalize", "backbone"),
+        },
+        "stages": stages,
+        "opset": opset,
+        "torch": torch.__version__,
+    }
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,252 @@
+"""The LitServe server: answers equal predict's, bad requests fail alone, a real loopback run."""
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from omegaconf import OmegaConf
+
+from met_lightning.config import config_dir
+from met_lightning.errors import CheckpointError, ConfigError
+from met_lightning.predict import predict
+from tests.test_predict import predict_cfg, write_digits
+
+ls = pytest.importorskip("litserve")
+from asgi_lifespan import LifespanManager  # noqa: E402
+from litserve.utils import wrap_litserve_start  # noqa: E402
+
+from met_lightning.serve import build_server, serve  # noqa: E402
+
+ROW_KEYS = ("class", "class_name", "confidence", "exit", "block", "macs")
+
+
+def serve_cfg(**values):
+    """conf/serve.yaml with `values` set, as the CLI would compose it."""
+    base = OmegaConf.load(f"{config_dir()}/serve.yaml")
+    base.pop("defaults")
+    base.pop("hydra")
+    return OmegaConf.merge(base, values)
+
+
+def expected_rows(checkpoint, folder, **thresholds):
+    """predict's rows for the files of `folder`, keyed by file name."""
+    rows = predict(predict_cfg(checkpoint=str(checkpoint), input=str(folder), show=0,
+                               **thresholds))["rows"]  # fmt: skip
+    return {os.path.basename(r["file"]): {k: r[k] for k in ROW_KEYS} for r in rows}
+
+
+def mixed_threshold(checkpoint, folder):
+    """A threshold at exit 1 that lets some images of `folder` leave there and keeps others."""
+    first = expected_rows(checkpoint, folder, thresholds=[0.0])
+    confidences = sorted(r["confidence"] for r in first.values())
+    return (confidences[len(confidences) // 2 - 1] + confidences[len(confidences) // 2]) / 2
+
+
+def as_row(response):
+    return {k: response.json()[k] for k in ROW_KEYS}
+
+
+async def post_all(server, requests):
+    """Send `requests` ((kwargs for client.post)) concurrently to an in-process server."""
+    with wrap_litserve_start(server) as started:
+        async with (
+            LifespanManager(started.app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+            ) as client,  # fmt: skip
+        ):
+            health = await client.get("/health")
+            for _ in range(600):  # 503 until the worker process has loaded the model
+                if health.status_code == 200:
+                    break
+                await asyncio.sleep(0.2)
+                health = await client.get("/health")
+            info = await client.get("/info")
+            answers = await asyncio.gather(*(client.post("/predict", **r) for r in requests))
+    return health, info.json()["model"], answers
+
+
+def assert_rows_equal(served, expected):
+    """Same class, exit, block and MACs; confidence equal up to float noise (another batch
+    composition runs other kernels)."""
+    if isinstance(served, dict):
+        assert served.keys() == expected.keys()
+        served, expected = list(served.values()), [expected[k] for k in served]
+    for got, want in zip(served, expected, strict=True):
+        assert {k: v for k, v in got.items() if k != "confidence"} == {
+            k: v for k, v in want.items() if k != "confidence"
+        }
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+
+
+def upload(path):
+    return {"files": {"file": (path.name, path.read_bytes(), "image/png")}}
+
+
+def as_json(path):
+    return {"json": {"image": base64.b64encode(path.read_bytes()).decode()}}
+
+
+@pytest.mark.demo
+def test_served_answers_equal_predict_on_the_demo_test_images(demo_run, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from met_lightning.data.digits import stratified_split
+
+    _, folder = demo_run
+    seed = OmegaConf.load(folder / "config.yaml").seed
+    _, _, test_index = stratified_split(load_digits().target, 0.2, 0.2, seed=seed)
+    inputs = write_digits(tmp_path / "in", test_index[:48])
+    expected = expected_rows(folder, inputs, budget=0.5)
+    files = sorted(inputs.iterdir())
+    server, info = build_server(serve_cfg(checkpoint=str(folder), budget=0.5, device="cpu",
+                                          max_batch_size=16, batch_timeout=0.2))  # fmt: skip
+    requests = [upload(p) if i % 2 else as_json(p) for i, p in enumerate(files)]
+    health, served_info, answers = asyncio.run(post_all(server, requests))
+    assert health.status_code == 200
+    assert served_info["exits"] == info["exits"] and served_info["budget"] == 0.5
+    assert [a.status_code for a in answers] == [200] * len(files)
+    assert_rows_equal({p.name: as_row(a) for p, a in zip(files, answers, strict=True)}, expected)
+    assert len({r["exit"] for r in expected.values()}) > 1  # the budget really exits early
+    assert max(a.json()["batch_size"] for a in answers) > 1  # requests were batched
+
+
+def test_bad_requests_fail_alone_in_a_batch(tiny_run, tmp_path):
+    inputs = write_digits(tmp_path / "in", range(4))
+    files = sorted(inputs.iterdir())
+    threshold = mixed_threshold(tiny_run, inputs)
+    expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
+    assert {r["exit"] for r in expected.values()} == {1, 2}
+    server, info = build_server(serve_cfg(checkpoint=str(tiny_run), thresholds=[threshold],
+                                          device="cpu", max_batch_size=8, batch_timeout=0.5,
+                                          max_upload_mb=0.01))  # fmt: skip
+    assert info["thresholds"] == [threshold, "-inf"] and len(info["macs_per_exit"]) == 2
+    requests = [
+        upload(files[0]),
+        as_json(files[1]),
+        {"files": {"file": ("broken.png", b"not a png at all", "image/png")}},  # 400
+        {"files": {"image": ("x.png", files[2].read_bytes(), "image/png")}},  # 422
+        {"json": {"picture": "AAAA"}},  # 422
+        {"json": {"image": "%%% not base64"}},  # 400
+        upload(files[2]),
+        {"content": b"x", "headers": {"content-type": "text/plain"}},  # 415
+        {"files": {"file": ("big.png", b"0" * 20_000, "image/png")}},  # 413
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},  # 400
+        as_json(files[3]),
+    ]
+    _, _, answers = asyncio.run(post_all(server, requests))
+    status = [a.status_code for a in answers]
+    assert status == [200, 200, 400, 422, 422, 400, 200, 415, 413, 400, 200]
+    reasons = [a.json()["detail"] for a in answers if a.status_code != 200]
+    for reason, words in zip(reasons, ["cannot decode the image", "missing field 'file'",
+                                       "missing field 'image'", "not valid base64",
+                                       "Content-Type text/plain", "max_upload_mb=0.01",
+                                       "not valid JSON"], strict=True):  # fmt: skip
+        assert words in reason
+    good = [answers[i] for i in (0, 1, 6, 10)]
+    assert_rows_equal([as_row(a) for a in good], [expected[p.name] for p in files])
+    # the six requests LitServe saw were answered from one batch, bad ones included
+    assert max(a.json()["batch_size"] for a in good) >= 6
+
+
+def test_server_refuses_to_start_with_a_reason(tiny_run, tmp_path):
+    ok = dict(checkpoint=str(tiny_run), device="cpu")
+    corrupt = tmp_path / "trainable.safetensors"
+    corrupt.write_bytes(b"garbage" * 10)
+    cases = [
+        (dict(ok, checkpoint=str(tmp_path / "nope")), CheckpointError, "does not exist"),
+        (dict(ok, checkpoint=str(corrupt)), CheckpointError, "trainable.safetensors"),
+        (dict(ok, budget=0.01), ConfigError, "below the cost of exit 1"),
+        (dict(ok, thresholds=[0.1, 0.2, 0.3]), ConfigError, "thresholds has 3 values"),
+        (dict(ok, max_batch_size=0), ConfigError, "max_batch_size=0"),
+        (dict(ok, precision="8"), ConfigError, "precision=8"),
+    ]
+    for values, error, message in cases:
+        with pytest.raises(error, match=message):
+            build_server(serve_cfg(**values))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port={port} on host=127.0.0.1 cannot be used"):
+            serve(serve_cfg(**ok, port=port))
+        result = subprocess.run(
+            [sys.executable, "-m", "met_lightning.serve", f"checkpoint={tiny_run}",
+             f"port={port}"], capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "cannot be used" in result.stderr
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
+    """A real server process on 127.0.0.1: 4 clients for 3 s, every answer right, clean stop."""
+    inputs = write_digits(tmp_path / "in", range(12))
+    files = sorted(inputs.iterdir())
+    threshold = mixed_threshold(tiny_run, inputs)
+    expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "met_lightning.serve", f"checkpoint={tiny_run}",
+         f"thresholds=[{threshold!r}]", f"port={port}", "device=cpu", "max_batch_size=8",
+         "batch_timeout=0.01"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("the server did not become healthy within 120 s")
+        results, wrong = [], []
+        stop = time.monotonic() + 3.0
+
+        def client(offset):
+            with httpx.Client(base_url=url, timeout=30) as http:
+                i = offset
+                while time.monotonic() < stop:
+                    path = files[i % len(files)]
+                    answer = http.post("/predict", files={"file": (path.name, path.read_bytes())})
+                    results.append(answer.status_code)
+                    try:
+                        assert answer.status_code == 200
+                        assert_rows_equal([as_row(answer)], [expected[path.name]])
+                    except AssertionError:
+                        wrong.append((path.name, answer.status_code, answer.text))
+                    i += 1
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(results) >= 8 and not wrong, wrong[:3]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail("the server did not stop within 30 s of SIGINT")
+    errors = server.stderr.read()
+    assert "Traceback" not in errors, errors[-3000:]
