@@ -35,7 +35,7 @@ def split_images(run, split):
     datamodule.set_input_spec(InputSpec(tuple(spec["input_size"]), tuple(spec["mean"]),
                                         tuple(spec["std"]), spec["interpolation"]))  # fmt: skip
     datamodule.setup()
-    return getattr(datamodule, f"{split}_set").tensors[0]
+    return datamodule.prepare_batch(getattr(datamodule, f"{split}_set").tensors[0])
 
 
 def assert_same_as_engine(net, runner, images, thresholds):
