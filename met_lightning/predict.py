@@ -40,7 +40,14 @@ from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError, DataError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import EarlyExitEngine, check_thresholds
+from met_lightning.inference.engine import (
+    PRECISIONS,
+    EarlyExitEngine,
+    check_mode,
+    check_precision,
+    check_thresholds,
+    warn_precision_mismatch,
+)
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import format_macs, model_exit_costs
@@ -62,6 +69,8 @@ class PredictSchema:
     output: str | None = None
     show: int = 20
     skip_bad_images: bool = False
+    precision: str | None = None  # null: the logit store's precision, else 32-true
+    engine_mode: str = "eager"  # eager | graphs (CUDA)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -167,6 +176,27 @@ def choose_thresholds(cfg: DictConfig, net: torch.nn.Module) -> tuple[list[float
     return list(point.thresholds), how
 
 
+def choose_precision(cfg: DictConfig) -> str:
+    """`precision=`, else the precision the logit store was made in, else 32-true; a warning when
+    the chosen one differs from the store's (calibration and prediction would see other numbers).
+    """
+    path = store_path(cfg.checkpoint, cfg.store)
+    recorded = None
+    if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
+        recorded = LogitStore.load(path).precision
+    if cfg.precision is not None:
+        precision = check_precision(cfg.precision)
+        warn_precision_mismatch(recorded, precision)
+        return precision
+    if recorded is None:
+        return "32-true"
+    try:
+        return check_precision(recorded)
+    except ConfigError:
+        log.warning("logit store precision %r unknown to the engine: using 32-true", recorded)
+        return "32-true"
+
+
 # ---------------------------------------------------------------------- run
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -191,13 +221,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
     if cfg.output:
         check_writable(cfg.output, "output", folder=False)
+    if cfg.precision is not None:
+        check_precision(cfg.precision)
+    device = pick_device(cfg.device)
+    check_mode(cfg.engine_mode, device)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
-    device = pick_device(cfg.device)
+    precision = choose_precision(cfg)
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
-    net.to(device)
+    net.to(device=device, dtype=PRECISIONS[precision][1])
     thresholds, how = choose_thresholds(cfg, net)
-    engine = EarlyExitEngine(net, thresholds, cfg.confidence)
+    engine = EarlyExitEngine(net, thresholds, cfg.confidence, precision, cfg.engine_mode)
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
                         for k, v in config["input_spec"].items()})  # fmt: skip
     transform = eval_transform(spec, config.get("normalize", "backbone"))
@@ -231,6 +265,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     totals = summarize(rows, costs.to_exit, seconds)
     totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]
     totals["how"] = how
+    totals["precision"] = precision
     print_results(rows, totals, cfg.show)
     if cfg.output:
         write_rows(rows, Path(cfg.output))
