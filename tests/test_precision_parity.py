@@ -35,7 +35,8 @@ def test_store_round_trips_its_precision(tmp_path):
 def test_predict_precision_defaults_to_the_stores(tmp_path):
     path = store(tmp_path, "bf16-mixed")
     assert choose_precision(cfg(checkpoint=str(tmp_path), store=str(path))) == "bf16-mixed"
-    assert choose_precision(cfg(checkpoint=str(tmp_path / "other" / "trainable.safetensors"))) == "32-true"  # no store
+    elsewhere = str(tmp_path / "other" / "trainable.safetensors")  # a folder without a store
+    assert choose_precision(cfg(checkpoint=elsewhere)) == "32-true"
     with pytest.warns(UserWarning, match="calibrated on logits made in precision bf16-mixed"):
         got = choose_precision(cfg(checkpoint=str(tmp_path), precision="32-true"))
     assert got == "32-true"

@@ -170,7 +170,7 @@ def test_previous_layout_checkpoint_loads_and_predicts_identically():
         backbone = create_backbone("vit_tiny_patch16_224", model_kwargs=make.KWARGS)
         net = MultiExitViT(backbone, 5, [1, 2, 3], **kwargs).eval()
         prefix = f"{name}/state/"
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         net.load_state_dict(state, strict=True)
         with torch.no_grad():
             logits = net(tensors["images"]).logits
