@@ -308,7 +308,7 @@ class MultiExitViT(nn.Module):
         """Drop the class token that exit `stage` has read, if it was an early one."""
         if not self.num_early_tokens(stage):
             return state
-        early = state.early[:, 1:] if self.num_early_tokens(stage) > 1 else None
+        early = state.early[:, 1:].contiguous() if self.num_early_tokens(stage) > 1 else None
         return StreamState(state.main, early)
 
     @staticmethod
