@@ -324,6 +324,13 @@ def main() -> None:
     parser.add_argument("--distributions", nargs="+", default=list(DEFAULT_DISTRIBUTIONS),
                         help="exit shares in %% per exit, e.g. 50,25,15,10")  # fmt: skip
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine, OpenMP barriers "
+        "of multi-threaded ops wait for descheduled threads; 0: torch's default)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument(
         "--before",
@@ -339,6 +346,8 @@ def main() -> None:
         help="only rewrite the markdown of this results JSON (with --before)",
     )
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.render is not None:
         payload = json.loads(args.render.read_text())
         args.__dict__.update(payload.get("args", {}))
