@@ -12,7 +12,8 @@ kept), with one more entry point, `forward_streams`, for MET's two token streams
 
 The early attention is exact and cheap (E queries): scores against all main keys, the ``c_K``
 column replaced by the token's own score, one softmax, and the ``c_K`` value replaced by the
-token's own value. Nothing of size T is concatenated.
+token's own value. Nothing of size T is concatenated or copied: the products read the main keys
+and values in place, as strided views of the qkv projection.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ class StreamBlock(Block):
         new.train(block.training)
         return new
 
-    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms)."""
+    def _qkv(self, h: torch.Tensor):
+        """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms) and
+        (k, v) as [B, n, heads * head_dim] views (None if a key norm rewrites k)."""
         attn = self.attn
         b, n, _ = h.shape
-        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        flat = attn.qkv(h)  # [B, n, 3 * heads * head_dim]
+        qkv = flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
+        width = attn.num_heads * attn.head_dim
+        kv = None
+        if isinstance(attn.k_norm, nn.Identity):
+            kv = (flat[..., width : 2 * width], flat[..., 2 * width :])
+        return attn.q_norm(q), attn.k_norm(k), v, kv
 
     def _out(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Attention output o [B, heads, n, head_dim] -> sub-layer output [B, n, d]."""
@@ -71,19 +78,36 @@ class StreamBlock(Block):
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
-    def _attend_early(self, q_e, k_e, v_e, k, v) -> torch.Tensor:
+    def _attend_early(self, q_e, k_e, v_e, k, v, kv=None) -> torch.Tensor:
         """Early queries q_e [B, H, E, hd] over keys {own, R, P}: column 0 of the main keys
-        (c_K) is replaced by the query's own key k_e, likewise its value. -> [B, H, E, hd]"""
+        (c_K) is replaced by the query's own key k_e, likewise its value. -> [B, H, E, hd]
+
+        `kv`: the main keys and values as [B, T, d] views of the qkv projection (None when a
+        key norm rewrites them). Then the products run per image over all heads at once with a
+        block-diagonal query ([B, H*E, d], H times the tiny early work) instead of per
+        (image, head), which would copy the strided K and V of the main path every block.
+        """
         attn = self.attn
         q_e = q_e * attn.scale
-        scores = q_e @ k.transpose(-2, -1)  # [B, H, E, T]
+        b, h, e, hd = q_e.shape
+        if kv is not None:
+            keys, values = kv  # [B, T, d] each, strided views
+            eye = torch.eye(h, dtype=q_e.dtype, device=q_e.device)
+            q_bd = (q_e.unsqueeze(3) * eye[:, None, :, None]).reshape(b, h * e, h * hd)
+            scores = (q_bd @ keys.transpose(-2, -1)).view(b, h, e, -1)  # [B, H, E, T]
+        else:
+            scores = q_e @ k.transpose(-2, -1)  # [B, H, E, T]
         own = (q_e * k_e).sum(dim=-1, keepdim=True)  # [B, H, E, 1]
-        column0 = torch.arange(scores.shape[-1], device=scores.device) == 0
-        scores = torch.where(column0, own.to(scores.dtype), scores)
+        scores = torch.cat([own.to(scores.dtype), scores[..., 1:]], dim=-1)
         probs = attn.attn_drop(scores.softmax(dim=-1))
+        if kv is not None:
+            out = (probs.reshape(b, h * e, -1).to(values.dtype) @ values).view(b, h, e, h, hd)
+            out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, E, hd]
+        else:
+            out = probs @ v
         # sum_j p_j v_j with v_0 := v_e:  p @ v - p_0 v_cK + p_0 v_e
         own_p = probs[..., :1]
-        return probs @ v + own_p * (v_e - v[:, :, :1])
+        return out + own_p * (v_e - v[:, :, :1])
 
     def forward_streams(
         self,
@@ -102,12 +126,12 @@ class StreamBlock(Block):
             x = adapt_attn(x, "main")
             e = adapt_attn(e, "early") if e is not None else None
         h = self.norm1(x)
-        q, k, v = self._qkv(h)
+        q, k, v, kv = self._qkv(h)
         x_attn = self._out(self._attend_main(q, k, v), h)
         if e is not None:
             h_e = self.norm1(e)
-            q_e, k_e, v_e = self._qkv(h_e)
-            e = e + self._out(self._attend_early(q_e, k_e, v_e, k, v), h_e)
+            q_e, k_e, v_e, _ = self._qkv(h_e)
+            e = e + self._out(self._attend_early(q_e, k_e, v_e, k, v, kv), h_e)
         x = x + x_attn
         if adapt_mlp is not None:
             x = adapt_mlp(x, "main")
