@@ -38,7 +38,7 @@ from met_lightning.data.images import (
 )
 from met_lightning.errors import ConfigError, DataError
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import check_thresholds
+from met_lightning.inference.engine import check_mode, check_precision, check_thresholds
 from met_lightning.inference.session import (  # noqa: F401 - choose_thresholds, store_path: API
     choose_thresholds,
     open_session,
@@ -64,6 +64,8 @@ class PredictSchema:
     output: str | None = None
     show: int = 20
     skip_bad_images: bool = False
+    precision: str | None = None  # null: the logit store's precision, else 32-true
+    engine_mode: str = "eager"  # eager | graphs (CUDA)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -147,9 +149,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
     if cfg.output:
         check_writable(cfg.output, "output", folder=False)
+    if cfg.precision is not None:
+        check_precision(cfg.precision)
+    device = pick_device(cfg.device)
+    check_mode(cfg.engine_mode, device)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
-    session = open_session(cfg, pick_device(cfg.device))
+    session = open_session(cfg, device)
     engine, spec, transform, costs = session.engine, session.spec, session.transform, session.costs
     thresholds, how = session.thresholds, session.how
 
@@ -164,6 +170,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     totals = summarize(rows, costs.to_exit, seconds)
     totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]
     totals["how"] = how
+    totals["precision"] = session.precision
     print_results(rows, totals, cfg.show)
     if cfg.output:
         write_rows(rows, Path(cfg.output))

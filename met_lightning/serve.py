@@ -37,7 +37,7 @@ from met_lightning.cli import exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import check_thresholds
+from met_lightning.inference.engine import check_mode, check_precision, check_thresholds
 from met_lightning.inference.session import Session, decode_image, open_session, pick_device
 
 try:  # the [serve] extra
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 API_PATH = "/predict"
 ACCEPTED = ("multipart/form-data", "application/json")
-PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 USAGE = (
     "send multipart/form-data with the image file in field 'file' "
     '(curl -F file=@image.png URL) or application/json {"image": "<base64 of the file>"}'
@@ -71,7 +70,8 @@ class ServeSchema:
     max_batch_size: int = 64
     batch_timeout: float = 0.005
     device: str = "auto"
-    precision: str = "32"
+    precision: str | None = None
+    engine_mode: str = "eager"
     max_upload_mb: float = 10.0
     timeout: float = 30.0
     log_level: str = "warning"
@@ -213,8 +213,6 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         cfg = OmegaConf.create(self.cfg)
         self.session = open_session(cfg, torch.device(device), self.thresholds)
-        self.dtype = PRECISIONS[str(cfg.precision)]
-        self.session.net.to(self.dtype)
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
         return decode(request, self.session)
@@ -233,7 +231,7 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         outputs = list(items)
         if good:
             images = torch.stack([items[i] for i in good])
-            images = images.to(self.session.device, self.dtype)
+            images = images.to(self.session.device)  # the engine applies the precision
             rows = self.session.rows(self.session.engine(images))
             for i, row in zip(good, rows, strict=True):
                 outputs[i] = {**row, "batch_size": len(items)}
@@ -267,7 +265,7 @@ def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
         "input_size": list(session.spec.input_size),
         "max_batch_size": cfg.max_batch_size,
         "batch_timeout": cfg.batch_timeout,
-        "precision": str(cfg.precision),
+        "precision": session.precision,
         "macs": "multiply-accumulates per image",
     }
 
@@ -286,8 +284,8 @@ def check_serve_config(cfg: DictConfig) -> None:
         raise ConfigError(f"timeout={cfg.timeout} must be > 0 seconds")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port={cfg.port} must be in 1..65535")
-    if str(cfg.precision) not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision} must be one of {list(PRECISIONS)}")
+    if cfg.precision is not None:
+        check_precision(cfg.precision)
     check_confidence(cfg.confidence)
 
 
@@ -319,9 +317,15 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
             f"device={cfg.device}: serve runs on cpu or cuda (the first visible GPU; choose it "
             "with CUDA_VISIBLE_DEVICES)"
         )
-    if str(cfg.precision) == "16" and device.type == "cpu":
+    if (
+        cfg.precision is not None
+        and check_precision(cfg.precision).startswith("16")
+        and (device.type == "cpu")
+    ):
         raise ConfigError("precision=16 needs a GPU device; use precision=bf16 or 32 on CPU")
-    session = open_session(cfg, torch.device("cpu"))
+    check_mode(cfg.engine_mode, device)
+    # the worker process opens its own session on `device`; this one only answers /info
+    session = open_session(OmegaConf.merge(cfg, {"engine_mode": "eager"}), torch.device("cpu"))
     info = server_info(session, cfg)
     thresholds = session.thresholds
     del session

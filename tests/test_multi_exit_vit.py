@@ -92,7 +92,8 @@ def test_shapes_and_stage_layout():
     out = net(torch.randn(2, 3, 32, 32))
     assert out.logits.shape == (2, 2, 5) and out.features.shape == (2, 2, 48)
     assert [list(net.stage_blocks(s)) for s in range(2)] == [[0, 1], [2, 3]]
-    assert net.embed(torch.randn(1, 3, 32, 32)).shape[1] == 1 + 1 + 16  # c1, cK, 16 patches
+    state = net.embed(torch.randn(1, 3, 32, 32))
+    assert state.main.shape[1] == 1 + 16 and state.early.shape[1] == 1  # cK + 16 patches; c1
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,30 @@ logits only. Shapes are static per stage (the batch axis may vary) and nothing b
 so a runtime can do early exit between stages: run stage k, score its logits, keep the rows that
 stay. This is the one place that knows the network's stage API (`embed`, `run_stage`,
 `exit_features`, `heads`, `leave`).
+
+Between stages the network keeps two streams (`StreamState`: main tokens [B, T, d] and the early
+class tokens [B, E, d]); the exported graphs pass them as one tensor in the layout
+``[c_1, ..., c_{K-1}, c_K, R, P]`` (early tokens first), so a runtime handles one array per stage.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from met_lightning.models.multi_exit_vit import StreamState
+
+
+def pack(state: StreamState) -> torch.Tensor:
+    """StreamState -> tokens [B, E + T, d], the early class tokens first."""
+    return state.main if state.early is None else torch.cat([state.early, state.main], dim=1)
+
+
+def unpack(tokens: torch.Tensor, n_early: int) -> StreamState:
+    """tokens [B, E + T, d] with `n_early` = E leading early class tokens -> StreamState."""
+    if not n_early:
+        return StreamState(tokens, None)
+    return StreamState(tokens[:, n_early:], tokens[:, :n_early])
 
 
 class ExitStage(nn.Module):
@@ -26,13 +44,12 @@ class ExitStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         net, stage = self.net, self.stage
-        if stage == 0:
-            x = net.embed(x)
-        x = net.run_stage(stage, x)
-        logits = net.heads[stage](net.exit_features(stage, x))
+        state = net.embed(x) if stage == 0 else unpack(x, net.num_early_tokens(stage))
+        state = net.run_stage(stage, state)
+        logits = net.heads[stage](net.exit_features(stage, state))
         if self.last:
             return logits
-        return net.leave(stage, x), logits
+        return pack(net.leave(stage, state)), logits
 
 
 def stage_inputs(net: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> list:

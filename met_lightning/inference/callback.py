@@ -4,7 +4,8 @@
 collects the logits of both passes (not of the validation inside `fit`), writes the logit store,
 calibrates thresholds on val, evaluates the budget curve on test, writes the CSV / PNG / JSON and
 logs them to the active loggers (a table and an image on wandb). Under DDP the logits of all
-processes are gathered and the analysis runs on rank 0.
+processes are gathered and the analysis runs on rank 0. The store records the trainer's
+precision (`LogitStore.precision`), which predict then runs the engine in.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class BudgetAnalysis(L.Callback):
 
     def _analyze(self, trainer: L.Trainer, pl_module: L.LightningModule, splits) -> None:
         net = pl_module.net
-        store = LogitStore(splits, tuple(net.exits), model_exit_costs(net).to_exit)
+        precision = str(trainer.precision)  # the precision validate / test ran in
+        store = LogitStore(splits, tuple(net.exits), model_exit_costs(net).to_exit, precision)
         store.save(self.output_dir / FILENAME)
         self.report = analyze(store, self.confidence, self.budgets, self.p_values)
         files = write_report(self.report, self.output_dir)

@@ -35,6 +35,9 @@ class LogitStore:
     splits: Mapping[str, SplitLogits]
     exits: tuple[int, ...]  # 1-based blocks
     exit_macs: tuple[int, ...]  # cumulative MACs per image to reach each exit
+    # Lightning precision the logits were made in (e.g. "32-true", "bf16-mixed"); None: unknown
+    # (a store written before it was recorded). Predict runs the engine in it by default.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         for name, split in self.splits.items():
@@ -63,6 +66,8 @@ class LogitStore:
             "exits": json.dumps(list(self.exits)),
             "exit_macs": json.dumps(list(self.exit_macs)),
         }
+        if self.precision is not None:
+            metadata["precision"] = str(self.precision)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
@@ -75,7 +80,10 @@ class LogitStore:
         names = sorted({key.split("/")[0] for key in tensors})
         splits = {n: SplitLogits(tensors[f"{n}/logits"], tensors[f"{n}/labels"]) for n in names}
         return cls(
-            splits, tuple(json.loads(metadata["exits"])), tuple(json.loads(metadata["exit_macs"]))
+            splits,
+            tuple(json.loads(metadata["exits"])),
+            tuple(json.loads(metadata["exit_macs"])),
+            metadata.get("precision"),
         )
 
 

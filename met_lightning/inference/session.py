@@ -8,6 +8,7 @@ image (class, class name, confidence, exit, block, MACs).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +23,19 @@ from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import eval_transform, to_input_mode
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
-from met_lightning.inference.engine import EarlyExitEngine, EarlyExitResult, check_thresholds
+from met_lightning.inference.engine import (
+    PRECISIONS,
+    EarlyExitEngine,
+    EarlyExitResult,
+    check_precision,
+    check_thresholds,
+    warn_precision_mismatch,
+)
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import ExitCosts, format_macs, model_exit_costs
+
+log = logging.getLogger(__name__)
 
 
 def store_path(checkpoint: str, store: str | None) -> Path:
@@ -67,6 +77,27 @@ def choose_thresholds(cfg: Any, net: torch.nn.Module) -> tuple[list[float], str]
     return list(point.thresholds), how
 
 
+def choose_precision(cfg: Any) -> str:
+    """`precision=`, else the precision the logit store was made in, else 32-true; a warning when
+    the chosen one differs from the store's (calibration and prediction would see other numbers).
+    """
+    path = store_path(cfg.checkpoint, cfg.store)
+    recorded = None
+    if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
+        recorded = LogitStore.load(path).precision
+    if cfg.get("precision") is not None:
+        precision = check_precision(cfg.precision)
+        warn_precision_mismatch(recorded, precision)
+        return precision
+    if recorded is None:
+        return "32-true"
+    try:
+        return check_precision(recorded)
+    except ConfigError:
+        log.warning("logit store precision %r unknown to the engine: using 32-true", recorded)
+        return "32-true"
+
+
 def pick_device(name: str) -> torch.device:
     """`auto` (cuda if available, else cpu) or a torch device name; ConfigError if invalid."""
     if name == "auto":
@@ -103,6 +134,7 @@ class Session:
     thresholds: list[float]
     how: str
     device: torch.device
+    precision: str
 
     @property
     def class_names(self) -> list[str] | None:
@@ -137,15 +169,20 @@ def open_session(
     """Load `cfg.checkpoint` on `device` with thresholds `thresholds` (else `choose_thresholds`).
 
     `cfg` has the keys of conf/predict.yaml (checkpoint, weights_file, budget, thresholds, store,
-    confidence).
+    confidence, precision, engine_mode). The network runs in `choose_precision(cfg)`.
     """
+    precision = choose_precision(cfg)
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
-    net.to(device)
+    net.to(device=device, dtype=PRECISIONS[precision][1])
     if thresholds is None:
         thresholds, how = choose_thresholds(cfg, net)
     else:
         thresholds, how = list(thresholds), "thresholds given"
-    engine = EarlyExitEngine(net, thresholds, cfg.confidence)
+    engine = EarlyExitEngine(
+        net, thresholds, cfg.confidence, precision, cfg.get("engine_mode", "eager")
+    )
     spec, transform = checkpoint_input(config)
     costs = model_exit_costs(net)
-    return Session(net, config, engine, spec, transform, costs, list(thresholds), how, device)
+    return Session(
+        net, config, engine, spec, transform, costs, list(thresholds), how, device, precision
+    )

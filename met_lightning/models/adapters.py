@@ -39,11 +39,14 @@ class EAdapter(_Bottleneck):
         self.act = nn.GELU()
         self.gamma = nn.Parameter(torch.ones(num_gammas, rank))
 
-    def forward(self, x: torch.Tensor, gamma_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, d]; gamma_index: [T] exit of each token position (None: gamma[0] for all)."""
+    def forward(self, x: torch.Tensor, rows: int | slice = 0) -> torch.Tensor:
+        """x: [B, T, d] tokens of one stream; `rows`: the gamma row (exit) that scales them all
+        (an int: gamma [r]) or one row per token position (a slice of T rows: gamma [T, r]).
+
+        gamma is cast to the bottleneck's dtype, so it never promotes bf16 activations.
+        """
         h = self.act(self.down(x))  # [B, T, r]
-        gamma = self.gamma[0] if gamma_index is None else self.gamma[gamma_index]  # [r] | [T, r]
-        return x + self.up(h * gamma)
+        return x + self.up(h * self.gamma[rows].to(h.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gammas={len(self.gamma)}"

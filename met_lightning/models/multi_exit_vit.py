@@ -1,14 +1,17 @@
 """The multi-exit ViT of MET: frozen timm ViT, E-adapters, a class-token stream and head per exit.
 
-Token layout entering block 1 (``separate_cls=true``, K exits)::
+Token streams (``separate_cls=true``, K exits)::
 
-    [c_1, ..., c_{K-1}, c_K, R, P]      c_k: class token of exit k, R: register tokens, P: patches
+    main  [B, T, d]: [c_K, R, P]          c_K: the backbone's class token, R: registers, P: patches
+    early [B, E, d]: [c_{s+1}, ..., c_{K-1}]  the early class tokens alive in stage s (E = K-1-s)
 
-``c_K`` is the backbone's own class token. ``c_k`` (k < K) lives in blocks ``1..e_k``: after block
-``e_k`` head k reads it and it is dropped, so the early class token about to leave is always at
-position 0. Queries of ``c_K, R, P`` attend to ``{c_K, R, P}`` only (the plain ViT), the query of
-``c_k`` attends to ``{c_k, R, P}``. With ``separate_cls=false`` there are no early tokens and every
-exit reads ``c_K``.
+``c_k`` (k < K) lives in blocks ``1..e_k``: after block ``e_k`` head k reads it and it is dropped,
+so the early token about to leave is always ``early[:, 0]``. The semantics are the attention mask
+of `attention_mask` over ``[c_1, ..., c_{K-1}, c_K, R, P]``: queries of ``c_K, R, P`` attend to
+``{c_K, R, P}`` (the plain ViT), the query of ``c_k`` to ``{c_k, R, P}``. The implementation
+runs the main stream unmasked (timm's fused attention) and the early tokens as a small separate
+stream (`blocks.StreamBlock`); both give the same numbers. With ``separate_cls=false`` there are
+no early tokens and every exit reads ``c_K``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from met_lightning.errors import ConfigError
 from met_lightning.models.adapters import EAdapter, ParallelAdapter
 from met_lightning.models.backbone import spec_of
 from met_lightning.models.binary import BITS
+from met_lightning.models.blocks import StreamBlock
 from met_lightning.models.lora import LORA_SITES, add_lora
 
 ADAPTER_SITES = ("attn", "mlp")
@@ -51,6 +55,13 @@ LEGACY_LORA_SCALE = 1.0
 def lora_scale(rank: int, alpha: float | None = None) -> float:
     """LoRA's multiplier of `B A x`: alpha / rank, as HF peft's `lora_alpha / r` (None: 8)."""
     return (DEFAULT_LORA_ALPHA if alpha is None else float(alpha)) / int(rank)
+
+
+class StreamState(NamedTuple):
+    """The tokens between stages: main [B, T, d] (c_K, R, P) and early [B, E, d] or None."""
+
+    main: torch.Tensor
+    early: torch.Tensor | None
 
 
 class MultiExitOutput(NamedTuple):
@@ -167,6 +178,18 @@ class MultiExitViT(nn.Module):
     alpha / rank as in HF peft (None: peft's default 8). With kind lora, `scale` instead of
     `alpha` gives the multiplier itself: how networks of configs written before
     model.adapter.alpha existed are rebuilt (`from_config`).
+
+    Stage API (the early-exit engine, predict and export run the network exit by exit)::
+
+        state = net.embed(images)                # StreamState(main [B, T, d], early [B, E, d])
+        for stage in range(net.num_exits):
+            state = net.run_stage(stage, state)  # blocks e_{stage-1}+1 .. e_stage
+            logits = net.heads[stage](net.exit_features(stage, state))  # [B, C]
+            state = net.leave(stage, state)      # drop the early token exit `stage` has read
+            state = net.take(state, rows)        # keep batch rows `rows` (long [B']) only
+
+    The backbone's blocks become `blocks.StreamBlock`s (timm `Block`s with the same submodules
+    and parameter names; `backbone.forward_features` is unchanged).
     """
 
     def __init__(
@@ -197,6 +220,8 @@ class MultiExitViT(nn.Module):
         self.rank = int(rank) if adapter_kind != "none" else 0
         self.sites = tuple(sites)
         self.finetune_backbone = bool(finetune_backbone)
+        for i, blk in enumerate(backbone.blocks):  # same parts and names, one more entry point
+            backbone.blocks[i] = StreamBlock.from_block(blk)
         if self.finetune_backbone:
             backbone.requires_grad_(True)
             # parts this network never runs (each exit has its own LN_k and head) stay frozen:
@@ -237,9 +262,8 @@ class MultiExitViT(nn.Module):
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        # small per-layout tensors, built once per (layout, device)
+        # the stream semantics as a mask (reference and tests only), per (layout, device)
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        self._gamma_index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
@@ -289,17 +313,17 @@ class MultiExitViT(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ pieces
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] -> tokens [B, T, d] entering block 1 (layout in module docstring)."""
+    def embed(self, images: torch.Tensor) -> StreamState:
+        """images [B, C, H, W] -> the streams entering block 1 (layout in module docstring)."""
         bb = self.backbone
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
         n_early = self.num_early_tokens(0)
-        if n_early:
-            x = torch.cat([x[:, :1].expand(-1, n_early, -1), x], dim=1)
-        return x
+        early = x[:, :1].expand(-1, n_early, -1) if n_early else None
+        return StreamState(x, early)
 
     def attention_mask(self, n_early: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """Boolean [T, T] mask, True where a query (row) may attend to a key (column)."""
+        """The stream semantics as a boolean [T, T] mask over ``[c_1..c_{K-1}, c_K, R, P]``, True
+        where a query (row) may attend to a key (column). The forward does not use it."""
         key = (n_early, num_tokens, device)
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -311,54 +335,64 @@ class MultiExitViT(nn.Module):
             self._mask_cache[key] = mask
         return mask
 
-    def gamma_index(self, stage: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """Exit (0-based) whose gamma scales each token position in `stage`; None if shared."""
+    def gamma_rows(self, stage: int) -> tuple[int, slice]:
+        """Rows of an E-adapter's gamma for the main stream (one exit) and the early stream (one
+        exit per token) in `stage`."""
         if not self.exit_specific:
-            return None
-        key = (stage, num_tokens, device)
-        index = self._gamma_index_cache.get(key)
-        if index is None:
-            n_early = self.num_early_tokens(stage)
-            index = torch.full((num_tokens,), self.num_exits - 1, dtype=torch.long, device=device)
-            index[:n_early] = torch.arange(stage, stage + n_early, device=device)
-            self._gamma_index_cache[key] = index
-        return index
+            return 0, slice(0, 1)
+        return self.num_exits - 1, slice(stage, stage + self.num_early_tokens(stage))
 
-    def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """Run the blocks of exit stage `stage` on tokens x [B, T, d]."""
-        n_early = self.num_early_tokens(stage)
-        mask = self.attention_mask(n_early, x.shape[1], x.device) if n_early else None
-        gamma_index = self.gamma_index(stage, x.shape[1], x.device)
-        attn_adapters = self.adapters["attn"] if "attn" in self.adapters else None
-        mlp_adapters = self.adapters["mlp"] if "mlp" in self.adapters else None
+    def _stream_adapter(self, site: str, block: int, stage: int):
+        if site not in self.adapters:
+            return None
+        adapter = self.adapters[site][block]
+        main_rows, early_rows = self.gamma_rows(stage)
+
+        def adapt(tokens: torch.Tensor, stream: str) -> torch.Tensor:
+            return adapter(tokens, main_rows if stream == "main" else early_rows)
+
+        return adapt
+
+    def run_stage(self, stage: int, state: StreamState) -> StreamState:
+        """Run the blocks of exit stage `stage` on both streams."""
+        x, e = state
         parallel = self.parallel_adapters
         for i in self.stage_blocks(stage):
-            blk = self.backbone.blocks[i]
-            if attn_adapters is not None:
-                x = attn_adapters[i](x, gamma_index)
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=mask)))
-            if mlp_adapters is not None:
-                x = mlp_adapters[i](x, gamma_index)
-            mlp = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-            x = x + (mlp + parallel[i](x) if parallel is not None else mlp)
-        return x
+            x, e = self.backbone.blocks[i].forward_streams(
+                x,
+                e,
+                self._stream_adapter("attn", i, stage),
+                self._stream_adapter("mlp", i, stage),
+                parallel[i] if parallel is not None else None,
+            )
+        return StreamState(x, e)
 
-    def exit_features(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """Head input of exit `stage`: LN_k of the class token it reads (position 0). [B, d]"""
-        return self.norms[stage](x[:, 0])
+    def exit_features(self, stage: int, state: StreamState) -> torch.Tensor:
+        """Head input of exit `stage`: LN_k of the class token it reads. [B, d]"""
+        token = state.early[:, 0] if self.num_early_tokens(stage) else state.main[:, 0]
+        return self.norms[stage](token)
 
-    def leave(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+    def leave(self, stage: int, state: StreamState) -> StreamState:
         """Drop the class token that exit `stage` has read, if it was an early one."""
-        return x[:, 1:] if self.num_early_tokens(stage) else x
+        if not self.num_early_tokens(stage):
+            return state
+        early = state.early[:, 1:].contiguous() if self.num_early_tokens(stage) > 1 else None
+        return StreamState(state.main, early)
+
+    @staticmethod
+    def take(state: StreamState, rows: torch.Tensor) -> StreamState:
+        """The batch rows `rows` (long [B']) of a state, in that order."""
+        early = state.early.index_select(0, rows) if state.early is not None else None
+        return StreamState(state.main.index_select(0, rows), early)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MultiExitOutput:
         """All exits for every image: logits [B, K, C] and head inputs [B, K, d]."""
-        x = self.embed(images)
+        state = self.embed(images)
         features = []
         for stage in range(self.num_exits):
-            x = self.run_stage(stage, x)
-            features.append(self.exit_features(stage, x))
-            x = self.leave(stage, x)
+            state = self.run_stage(stage, state)
+            features.append(self.exit_features(stage, state))
+            state = self.leave(stage, state)
         logits = [head(f) for head, f in zip(self.heads, features, strict=True)]
         return MultiExitOutput(torch.stack(logits, dim=1), torch.stack(features, dim=1))

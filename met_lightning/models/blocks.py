@@ -1,0 +1,146 @@
+"""MET's transformer block: timm's pre-norm `Block` run on a main sequence and an early stream.
+
+`StreamBlock` is a timm `Block` (same submodules, same parameter names, timm's own `forward`
+kept), with one more entry point, `forward_streams`, for MET's two token streams:
+
+- main  ``x`` [B, T, d]: ``c_K, R, P`` (main class token, register tokens, patches). It runs
+  timm's block computation unmasked: one fused qkv projection and
+  `F.scaled_dot_product_attention(q, k, v)` without a mask (flash-eligible).
+- early ``e`` [B, E, d]: the early class tokens ``c_k`` (k < K), each with its own LayerNorm /
+  adapter / MLP passes. The query of ``c_k`` attends to the main path's keys and values of
+  ``R, P`` (not ``c_K``) and to its own key and value; nothing in the main path reads ``e``.
+
+The early attention is exact and cheap (E queries): scores against all main keys, the ``c_K``
+column replaced by the token's own score, one softmax, and the ``c_K`` value replaced by the
+token's own value. Nothing of size T is concatenated or copied: the products read the main keys
+and values in place, as strided views of the qkv projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+# An adapter applied to a stream before a sub-layer: (tokens [B, n, d], stream) -> tokens
+StreamAdapter = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class StreamBlock(Block):
+    """A timm `Block` that also runs MET's main sequence and early class-token stream."""
+
+    @classmethod
+    def from_block(cls, block: Block) -> StreamBlock:
+        """The same block (shared submodules and parameters, same names) as a StreamBlock."""
+        if isinstance(block, cls):
+            return block
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        for name, value in vars(block).items():  # plain attributes (none in timm 1.0 Block)
+            if not name.startswith("_") and name != "training":
+                setattr(new, name, value)
+        new.train(block.training)
+        return new
+
+    def _qkv(self, h: torch.Tensor):
+        """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms) and
+        (k, v) as [B, n, heads * head_dim] views (None if a key norm rewrites k)."""
+        attn = self.attn
+        b, n, _ = h.shape
+        flat = attn.qkv(h)  # [B, n, 3 * heads * head_dim]
+        qkv = flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        width = attn.num_heads * attn.head_dim
+        kv = None
+        if isinstance(attn.k_norm, nn.Identity):
+            kv = (flat[..., width : 2 * width], flat[..., 2 * width :])
+        return attn.q_norm(q), attn.k_norm(k), v, kv
+
+    def _out(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, heads, n, head_dim] -> sub-layer output [B, n, d]."""
+        attn = self.attn
+        b, _, n, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.attn_dim))
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(h).sigmoid()
+        return self.drop_path1(self.ls1(attn.proj_drop(attn.proj(o))))
+
+    def _attend_main(self, q, k, v) -> torch.Tensor:
+        attn = self.attn
+        if attn.fused_attn:
+            p = attn.attn_drop.p if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        return attn.attn_drop(scores.softmax(dim=-1)) @ v
+
+    def _attend_early(self, q_e, k_e, v_e, k, v, kv=None) -> torch.Tensor:
+        """Early queries q_e [B, H, E, hd] over keys {own, R, P}: column 0 of the main keys
+        (c_K) is replaced by the query's own key k_e, likewise its value. -> [B, H, E, hd]
+
+        `kv`: the main keys and values as [B, T, d] views of the qkv projection (None when a
+        key norm rewrites them). Then the products run per image over all heads at once with a
+        block-diagonal query ([B, H*E, d], H times the tiny early work) instead of per
+        (image, head), which would copy the strided K and V of the main path every block.
+        """
+        attn = self.attn
+        q_e = q_e * attn.scale
+        b, h, e, hd = q_e.shape
+        if kv is not None:
+            keys, values = kv  # [B, T, d] each, strided views
+            eye = torch.eye(h, dtype=q_e.dtype, device=q_e.device)
+            q_bd = (q_e.unsqueeze(3) * eye[:, None, :, None]).reshape(b, h * e, h * hd)
+            scores = (q_bd @ keys.transpose(-2, -1)).view(b, h, e, -1)  # [B, H, E, T]
+        else:
+            scores = q_e @ k.transpose(-2, -1)  # [B, H, E, T]
+        own = (q_e * k_e).sum(dim=-1, keepdim=True)  # [B, H, E, 1]
+        scores = torch.cat([own.to(scores.dtype), scores[..., 1:]], dim=-1)
+        probs = attn.attn_drop(scores.softmax(dim=-1))
+        if kv is not None:
+            out = (probs.reshape(b, h * e, -1).to(values.dtype) @ values).view(b, h, e, h, hd)
+            out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, E, hd]
+        else:
+            out = probs @ v
+        # sum_j p_j v_j with v_0 := v_e:  p @ v - p_0 v_cK + p_0 v_e
+        own_p = probs[..., :1]
+        return out + own_p * (v_e - v[:, :, :1])
+
+    def forward_streams(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor | None,
+        adapt_attn: StreamAdapter | None = None,
+        adapt_mlp: StreamAdapter | None = None,
+        parallel: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block on main tokens x [B, T, d] and early tokens e [B, E, d] (or None).
+
+        `adapt_attn(tokens, stream)` / `adapt_mlp` rewrite a stream ("main" | "early") before the
+        attention / MLP (E-adapters); `parallel(tokens)` is added beside the MLP (AdaptFormer).
+        """
+        if adapt_attn is not None:
+            x = adapt_attn(x, "main")
+            e = adapt_attn(e, "early") if e is not None else None
+        h = self.norm1(x)
+        q, k, v, kv = self._qkv(h)
+        x_attn = self._out(self._attend_main(q, k, v), h)
+        if e is not None:
+            h_e = self.norm1(e)
+            q_e, k_e, v_e, _ = self._qkv(h_e)
+            e = e + self._out(self._attend_early(q_e, k_e, v_e, k, v, kv), h_e)
+        x = x + x_attn
+        if adapt_mlp is not None:
+            x = adapt_mlp(x, "main")
+            e = adapt_mlp(e, "early") if e is not None else None
+        x = x + self._mlp(x, parallel)
+        if e is not None:
+            e = e + self._mlp(e, parallel)
+        return x, e
+
+    def _mlp(self, x: torch.Tensor, parallel: nn.Module | None) -> torch.Tensor:
+        out = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return out + parallel(x) if parallel is not None else out

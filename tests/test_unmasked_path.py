@@ -1,0 +1,197 @@
+"""The unmasked main path + early-token stream equals the masked formulation of commit 41f771a."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from met_lightning.models import blocks as blocks_module
+from met_lightning.models.adapters import EAdapter
+from met_lightning.models.backbone import create_backbone
+from met_lightning.models.multi_exit_vit import MultiExitViT, StreamState
+from tests.helpers import tiny_backbone
+
+FIXTURE = Path(__file__).parent / "fixtures" / "prev_layout.safetensors"
+
+
+# ---------------------------------------------------------------------- the masked reference
+def _reference_adapter(adapter: EAdapter, x: torch.Tensor, gamma_index) -> torch.Tensor:
+    h = adapter.act(adapter.down(x))
+    gamma = adapter.gamma[0] if gamma_index is None else adapter.gamma[gamma_index]
+    return x + adapter.up(h * gamma)
+
+
+def masked_reference(net: MultiExitViT, images: torch.Tensor) -> torch.Tensor:
+    """Logits [B, K, C] of the layout of commit 41f771a: one sequence [c_1..c_{K-1}, c_K, R, P]
+    through timm's own `Attention` with the stream mask, gamma gathered per token position."""
+    bb = net.backbone
+    x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+    n0 = net.num_early_tokens(0)
+    if n0:
+        x = torch.cat([x[:, :1].expand(-1, n0, -1), x], dim=1)
+    attn_ad = net.adapters["attn"] if "attn" in net.adapters else None
+    mlp_ad = net.adapters["mlp"] if "mlp" in net.adapters else None
+    parallel = net.parallel_adapters
+    features = []
+    for stage in range(net.num_exits):
+        n_early, tokens = net.num_early_tokens(stage), x.shape[1]
+        mask = net.attention_mask(n_early, tokens, x.device) if n_early else None
+        gamma_index = None
+        if net.exit_specific:
+            gamma_index = torch.full((tokens,), net.num_exits - 1, dtype=torch.long)
+            gamma_index[:n_early] = torch.arange(stage, stage + n_early)
+        for i in net.stage_blocks(stage):
+            blk = bb.blocks[i]
+            if attn_ad is not None:
+                x = _reference_adapter(attn_ad[i], x, gamma_index)
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=mask)))
+            if mlp_ad is not None:
+                x = _reference_adapter(mlp_ad[i], x, gamma_index)
+            mlp = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            x = x + (mlp + parallel[i](x) if parallel is not None else mlp)
+        features.append(net.norms[stage](x[:, 0]))
+        x = x[:, 1:] if n_early else x
+    return torch.stack([h(f) for h, f in zip(net.heads, features, strict=True)], dim=1)
+
+
+def randomize(net: torch.nn.Module, std: float = 0.3) -> None:
+    """Non-trivial trainable weights (zero-initialized up-projections would hide adapters)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * std)
+
+
+VARIANTS = {
+    "e_adapter": dict(),
+    "shared_gamma": dict(exit_specific=False),
+    "no_separate_cls": dict(exit_specific=False, separate_cls=False),
+    "attn_site": dict(sites=["attn"]),
+    "mlp_site": dict(sites=["mlp"]),
+    "binary": dict(bits=1),
+    "adaptformer": dict(adapter_kind="adaptformer", exit_specific=False, sites=["mlp"]),
+    "lora": dict(adapter_kind="lora", exit_specific=False, sites=["q", "v"]),
+    "none": dict(adapter_kind="none", exit_specific=False, sites=[]),
+    "registers": dict(reg_tokens=2),
+    "two_exits": dict(exits=[2, 4]),
+}
+
+
+def build(variant: str) -> MultiExitViT:
+    kwargs = dict(VARIANTS[variant])
+    reg = kwargs.pop("reg_tokens", 0)
+    exits = kwargs.pop("exits", [1, 2, 3, 4])
+    torch.manual_seed(0)
+    net = MultiExitViT(tiny_backbone(reg_tokens=reg), 7, exits, **kwargs).eval()
+    randomize(net)
+    return net
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_streams_equal_the_masked_formulation(variant, dtype, tol):
+    net = build(variant).to(dtype)
+    images = torch.randn(3, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        expected = masked_reference(net, images)
+        got = net(images).logits
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_explicit_attention_path_equals_the_reference():
+    net = build("e_adapter").double()
+    for block in net.backbone.blocks:
+        block.attn.fused_attn = False
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images).logits, masked_reference(net, images),
+                                   atol=1e-10, rtol=1e-10)  # fmt: skip
+
+
+def test_main_attention_is_unmasked_and_holds_no_early_token(monkeypatch):
+    """Every fused attention call is maskless over c_K, R, P only (flash-eligible)."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2], kwargs.get("attn_mask"), args))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(blocks_module.F, "scaled_dot_product_attention", spy)
+    net = build("registers")
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32))
+    main_tokens = 1 + 2 + 16  # c_K, 2 registers, 16 patches
+    assert len(calls) == 4  # one per block
+    assert all(c == (main_tokens, main_tokens, None, ()) for c in calls)
+
+
+def test_stage_api_and_take():
+    net = build("e_adapter")
+    images = torch.randn(5, 3, 32, 32)
+    rows = torch.tensor([4, 1, 2])
+    with torch.no_grad():
+        full = net(images).logits
+        state = net.embed(images)
+        assert isinstance(state, StreamState)
+        assert state.main.shape == (5, 17, 48) and state.early.shape == (5, 3, 48)
+        for stage in range(net.num_exits):
+            state = net.run_stage(stage, state)
+            if stage == 1:
+                state = net.take(state, rows)
+            logits = net.heads[stage](net.exit_features(stage, state))
+            expected = full[:, stage] if stage < 1 else full[rows, stage]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+            state = net.leave(stage, state)
+        assert state.early is None
+
+
+def test_gamma_keeps_the_activation_dtype():
+    adapter = EAdapter(16, 4, num_gammas=3)
+    torch.nn.init.normal_(adapter.up.weight)
+    x = torch.randn(2, 5, 16).bfloat16()
+    assert adapter.bfloat16()(x, 2).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = adapter.float().act(adapter.down(torch.randn(2, 5, 16)))
+        assert (h * adapter.gamma[1].to(h.dtype)).dtype == torch.bfloat16
+
+
+def test_previous_layout_checkpoint_loads_and_predicts_identically():
+    """State dicts + logits written at commit 41f771a (tests/fixtures/make_prev_layout.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make", FIXTURE.with_name("make_prev_layout.py"))
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    tensors = load_file(str(FIXTURE))
+    for name, kwargs in make.VARIANTS.items():
+        backbone = create_backbone("vit_tiny_patch16_224", model_kwargs=make.KWARGS)
+        net = MultiExitViT(backbone, 5, [1, 2, 3], **kwargs).eval()
+        prefix = f"{name}/state/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        net.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            logits = net(tensors["images"]).logits
+        torch.testing.assert_close(logits, tensors[f"{name}/logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    net = build("e_adapter").train()
+    images = torch.randn(2, 3, 32, 32)
+
+    def step(module):
+        out = module(images)
+        loss = out.logits.float().square().mean()
+        loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()
+                                     if p.requires_grad}  # fmt: skip
+
+    eager_logits, eager_grads = step(net)
+    net.zero_grad(set_to_none=True)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    logits, grads = step(compiled)
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
