@@ -34,7 +34,6 @@ import datetime as dt
 import inspect
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,10 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: python experiments/NAME.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_common import machine  # noqa: E402
 from met_lightning.inference.budget import (
     SplitScores,
     calibrate_thresholds,
@@ -56,18 +59,6 @@ from met_lightning.models.multi_exit_vit import MultiExitViT
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DISTRIBUTIONS = ("50,25,15,10", "25,25,25,25", "10,15,25,50")
 EXITS = [3, 6, 9, 12]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def sync(device: torch.device) -> None:
@@ -376,7 +367,7 @@ def main() -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text + "\n")
     plain_args = {k: v for k, v in vars(args).items() if k not in ("before", "out", "render")}
-    payload = {"command": command, "machine": machine(), "date": when, "device": device.type,
+    payload = {"command": command, "machine": machine(device), "date": when, "device": device.type,
                "args": plain_args, "results": results}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
 

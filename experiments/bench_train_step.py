@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import pickle
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,14 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run as a script: python experiments/NAME.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_common import machine  # noqa: E402
 from met_lightning.losses.multi_exit import MultiExitLoss
 from met_lightning.models.backbone import create_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.optim import AdamW
+from tests.data_fixtures import write_cifar100  # noqa: E402 - the real pickle format
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 100
@@ -66,19 +68,6 @@ def variant_kwargs(name: str, depth: int) -> tuple[dict[str, Any], float]:
         "met_1exit": (dict(exits=[depth], adapter_kind="e_adapter"), 0.0),
         "met": (dict(exits=four, adapter_kind="e_adapter"), 0.1),
     }[name]
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
 
 
 def sync(device: torch.device) -> None:
@@ -196,33 +185,6 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict[str
 
 
 # ---------------------------------------------------------------------- the real Trainer run
-def write_cifar100(root: Path, n_train: int, n_test: int) -> None:
-    """`root/cifar-100-python/{train,test,meta}` in the official pickle format (as
-    tests/data_fixtures.py writes it), random pixels."""
-    from met_lightning.data.cifar import CIFAR100_CLASSES
-
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = [i % 100 for i in range(n)]
-        entry = {
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            b"batch_label": f"{name} batch".encode(),
-            b"fine_labels": fine,
-            b"coarse_labels": [label // 5 for label in fine],
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        }
-        with (folder / name).open("wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    meta = {
-        b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES],
-        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
-    }
-    with (folder / "meta").open("wb") as f:
-        pickle.dump(meta, f, protocol=2)
-
-
 class ThroughputCallback(L.Callback):
     """img / s of the first training epoch from the end of batch `warmup` to the end of its last
     batch (data loading, Trainer, logging included), written as JSON to `out`."""
