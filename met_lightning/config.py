@@ -260,6 +260,8 @@ def check_target_node(node: DictConfig, key: str) -> None:
             wanted = _non_string_kind(params[name].annotation)
             if wanted:
                 raise ConfigError(f"{key}.{name}={value!r} must be {wanted}, not a string")
+        if params[name].annotation in (bool, "bool") and not isinstance(value, bool):
+            raise ConfigError(f"{key}.{name}={value!r} must be true or false")
 
 
 def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:

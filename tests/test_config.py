@@ -56,6 +56,7 @@ from tests.helpers import compose_config, run_cli
         (["+trainer.max_epoch=3"], "trainer.max_epoch", "did you mean trainer.max_epochs?"),
         (["+optimizer.lrr=0.1"], "optimizer.lrr", "did you mean optimizer.lr?"),
         (["optimizer.lr=fast"], "optimizer.lr='fast'", "must be a number, not a string"),
+        (["optimizer.decay_norm_bias=3"], "optimizer.decay_norm_bias=3", "true or false"),
         (["data.num_workers=two"], "data.num_workers", "must be an integer, not a string"),
         (["data=vtab1k", "data.num_classes=ten"], "data.num_classes", "an integer or null"),
         (["trainer.max_epochs=0"], "trainer.max_epochs", ">= 1"),
