@@ -25,7 +25,6 @@ from rich.console import Console
 from rich.table import Table
 
 from met_lightning.atomic import write_text
-from met_lightning.checkpoint import read_trainable
 from met_lightning.cli import check_writable, exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.data.base import InputSpec
@@ -38,13 +37,7 @@ from met_lightning.data.images import (
 )
 from met_lightning.errors import ConfigError, DataError
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import check_mode, check_precision, check_thresholds
-from met_lightning.inference.session import (  # noqa: F401 - choose_thresholds, store_path: API
-    choose_thresholds,
-    open_session,
-    pick_device,
-    store_path,
-)
+from met_lightning.inference.session import check_session_options, open_session
 from met_lightning.macs import format_macs
 
 log = logging.getLogger(__name__)
@@ -144,15 +137,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "input"):
         raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and input=IMAGE_FILE_OR_FOLDER")
     # everything that can fail is checked before the network is built and an image is read
-    _, recorded = read_trainable(cfg.checkpoint)  # fails fast on a missing / foreign file
-    if cfg.thresholds is not None and cfg.budget is None:
-        check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
+    device = check_session_options(cfg)
     if cfg.output:
         check_writable(cfg.output, "output", folder=False)
-    if cfg.precision is not None:
-        check_precision(cfg.precision)
-    device = pick_device(cfg.device)
-    check_mode(cfg.engine_mode, device)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
     session = open_session(cfg, device)

@@ -32,13 +32,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from met_lightning.checkpoint import read_trainable
 from met_lightning.cli import exit_on_user_error
 from met_lightning.config import _typed, config_dir
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import check_mode, check_precision, check_thresholds
-from met_lightning.inference.session import Session, decode_image, open_session, pick_device
+from met_lightning.inference.engine import check_precision
+from met_lightning.inference.session import (
+    Session,
+    check_session_options,
+    decode_image,
+    open_session,
+)
 
 try:  # the [serve] extra
     import litserve as ls
@@ -308,10 +312,7 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     check_installed()
     cfg = _typed(OmegaConf.create({"serve": cfg}), "serve", ServeSchema)
     check_serve_config(cfg)
-    _, recorded = read_trainable(cfg.checkpoint)  # fails fast on a missing / corrupt file
-    if cfg.thresholds is not None and cfg.budget is None:
-        check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
-    device = pick_device(cfg.device)
+    device = check_session_options(cfg)  # checkpoint, thresholds, precision, device, mode
     if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
         raise ConfigError(
             f"device={cfg.device}: serve runs on cpu or cuda (the first visible GPU; choose it "
@@ -323,7 +324,6 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         and (device.type == "cpu")
     ):
         raise ConfigError("precision=16 needs a GPU device; use precision=bf16 or 32 on CPU")
-    check_mode(cfg.engine_mode, device)
     # the worker process opens its own session on `device`; this one only answers /info
     session = open_session(OmegaConf.merge(cfg, {"engine_mode": "eager"}), torch.device("cpu"))
     info = server_info(session, cfg)

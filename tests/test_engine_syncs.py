@@ -14,6 +14,7 @@ from met_lightning.inference.engine import (
 )
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from tests.helpers import tiny_backbone
+from tests.test_early_exit import trained_like
 
 aten = torch.ops.aten
 # ops that read a device value on the host (or size an output by the data, which does)
@@ -43,15 +44,6 @@ class SyncCounter(TorchDispatchMode):
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 self.ops.append(f"{func} (boolean mask)")
         return func(*args, **kwargs)
-
-
-def trained_like(net: MultiExitViT) -> MultiExitViT:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in net.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

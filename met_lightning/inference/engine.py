@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -99,7 +99,11 @@ def bucket_size(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-StageFn = Callable[[int, object], tuple[object, torch.Tensor, torch.Tensor]]
+def score_stage(net: torch.nn.Module, stage: int, state, kind: str):
+    """Run stage `stage` of `net` on `state` -> (state, logits [B, C], confidence [B])."""
+    state = net.run_stage(stage, state)
+    logits = net.heads[stage](net.exit_features(stage, state))
+    return state, logits, confidence(logits, kind)
 
 
 class _StageGraphs:
@@ -112,10 +116,7 @@ class _StageGraphs:
         self.pool = None
 
     def _eager(self, stage: int, state):
-        net = self.net
-        state = net.run_stage(stage, state)
-        logits = net.heads[stage](net.exit_features(stage, state))
-        return state, logits, confidence(logits, self.kind)
+        return score_stage(self.net, stage, state, self.kind)
 
     def _capture(self, stage: int, state, size: int) -> tuple:
         def buffer(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,10 +185,7 @@ class EarlyExitEngine:
         """Run stage `stage` -> (state, logits [B, C], confidence [B])."""
         if self._graphs is not None:
             return self._graphs(stage, state)
-        net = self.net
-        state = net.run_stage(stage, state)
-        logits = net.heads[stage](net.exit_features(stage, state))
-        return state, logits, confidence(logits, self.kind)
+        return score_stage(self.net, stage, state, self.kind)
 
     def limits(self, device: torch.device) -> torch.Tensor:
         if device not in self._limits_on:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from met_lightning.checkpoint import load_trainable
+from met_lightning.checkpoint import load_trainable, read_trainable
 from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import eval_transform, to_input_mode
 from met_lightning.errors import CheckpointError, ConfigError
@@ -27,6 +27,7 @@ from met_lightning.inference.engine import (
     PRECISIONS,
     EarlyExitEngine,
     EarlyExitResult,
+    check_mode,
     check_precision,
     check_thresholds,
     warn_precision_mismatch,
@@ -106,6 +107,22 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
+
+
+def check_session_options(cfg: Any) -> torch.device:
+    """Check what `open_session` would fail on, before any network is built; return the device.
+
+    A missing / corrupt checkpoint, thresholds of the wrong length, an unknown precision, device or
+    engine mode (graphs without CUDA) raise here.
+    """
+    _, recorded = read_trainable(cfg.checkpoint)
+    if cfg.thresholds is not None and cfg.budget is None:
+        check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
+    if cfg.get("precision") is not None:
+        check_precision(cfg.precision)
+    device = pick_device(cfg.device)
+    check_mode(cfg.get("engine_mode", "eager"), device)
+    return device
 
 
 def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
