@@ -20,6 +20,8 @@ At batch 1 it reports the latency (p50, p90) of an image leaving at each exit in
 the engine's stages; graphs (CUDA) = `torch.compile(mode="reduce-overhead")` on the two forwards
 and the engine's CUDA-graph mode. The script only uses the stage API shared with commit 41f771a,
 so the same file measures the code before this change (`PYTHONPATH=<old checkout>`).
+`--layouts streams joint` times MET in each token layout (`MultiExitViT.token_layout`; default
+auto: streams on CUDA, joint on a CPU).
 
     python experiments/bench_early_exit.py   # CPU defaults, writes experiments/results/
     python experiments/bench_early_exit.py --device cuda --precision bf16 \\
@@ -241,7 +243,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, device
         "",
     ]
     for res in results:
-        head = f"## {res['model']}, {res['mode']}, batch {res['batch']}: "
+        layout = f", layout {res['layout']}" if "layout" in res else ""
+        head = f"## {res['model']}{layout}, {res['mode']}, batch {res['batch']}: "
         head += f"{format_macs(res['full_macs'])} per image at the last exit; MET without early "
         head += f"exit vs timm {res['plain_vs_timm']:.3f}x"
         if "overhead" in res:
@@ -308,6 +311,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64, 512])
     parser.add_argument("--modes", nargs="+", default=["eager"],
                         choices=["eager", "compiled", "graphs"])  # fmt: skip
+    parser.add_argument("--layouts", nargs="+", default=["auto"],
+                        choices=["auto", "streams", "joint"])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=1)
@@ -357,10 +362,14 @@ def main() -> None:
     results = []
     for name in args.models:
         nets = build(name, args, device)
-        for mode in args.modes:
-            for batch in args.batches:
-                print(f"{name} {mode} batch {batch} on {device} ...", flush=True)
-                results.append(bench_batch(name, nets, args, device, batch, mode))
+        for layout in args.layouts:
+            if hasattr(nets[1], "token_layout"):  # older checkouts have one layout
+                nets[1].token_layout = layout
+            for mode in args.modes:
+                for batch in args.batches:
+                    print(f"{name} {layout} {mode} batch {batch} on {device} ...", flush=True)
+                    result = bench_batch(name, nets, args, device, batch, mode)
+                    results.append({**result, "layout": layout})
     text = markdown(results, args, command, device.type, when, load_before(args.before))
     print(text)
     stem = args.out or RESULTS / f"bench_early_exit_{device.type}"

@@ -1,4 +1,5 @@
-"""The unmasked main path + early-token stream equals the masked formulation of commit 41f771a."""
+"""Both token layouts (unmasked main path + early-token stream; joint masked sequence) equal the
+masked formulation of commit 41f771a."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from met_lightning.errors import ConfigError
 from met_lightning.models import blocks as blocks_module
 from met_lightning.models.adapters import EAdapter
 from met_lightning.models.backbone import create_backbone
@@ -79,8 +81,11 @@ VARIANTS = {
 }
 
 
-def build(variant: str) -> MultiExitViT:
-    kwargs = dict(VARIANTS[variant])
+LAYOUTS = ["streams", "joint"]
+
+
+def build(variant: str, token_layout: str = "streams") -> MultiExitViT:
+    kwargs = dict(VARIANTS[variant], token_layout=token_layout)
     reg = kwargs.pop("reg_tokens", 0)
     exits = kwargs.pop("exits", [1, 2, 3, 4])
     torch.manual_seed(0)
@@ -89,10 +94,11 @@ def build(variant: str) -> MultiExitViT:
     return net
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_streams_equal_the_masked_formulation(variant, dtype, tol):
-    net = build(variant).to(dtype)
+def test_layouts_equal_the_masked_formulation(variant, dtype, tol, layout):
+    net = build(variant, layout).to(dtype)
     images = torch.randn(3, 3, 32, 32, dtype=dtype)
     with torch.no_grad():
         expected = masked_reference(net, images)
@@ -100,8 +106,9 @@ def test_streams_equal_the_masked_formulation(variant, dtype, tol):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
-def test_explicit_attention_path_equals_the_reference():
-    net = build("e_adapter").double()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_explicit_attention_path_equals_the_reference(layout):
+    net = build("e_adapter", layout).double()
     for block in net.backbone.blocks:
         block.attn.fused_attn = False
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -128,8 +135,9 @@ def test_main_attention_is_unmasked_and_holds_no_early_token(monkeypatch):
     assert all(c == (main_tokens, main_tokens, None, ()) for c in calls)
 
 
-def test_stage_api_and_take():
-    net = build("e_adapter")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stage_api_and_take(layout):
+    net = build("e_adapter", layout)
     images = torch.randn(5, 3, 32, 32)
     rows = torch.tensor([4, 1, 2])
     with torch.no_grad():
@@ -146,6 +154,16 @@ def test_stage_api_and_take():
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
             state = net.leave(stage, state)
         assert state.early is None
+
+
+def test_auto_layout_is_streams_on_cuda_only_and_checked():
+    net = build("e_adapter", "auto")
+    assert net.runs_joint(torch.zeros(1))
+    assert net.runs_joint(torch.zeros(1, device="meta"))  # not CUDA
+    net.token_layout = "streams"
+    assert not net.runs_joint(torch.zeros(1))
+    with pytest.raises(ConfigError, match=r"model.token_layout='mask' must be one of"):
+        net.token_layout = "mask"
 
 
 def test_gamma_keeps_the_activation_dtype():

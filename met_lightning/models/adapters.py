@@ -39,9 +39,9 @@ class EAdapter(_Bottleneck):
         self.act = nn.GELU()
         self.gamma = nn.Parameter(torch.ones(num_gammas, rank))
 
-    def forward(self, x: torch.Tensor, rows: int | slice = 0) -> torch.Tensor:
-        """x: [B, T, d] tokens of one stream; `rows`: the gamma row (exit) that scales them all
-        (an int: gamma [r]) or one row per token position (a slice of T rows: gamma [T, r]).
+    def forward(self, x: torch.Tensor, rows: int | slice | torch.Tensor = 0) -> torch.Tensor:
+        """x: [B, T, d] tokens; `rows`: the gamma row (exit) that scales them all (an int: gamma
+        [r]) or one row per token position (a slice of T rows or a long [T] index: gamma [T, r]).
 
         gamma is cast to the bottleneck's dtype, so it never promotes bf16 activations.
         """

@@ -10,6 +10,11 @@ kept), with one more entry point, `forward_streams`, for MET's two token streams
   adapter / MLP passes. The query of ``c_k`` attends to the main path's keys and values of
   ``R, P`` (not ``c_K``) and to its own key and value; nothing in the main path reads ``e``.
 
+`forward_joint` runs the same block on the joint sequence ``[early, main]`` [B, E + T, d] with
+the stream semantics as a boolean attention mask (timm's own attention): fewer, larger ops,
+which is faster where kernel launches dominate (a CPU, a tiny model); see
+`MultiExitViT.token_layout`.
+
 The early attention is exact and cheap (E queries): scores against all main keys, the ``c_K``
 column replaced by the token's own score, one softmax, and the ``c_K`` value replaced by the
 token's own value. Nothing of size T is concatenated or copied: the products read the main keys
@@ -140,6 +145,24 @@ class StreamBlock(Block):
         if e is not None:
             e = e + self._mlp(e, parallel)
         return x, e
+
+    def forward_joint(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        adapt_attn: StreamAdapter | None = None,
+        adapt_mlp: StreamAdapter | None = None,
+        parallel: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """One block on the joint sequence x [B, E + T, d] = [early, main] with the boolean
+        attention mask [E + T, E + T] (True: may attend; None without early tokens). The same
+        numbers as `forward_streams`; the adapters are called with stream "joint"."""
+        if adapt_attn is not None:
+            x = adapt_attn(x, "joint")
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask)))
+        if adapt_mlp is not None:
+            x = adapt_mlp(x, "joint")
+        return x + self._mlp(x, parallel)
 
     def _mlp(self, x: torch.Tensor, parallel: nn.Module | None) -> torch.Tensor:
         out = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -12,6 +12,13 @@ of `attention_mask` over ``[c_1, ..., c_{K-1}, c_K, R, P]``: queries of ``c_K, R
 runs the main stream unmasked (timm's fused attention) and the early tokens as a small separate
 stream (`blocks.StreamBlock`); both give the same numbers. With ``separate_cls=false`` there are
 no early tokens and every exit reads ``c_K``.
+
+`token_layout` picks how a stage runs the two streams (same numbers, different speed):
+``streams`` (the layout above: flash-eligible attention, no per-token gamma gather; the fast one
+on a GPU), ``joint`` (the early tokens concatenated in front of the main ones once per stage and
+the mask above: about half the kernel launches per block; the fast one on a CPU, where small ops
+dominate) or ``auto`` (streams on CUDA, joint elsewhere). Between stages the state is always the
+two streams.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
 }
 # timm ViT modules after the last block: MultiExitViT reads the class token through its own norms
 UNUSED_BACKBONE_PARTS = ("norm", "fc_norm", "attn_pool", "head_drop", "head")
+# how a stage runs the main and early streams (module docstring); auto: streams on CUDA only
+TOKEN_LAYOUTS = ("auto", "streams", "joint")
 # model.adapter.scale when null (AdaptFormer's s)
 DEFAULT_SCALE = {"adaptformer": 0.1}
 # model.adapter.alpha when null: HF peft's default `lora_alpha` (LoraConfig); LoRA's B A x is
@@ -206,6 +215,7 @@ class MultiExitViT(nn.Module):
         scale: float | None = None,
         finetune_backbone: bool = False,
         alpha: float | None = None,
+        token_layout: str = "auto",
     ) -> None:
         super().__init__()
         self.spec = spec_of(backbone)
@@ -220,6 +230,7 @@ class MultiExitViT(nn.Module):
         self.rank = int(rank) if adapter_kind != "none" else 0
         self.sites = tuple(sites)
         self.finetune_backbone = bool(finetune_backbone)
+        self.token_layout = token_layout  # checked by the property setter
         for i, blk in enumerate(backbone.blocks):  # same parts and names, one more entry point
             backbone.blocks[i] = StreamBlock.from_block(blk)
         if self.finetune_backbone:
@@ -262,8 +273,10 @@ class MultiExitViT(nn.Module):
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        # the stream semantics as a mask (reference and tests only), per (layout, device)
+        # the stream semantics as a mask (joint layout), per (layout, device)
         self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        # the gamma row of every token of the joint sequence, per (stage, device)
+        self._gamma_index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
@@ -291,6 +304,26 @@ class MultiExitViT(nn.Module):
             finetune_backbone=model.get("finetune_backbone", False),
             alpha=alpha,
         )
+
+    @property
+    def token_layout(self) -> str:
+        """How stages run the two token streams: auto | streams | joint (module docstring)."""
+        return self._token_layout
+
+    @token_layout.setter
+    def token_layout(self, layout: str) -> None:
+        if layout not in TOKEN_LAYOUTS:
+            raise ConfigError(
+                f"model.token_layout={layout!r} must be one of {list(TOKEN_LAYOUTS)} (auto: "
+                "streams on CUDA, joint elsewhere; both give the same numbers)"
+            )
+        self._token_layout = layout
+
+    def runs_joint(self, tokens: torch.Tensor) -> bool:
+        """Whether a stage on `tokens`' device uses the joint layout."""
+        if self._token_layout == "auto":
+            return tokens.device.type != "cuda"
+        return self._token_layout == "joint"
 
     # ------------------------------------------------------------------ structure
     def train(self, mode: bool = True) -> MultiExitViT:
@@ -323,7 +356,7 @@ class MultiExitViT(nn.Module):
 
     def attention_mask(self, n_early: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """The stream semantics as a boolean [T, T] mask over ``[c_1..c_{K-1}, c_K, R, P]``, True
-        where a query (row) may attend to a key (column). The forward does not use it."""
+        where a query (row) may attend to a key (column); the joint layout runs with it."""
         key = (n_early, num_tokens, device)
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -342,22 +375,55 @@ class MultiExitViT(nn.Module):
             return 0, slice(0, 1)
         return self.num_exits - 1, slice(stage, stage + self.num_early_tokens(stage))
 
-    def _stream_adapter(self, site: str, block: int, stage: int):
+    def gamma_index(self, stage: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """The gamma row of each token of the joint sequence ``[early, main]`` of `stage`:
+        long [num_tokens] (E early rows, then the main row repeated)."""
+        key = (stage, num_tokens, device)
+        index = self._gamma_index_cache.get(key)
+        if index is None:
+            main_row, early_rows = self.gamma_rows(stage)
+            n_early = self.num_early_tokens(stage)
+            early = list(range(early_rows.start, early_rows.stop))
+            early = early if len(early) == n_early else [early[0]] * n_early
+            rows = early + [main_row] * (num_tokens - n_early)
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            self._gamma_index_cache[key] = index
+        return index
+
+    def _stream_adapter(
+        self, site: str, block: int, stage: int, joint_rows: torch.Tensor | None = None
+    ):
         if site not in self.adapters:
             return None
         adapter = self.adapters[site][block]
         main_rows, early_rows = self.gamma_rows(stage)
 
         def adapt(tokens: torch.Tensor, stream: str) -> torch.Tensor:
-            return adapter(tokens, main_rows if stream == "main" else early_rows)
+            rows = {"main": main_rows, "early": early_rows, "joint": joint_rows}[stream]
+            return adapter(tokens, rows)
 
         return adapt
 
     def run_stage(self, stage: int, state: StreamState) -> StreamState:
-        """Run the blocks of exit stage `stage` on both streams."""
+        """Run the blocks of exit stage `stage` on both streams (in `token_layout`)."""
         x, e = state
         parallel = self.parallel_adapters
-        for i in self.stage_blocks(stage):
+        blocks = self.stage_blocks(stage)
+        if e is not None and self.runs_joint(x):
+            n_early = e.shape[1]
+            xs = torch.cat([e, x], dim=1)  # once per stage, not per block
+            mask = self.attention_mask(n_early, xs.shape[1], xs.device)
+            rows = self.gamma_index(stage, xs.shape[1], xs.device)
+            for i in blocks:
+                xs = self.backbone.blocks[i].forward_joint(
+                    xs,
+                    mask,
+                    self._stream_adapter("attn", i, stage, rows),
+                    self._stream_adapter("mlp", i, stage, rows),
+                    parallel[i] if parallel is not None else None,
+                )
+            return StreamState(xs[:, n_early:], xs[:, :n_early])
+        for i in blocks:
             x, e = self.backbone.blocks[i].forward_streams(
                 x,
                 e,
