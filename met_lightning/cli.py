@@ -14,12 +14,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.errors import ConfigError, MetError
 
 T = TypeVar("T")
+
+
+def user_task(run: Callable[[DictConfig], Any]) -> Callable[[DictConfig], None]:
+    """The Hydra task of a console entry point: `run(cfg)`, a user error as one line, exit 2."""
+
+    def task(cfg: DictConfig) -> None:
+        exit_on_user_error(lambda: run(cfg))
+
+    return task
+
+
+def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> None:
+    """Run `task` as the Hydra app of `conf/<config_name>.yaml` (command-line overrides apply)."""
+    from met_lightning.config import config_dir  # config imports the models; cli stays light
+
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)()
 
 
 def user_error(err: BaseException | None) -> MetError | None:

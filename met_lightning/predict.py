@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from met_lightning.atomic import write_text
-from met_lightning.cli import check_writable, exit_on_user_error
-from met_lightning.config import _typed, config_dir
+from met_lightning.cli import check_writable, hydra_app, user_task
+from met_lightning.config import _typed
 from met_lightning.data.base import InputSpec
 from met_lightning.data.images import (
     IMAGE_EXTENSIONS,
@@ -211,13 +210,12 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _task(cfg: DictConfig) -> None:
-    exit_on_user_error(lambda: predict(cfg))
+_task = user_task(predict)
 
 
 def main() -> None:
     """Console entry point (`met-predict`)."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")(_task)()
+    hydra_app("predict", _task)
 
 
 if __name__ == "__main__":

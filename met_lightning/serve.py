@@ -27,13 +27,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from met_lightning.cli import exit_on_user_error
-from met_lightning.config import _typed, config_dir
+from met_lightning.cli import hydra_app, user_task
+from met_lightning.config import _typed
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import check_confidence
 from met_lightning.inference.engine import check_precision
@@ -364,13 +363,12 @@ def serve(cfg: DictConfig) -> None:
     )
 
 
-def _task(cfg: DictConfig) -> None:
-    exit_on_user_error(lambda: serve(cfg))
+_task = user_task(serve)
 
 
 def main() -> None:
     """Console entry point (`met-serve`)."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")(_task)()
+    hydra_app("serve", _task)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,6 +51,14 @@ def counted_macs(fn, *args) -> float:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         fn(*args)
     return counter.get_total_flops() / 2
+
+
+def predict_config(**values) -> DictConfig:
+    """conf/predict.yaml with `values` set, as the CLI would compose it (no Hydra run)."""
+    base = OmegaConf.load(f"{config_dir()}/predict.yaml")
+    base.pop("defaults")
+    base.pop("hydra")
+    return OmegaConf.merge(base, values)
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -40,14 +40,23 @@ def trained_like(net: MultiExitViT, scale: float = 0.05) -> MultiExitViT:
     return net.eval()
 
 
+def trained_net() -> MultiExitViT:
+    """The tiny 4-exit network with trained-like weights (exits disagree), in eval mode."""
+    return trained_like(MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]))
+
+
+def random_images(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
 @pytest.fixture(scope="module")
 def net():
-    return trained_like(MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]))
+    return trained_net()
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return random_images(96)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from met_lightning.inference.engine import (
     check_precision,
     precision_context,
 )
-from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.helpers import tiny_backbone
-from tests.test_early_exit import trained_like
+from tests.test_early_exit import random_images, trained_net
 
 aten = torch.ops.aten
 # ops that read a device value on the host (or size an output by the data, which does)
@@ -48,12 +46,12 @@ class SyncCounter(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def net():
-    return trained_like(MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4]))
+    return trained_net()
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return random_images(64)
 
 
 def calibrated(net, images, shares, precision="32-true"):
@@ -127,7 +125,7 @@ def test_bucket_sizes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_graph_mode_equals_eager_and_simulation(precision):
-    net = trained_like(MultiExitViT(tiny_backbone(), 10, [1, 2, 3, 4])).cuda()
+    net = trained_net().cuda()
     images = torch.randn(48, 3, 32, 32, device="cuda")
     full, scores, thresholds = calibrated(net, images, [0.3, 0.3, 0.2, 0.2], precision)
     eager = EarlyExitEngine(net, thresholds, precision=precision)

@@ -13,7 +13,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from met_lightning.checkpoint import load_trainable
-from met_lightning.config import config_dir
 from met_lightning.data.base import InputSpec
 from met_lightning.data.digits import stratified_split
 from met_lightning.errors import CheckpointError, ConfigError, DataError
@@ -22,7 +21,7 @@ from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import model_exit_costs
 from met_lightning.predict import predict
-from tests.helpers import run_cli
+from tests.helpers import predict_config, run_cli
 
 
 def write_digits(folder, indices):
@@ -37,14 +36,6 @@ def write_digits(folder, indices):
 
 def run_predict(args, cwd):
     return run_cli(args, cwd=cwd, module="met_lightning.predict")
-
-
-def predict_cfg(**values):
-    """conf/predict.yaml with `values` set, as the CLI would compose it."""
-    base = OmegaConf.load(f"{config_dir()}/predict.yaml")
-    base.pop("defaults")
-    base.pop("hydra")
-    return OmegaConf.merge(base, values)
 
 
 def test_engine_reproduces_the_runs_stored_simulation(tiny_run):
@@ -94,13 +85,13 @@ def test_predict_cli_with_a_budget(tiny_run, tmp_path):
 
 def test_predict_thresholds_and_defaults(tiny_run, tmp_path):
     inputs = write_digits(tmp_path / "in", range(10))
-    everyone_first = predict(predict_cfg(checkpoint=str(tiny_run), input=str(inputs),
+    everyone_first = predict(predict_config(checkpoint=str(tiny_run), input=str(inputs),
                                          thresholds=[0.0], show=0))  # fmt: skip
     assert {r["exit"] for r in everyone_first["rows"]} == {1}
-    nobody_early = predict(predict_cfg(checkpoint=str(tiny_run), input=[str(inputs)], show=0))
+    nobody_early = predict(predict_config(checkpoint=str(tiny_run), input=[str(inputs)], show=0))
     assert {r["exit"] for r in nobody_early["rows"]} == {2}
     assert nobody_early["totals"]["speedup"] == pytest.approx(1.0)
-    one_file = predict(predict_cfg(checkpoint=str(tiny_run / "trainable.safetensors"),
+    one_file = predict(predict_config(checkpoint=str(tiny_run / "trainable.safetensors"),
                                    input=str(inputs / "0000_0.png"), show=0))  # fmt: skip
     assert len(one_file["rows"]) == 1
 
@@ -120,14 +111,14 @@ def test_predict_errors_name_the_problem(tiny_run, tmp_path):
     ]
     for values, error, message in cases:
         with pytest.raises(error, match=message):
-            predict(predict_cfg(**values))
+            predict(predict_config(**values))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="has no images"):
-        predict(predict_cfg(**dict(ok, input=str(tmp_path / "empty"))))
+        predict(predict_config(**dict(ok, input=str(tmp_path / "empty"))))
     (inputs / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match="broken.png"):
-        predict(predict_cfg(**ok))
-    kept = predict(predict_cfg(**dict(ok, skip_bad_images=True)))
+        predict(predict_config(**ok))
+    kept = predict(predict_config(**dict(ok, skip_bad_images=True)))
     assert len(kept["rows"]) == 3
 
 
@@ -147,7 +138,7 @@ def test_predict_on_the_demo_checkpoint(demo_run, tmp_path):
     assert config.data._target_.endswith("DigitsDataModule")
     _, _, test_index = stratified_split(load_digits().target, 0.2, 0.2, seed=config.seed)
     inputs = write_digits(tmp_path / "in", test_index[:100])  # images the run never trained on
-    result = predict(predict_cfg(checkpoint=str(folder), input=str(inputs), budget=0.5, show=0))
+    result = predict(predict_config(checkpoint=str(folder), input=str(inputs), budget=0.5, show=0))
     rows, totals = result["rows"], result["totals"]
     accuracy = np.mean([r["class_name"] == r["file"].split("_")[-1][0] for r in rows])
     assert accuracy >= 0.9

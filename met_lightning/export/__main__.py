@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.checkpoint import load_trainable, read_trainable
-from met_lightning.cli import check_writable, exit_on_user_error
-from met_lightning.config import _typed, config_dir
+from met_lightning.cli import check_writable, hydra_app, user_task
+from met_lightning.config import _typed
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import check_confidence
 
@@ -56,13 +55,12 @@ def export(cfg: DictConfig) -> dict:
     return manifest
 
 
-def _task(cfg: DictConfig) -> None:
-    exit_on_user_error(lambda: export(cfg))
+_task = user_task(export)
 
 
 def main() -> None:
     """Console entry point (`met-export`)."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")(_task)()
+    hydra_app("export", _task)
 
 
 if __name__ == "__main__":
