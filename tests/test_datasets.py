@@ -228,34 +228,26 @@ def test_cifar_extracts_a_local_archive_offline(tmp_path, cifar_root, monkeypatc
     assert len(ready(dm).test_set) == 100
 
 
-BAD_TEST_FILE = {  # what the test file holds -> the message
-    "not a pickle": (b"not a pickle", "cannot be read"),
-    "a list": ([1, 2], "cannot be read"),
-    "no labels": ({"data": np.zeros((10, 3072), np.uint8)}, "lacks the key 'fine_labels'"),
-    "rows of 100": ({"data": np.zeros((10, 100), np.uint8), "fine_labels": [0] * 10}, "reshape"),
-    "float": ({"data": np.zeros((10, 3072), np.float32), "fine_labels": [0] * 10}, "uint8"),
-    "label 100": ({"data": np.zeros((1, 3072), np.uint8), "fine_labels": [100]}, "outside 0..99"),
-}
+BAD_FILES = {  # case -> (file, what it holds, the message)
+    "not a pickle": ("test", b"not a pickle", "cannot be read"),
+    "a list": ("test", [1, 2], "cannot be read"),
+    "no labels": ("test", {"data": np.zeros((10, 3072), np.uint8)}, "lacks the key 'fine_labels'"),
+    "rows of 100": (
+        "test", {"data": np.zeros((10, 100), np.uint8), "fine_labels": [0] * 10}, "reshape"
+    ),
+    "float": ("test", {"data": np.zeros((10, 3072), np.float32), "fine_labels": [0] * 10}, "uint8"),
+    "label 100": (
+        "test", {"data": np.zeros((1, 3072), np.uint8), "fine_labels": [100]}, "outside 0..99"
+    ),
+    "meta not a pickle": ("meta", b"\x80\x02garbage", "cannot be read"),
+    "10 names": ("meta", {"fine_label_names": ["a"] * 10}, "expected 100"),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("bad", list(BAD_TEST_FILE))
+@pytest.mark.parametrize("bad", list(BAD_FILES))
 def test_cifar_corrupt_file(tmp_path, bad):
-    folder = write_cifar100(tmp_path, n_train=120, n_test=10)
-    content, message = BAD_TEST_FILE[bad]
-    path = folder / "test"
-    path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
-    with pytest.raises(DataError, match=re.escape(str(path))) as err:
-        ready(make_cifar(tmp_path, val_size=20))
-    assert message in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [(b"\x80\x02garbage", "cannot be read"), ({"fine_label_names": ["a"] * 10}, "expected 100")],
-)
-def test_cifar_corrupt_meta(tmp_path, content, message):
-    folder = write_cifar100(tmp_path, n_train=120, n_test=10)
-    path = folder / "meta"
+    name, content, message = BAD_FILES[bad]
+    path = write_cifar100(tmp_path, n_train=120, n_test=10) / name
     path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
     with pytest.raises(DataError, match=re.escape(str(path))) as err:
         ready(make_cifar(tmp_path, val_size=20))
