@@ -21,16 +21,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.atomic import write_text
 from met_lightning.builders import build_backbone, build_loss, build_network
-from met_lightning.checkpoint import FILENAME, save_trainable
+from met_lightning.checkpoint import (
+    FILENAME,
+    FINGERPRINT_KEY,
+    SafeCheckpointIO,
+    backbone_fingerprint,
+    load_lightning_checkpoint,
+    remove_stale_files,
+    resume_argv,
+    resume_checkpoint,
+    save_trainable,
+)
 from met_lightning.cli import exit_on_user_error, user_error
 from met_lightning.config import config_dir, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.callback import BudgetAnalysis
-from met_lightning.models.fingerprint import KEY as FINGERPRINT_KEY
-from met_lightning.models.fingerprint import backbone_fingerprint
-from met_lightning.resume import remove_stale_files, resume_argv, resume_checkpoint
-from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
@@ -256,7 +262,8 @@ def _task(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: load `.env` (from the working directory up), then run the Hydra app.
 
-    `resume=RUN_DIR` also brings in the run's own overrides and its folder (met_lightning.resume).
+    `resume=RUN_DIR` also brings in the run's own overrides and its folder
+    (met_lightning.checkpoint.resume).
     """
     load_dotenv(find_dotenv(usecwd=True), override=False)
     sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))

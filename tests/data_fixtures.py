@@ -15,25 +15,26 @@ VTAB_COUNTS = {"train800.txt": 8, "val200.txt": 4, "test.txt": 8}
 
 
 def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
-    """`root/cifar-100-python/{train,test,meta}` as in the official archive (Python-2 style pickles
-    with bytes keys, uint8 data [N, 3072] in channel-major order, balanced fine labels)."""
+    """`root/cifar-100-python/{train,test,meta}` as the official archive's files load with
+    `pickle.load(f, encoding="latin1")` (their Python-2 strings come back as str): uint8 data
+    [N, 3072] in channel-major order, balanced fine labels, the fine label names."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", n_train), ("test", n_test)):
         fine = [i % 100 for i in range(n)]
         entry = {
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            b"batch_label": f"{name} batch".encode(),
-            b"fine_labels": fine,
-            b"coarse_labels": [label // 5 for label in fine],
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)],
+            "batch_label": f"{name} batch",
+            "fine_labels": fine,
+            "coarse_labels": [label // 5 for label in fine],
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
         }
         with (folder / name).open("wb") as f:
             pickle.dump(entry, f, protocol=2)
     meta = {
-        b"fine_label_names": [name.encode() for name in CIFAR100_CLASSES],
-        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+        "fine_label_names": list(CIFAR100_CLASSES),
+        "coarse_label_names": [f"super_{i}" for i in range(20)],
     }
     with (folder / "meta").open("wb") as f:
         pickle.dump(meta, f, protocol=2)
@@ -41,10 +42,9 @@ def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int 
 
 
 def cifar_file(folder: Path, name: str) -> dict:
-    """A CIFAR pickle with str keys."""
+    """A CIFAR pickle's contents."""
     with (folder / name).open("rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        return pickle.load(f, encoding="latin1")
 
 
 def write_image(path: Path, rng: np.random.Generator, size: int = 16, mode: str = "RGB") -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 import socket
 import tarfile
@@ -114,6 +115,22 @@ def test_cifar_splits_labels_and_names(cifar_root):
     assert labels.dtype == torch.long
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar_reader_gives_the_files_tensors_bit_for_bit(cifar_root, split):
+    """torchvision's reader (HWC) gives back the files' channel-major uint8 rows in file order."""
+    folder = cifar_root / "cifar-100-python"
+    entry = cifar_file(folder, split)
+    images, labels, names = cifar.read_split(folder, split)
+    expected = torch.from_numpy(entry["data"].reshape(-1, 3, 32, 32))
+    assert images.dtype == torch.uint8 and images.is_contiguous()
+    assert torch.equal(images, expected)
+    assert labels.dtype == torch.int64 and labels.tolist() == entry["fine_labels"]
+    assert names == cifar_file(folder, "meta")["fine_label_names"] == list(CIFAR100_CLASSES)
+    if split == "test":  # the data module's test split is the file as it is
+        dm = ready(make_cifar(cifar_root))
+        assert torch.equal(dm.test_set.images, expected) and torch.equal(dm.test_set.labels, labels)
+
+
 def test_cifar_split_fixed_by_seed(cifar_root):
     a, b, c = (ready(make_cifar(cifar_root, seed=s)) for s in (1, 1, 2))
     assert torch.equal(a.val_set.images, b.val_set.images)
@@ -211,11 +228,30 @@ def test_cifar_extracts_a_local_archive_offline(tmp_path, cifar_root, monkeypatc
     assert len(ready(dm).test_set) == 100
 
 
-def test_cifar_corrupt_file(tmp_path):
-    folder = write_cifar100(tmp_path, n_train=120, n_test=10)
-    (folder / "test").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match=re.escape(str(folder / "test"))):
+BAD_FILES = {  # case -> (file, what it holds, the message)
+    "not a pickle": ("test", b"not a pickle", "cannot be read"),
+    "a list": ("test", [1, 2], "cannot be read"),
+    "no labels": ("test", {"data": np.zeros((10, 3072), np.uint8)}, "lacks the key 'fine_labels'"),
+    "rows of 100": (
+        "test", {"data": np.zeros((10, 100), np.uint8), "fine_labels": [0] * 10}, "reshape"
+    ),
+    "float": ("test", {"data": np.zeros((10, 3072), np.float32), "fine_labels": [0] * 10}, "uint8"),
+    "label 100": (
+        "test", {"data": np.zeros((1, 3072), np.uint8), "fine_labels": [100]}, "outside 0..99"
+    ),
+    "meta not a pickle": ("meta", b"\x80\x02garbage", "cannot be read"),
+    "10 names": ("meta", {"fine_label_names": ["a"] * 10}, "expected 100"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", list(BAD_FILES))
+def test_cifar_corrupt_file(tmp_path, bad):
+    name, content, message = BAD_FILES[bad]
+    path = write_cifar100(tmp_path, n_train=120, n_test=10) / name
+    path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
+    with pytest.raises(DataError, match=re.escape(str(path))) as err:
         ready(make_cifar(tmp_path, val_size=20))
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,11 @@ import torch
 
 from met_lightning.builders import build_loss, build_network
 from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
+from met_lightning.checkpoint.packing import export_state, pack, storage_bytes, unpack
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
 from met_lightning.models.adapters import EAdapter, ParallelAdapter
-from met_lightning.models.binary import (
-    SIGN_SCALE,
-    BinaryParts,
-    binarize,
-    binary_weights,
-    export_state,
-    storage_bytes,
-)
+from met_lightning.models.binary import SIGN_SCALE, BinaryParts, binarize, binary_weights
 from met_lightning.models.lora import LoRAQKV
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.training.module import MultiExitClassifier, count_parameters
@@ -159,9 +153,9 @@ def test_straight_through_gradient():
 def test_pack_unpack_round_trip_and_size():
     w = torch.randn(7, 13)  # 91 entries: not a multiple of 8
     parts = BinaryParts.of(w)
-    packed = parts.pack("w")
+    packed = pack(parts, "w")
     assert packed["w.signs"].dtype == torch.uint8 and packed["w.signs"].numel() == math.ceil(91 / 8)
-    back = BinaryParts.unpack(packed, "w", w.shape)
+    back = unpack(packed, "w", w.shape)
     assert torch.equal(back.positive, parts.positive)
     assert torch.equal(back.weight(), parts.weight())
 

@@ -1,23 +1,26 @@
 """CIFAR-100 (50 000 train / 10 000 test 32x32 images, 100 classes) from the python-pickle files.
 
 Files: `<root>/cifar-100-python/{train,test,meta}`, as extracted from the official archive
-(https://www.cs.toronto.edu/~kriz/cifar.html). `prepare_data` downloads them if `download`; offline
-it fails within seconds with a message saying where to put the files instead.
+(https://www.cs.toronto.edu/~kriz/cifar.html), read by torchvision's `CIFAR100` (its errors
+re-raised as DataErrors naming the file). `prepare_data` downloads them if `download`; offline it
+fails within seconds with a message saying where to put the files instead.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import socket
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR100
 from torchvision.transforms import v2
 
 from met_lightning.data.base import ImageClassificationDataModule
@@ -26,9 +29,9 @@ from met_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-FOLDER = "cifar-100-python"
+CIFAR100_URL = CIFAR100.url
+CIFAR100_MD5 = CIFAR100.tgz_md5
+FOLDER = CIFAR100.base_folder  # cifar-100-python
 FILES = ("train", "test", "meta")
 NUM_CLASSES = 100
 # Seconds the download host may take to accept a connection before we call the machine offline.
@@ -74,56 +77,57 @@ def host_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
     return bool(result and result[0])
 
 
-def _decode_keys(entry: dict) -> dict:
-    """The pickles were written by Python 2: keys (and names) may load as bytes."""
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+class _Cifar100Files(CIFAR100):
+    """torchvision's CIFAR-100 reader without its md5 check of the extracted files (the archive's
+    md5 is checked when it is downloaded; re-created or test files have other md5s)."""
+
+    train_list = [[name, None] for name, _ in CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in CIFAR100.test_list]
+    meta = {**CIFAR100.meta, "md5": None}
+
+    def _load_meta(self) -> None:
+        with _reading(Path(self.root) / self.base_folder / self.meta["filename"]):
+            super()._load_meta()
 
 
-def _load_pickle(path: Path) -> dict:
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """DataError naming `path` for whatever reading it raises (unpickling fails in many ways)."""
     try:
-        with path.open("rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except FileNotFoundError:
-        raise DataError(f"CIFAR-100 file {path} does not exist") from None
+        yield
+    except DataError:
+        raise
+    except KeyError as err:
+        raise DataError(
+            f"CIFAR-100 file {path} lacks the key {err}: not a CIFAR-100 file (CIFAR-10?)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a bad file
         raise DataError(
             f"CIFAR-100 file {path} cannot be read ({type(err).__name__}: {err}); delete "
             f"{path.parent} and download it again"
         ) from None
-    if not isinstance(entry, dict):
-        raise DataError(f"CIFAR-100 file {path} does not hold a dict: not a CIFAR-100 file")
-    return _decode_keys(entry)
 
 
-def read_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, 3, 32, 32] and int64 fine labels [N] of a `train` / `test` file."""
-    entry = _load_pickle(path)
-    if "data" not in entry or "fine_labels" not in entry:
-        raise DataError(
-            f"CIFAR-100 file {path} lacks 'data' / 'fine_labels' (keys: {sorted(entry)}); "
-            "is it a CIFAR-10 file?"
-        )
-    data = np.asarray(entry["data"])
-    labels = np.asarray(entry["fine_labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(
-            f"CIFAR-100 file {path}: 'data' is {data.dtype} {list(data.shape)}, "
-            "expected uint8 [N, 3072]"
-        )
+def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images [N, 3, 32, 32], int64 fine labels [N] and the class names of the `train` /
+    `test` file in `folder` (torchvision's reader, checked)."""
+    path = folder / split
+    with _reading(path):
+        files = _Cifar100Files(str(folder.parent), train=split == "train")
+    data = files.data  # [N, 32, 32, 3]
+    labels = np.asarray(files.targets, dtype=np.int64)
+    if data.dtype != np.uint8:
+        raise DataError(f"CIFAR-100 file {path}: 'data' is {data.dtype}, expected uint8")
     if len(labels) != len(data):
         raise DataError(f"CIFAR-100 file {path}: {len(data)} images but {len(labels)} labels")
     if len(labels) and not (0 <= labels.min() and labels.max() < NUM_CLASSES):
         raise DataError(f"CIFAR-100 file {path}: fine labels outside 0..{NUM_CLASSES - 1}")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return images, torch.from_numpy(labels)
-
-
-def read_class_names(path: Path) -> list[str]:
-    entry = _load_pickle(path)
-    names = entry.get("fine_label_names")
-    if names is None or len(names) != NUM_CLASSES:
-        raise DataError(f"CIFAR-100 file {path}: expected {NUM_CLASSES} 'fine_label_names'")
-    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    if len(files.classes) != NUM_CLASSES:
+        raise DataError(
+            f"CIFAR-100 file {folder / 'meta'}: expected {NUM_CLASSES} 'fine_label_names'"
+        )
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, as stored
+    return images, torch.from_numpy(labels), list(files.classes)
 
 
 class TensorImageDataset(Dataset):
@@ -277,9 +281,8 @@ class Cifar100DataModule(ImageClassificationDataModule):
                 f"{self._where()}, or set data.download=true (the trainer then downloads them "
                 "in prepare_data)."
             )
-        train_images, train_labels = read_split(self.folder / "train")
-        test_images, test_labels = read_split(self.folder / "test")
-        self.class_names = read_class_names(self.folder / "meta")
+        train_images, train_labels, self.class_names = read_split(self.folder, "train")
+        test_images, test_labels, _ = read_split(self.folder, "test")
         if self.val_size >= len(train_labels):
             raise ConfigError(
                 f"data.val_size={self.val_size} must be smaller than the {len(train_labels)} "

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from met_lightning.atomic import atomic_path
-from met_lightning.checkpoint import read_tagged
+from met_lightning.checkpoint.tagged import read_tagged, write_tagged
 from met_lightning.errors import CheckpointError
 
 FORMAT = "met_lightning.logits/1"
@@ -56,21 +54,17 @@ class LogitStore:
         return self.splits[split]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
         tensors = {}
         for name, split in self.splits.items():
             tensors[f"{name}/logits"] = split.logits.detach().float().cpu().contiguous()
             tensors[f"{name}/labels"] = split.labels.detach().long().cpu().contiguous()
         metadata = {
-            "format": FORMAT,
             "exits": json.dumps(list(self.exits)),
             "exit_macs": json.dumps(list(self.exit_macs)),
         }
         if self.precision is not None:
             metadata["precision"] = str(self.precision)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+        return write_tagged(path, tensors, FORMAT, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> LogitStore:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from met_lightning.checkpoint import SafeCheckpointIO, load_lightning_checkpoint
 from met_lightning.train import train
-from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
 from tests.helpers import compose_config
 from tests.reliability.faults import TINY_DETERMINISTIC
 

@@ -12,12 +12,22 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from met_lightning.checkpoint import FILENAME, load_trainable, read_trainable, save_trainable
+from met_lightning import checkpoint
+from met_lightning.checkpoint import (
+    FILENAME,
+    SafeCheckpointIO,
+    backbone_fingerprint,
+    load_lightning_checkpoint,
+    load_trainable,
+    read_trainable,
+    save_trainable,
+    verify,
+)
+from met_lightning.checkpoint import FINGERPRINT_KEY as KEY
+from met_lightning.checkpoint.tagged import write_tagged
 from met_lightning.errors import CheckpointError
 from met_lightning.models.backbone import create_backbone
-from met_lightning.models.fingerprint import KEY, backbone_fingerprint
 from met_lightning.train import resolve_ckpt_path
-from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
 from met_lightning.training.loggers import AtomicExperimentWriter
 from tests.reliability.faults import run_side_by_side
 
@@ -114,6 +124,42 @@ def test_trainable_checkpoint_records_and_checks_its_backbone(tiny_run, tmp_path
     save_trainable(net, tmp_path / FILENAME, {**config, KEY: {**config[KEY], "sha256": "0" * 64}})
     with pytest.raises(CheckpointError, match="is for another backbone"):
         load_trainable(tmp_path)
+
+
+def test_verify_runs_the_checks_of_load_without_building_the_network(
+    tiny_run, tmp_path, monkeypatch
+):
+    def no_network(*args, **kwargs):
+        raise AssertionError("verify built the network")
+
+    _, config = read_trainable(tiny_run)
+    net, _ = load_trainable(tiny_run)
+    monkeypatch.setattr(checkpoint.trainable, "build_network", no_network)
+    assert verify(tiny_run) == config
+    assert verify(tiny_run / FILENAME) == config
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        verify(tmp_path / "missing")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / FILENAME).write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt or not safetensors"):
+        verify(tmp_path / "corrupt")
+    logits = write_tagged(tmp_path / "logits.safetensors", {"x": torch.zeros(1)}, "other/1", {})
+    with pytest.raises(CheckpointError, match="expected 'met_lightning.trainable/1'"):
+        verify(logits)
+    no_config = write_tagged(tmp_path / FILENAME, {"x": torch.zeros(1)}, checkpoint.FORMAT, {})
+    with pytest.raises(CheckpointError, match="no readable rebuild config"):
+        verify(no_config)
+    # the backbone check: a tampered hash, and the right checkpoint on other weights
+    tampered = tmp_path / "tampered" / FILENAME
+    save_trainable(net, tampered, {**config, KEY: {**config[KEY], "sha256": "0" * 64}})
+    with pytest.raises(CheckpointError, match="is for another backbone"):
+        verify(tampered)
+    torch.manual_seed(1234)
+    other = tmp_path / "other_backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in _build(config).state_dict().items()}, other)
+    with pytest.raises(CheckpointError, match="is for another backbone"):
+        verify(tiny_run, weights_file=str(other))
 
 
 @pytest.mark.parametrize("kind", ["lightning_ckpt", "metrics_csv", "trainable"])

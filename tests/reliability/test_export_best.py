@@ -9,9 +9,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from met_lightning.checkpoint import FILENAME, load_trainable
-from met_lightning.models.binary import export_state
-from met_lightning.training.checkpoint_io import load_lightning_checkpoint
+from met_lightning.checkpoint import FILENAME, load_lightning_checkpoint, load_trainable
+from met_lightning.checkpoint.packing import export_state
 from tests.reliability.inprocess import EPOCHS, best_checkpoint, run
 
 

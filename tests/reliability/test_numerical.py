@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from met_lightning.training.checkpoint_io import load_lightning_checkpoint
+from met_lightning.checkpoint import load_lightning_checkpoint
 from tests.helpers import TINY_OVERRIDES
 from tests.reliability.faults import run_side_by_side, with_repo_on_path
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from met_lightning.checkpoint import load_lightning_checkpoint, resume_argv
 from met_lightning.errors import CheckpointError, ConfigError
-from met_lightning.resume import resume_argv
 from met_lightning.train import train
-from met_lightning.training.checkpoint_io import load_lightning_checkpoint
 from tests.helpers import compose_config, run_cli
 from tests.reliability.faults import ENV, TINY_DETERMINISTIC, popen_cli
 

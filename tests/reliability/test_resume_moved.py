@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from met_lightning.training.checkpoint_io import SafeCheckpointIO, load_lightning_checkpoint
+from met_lightning.checkpoint import SafeCheckpointIO, load_lightning_checkpoint
 from tests.reliability.inprocess import (
     EPOCHS,
     assert_same_results,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from met_lightning.resume import ResumePoint, remove_stale_files
+from met_lightning.checkpoint import ResumePoint, remove_stale_files
 from tests.reliability.inprocess import (
     assert_same_results,
     epoch_of,

@@ -9,7 +9,7 @@ Loading always uses `torch.load(..., weights_only=True)`: tensors and plain Pyth
 never code from the file. Our checkpoints hold nothing else (see `MultiExitClassifier`).
 
 `SafeCheckpointIO(relocate=(old, new))` re-roots the absolute paths that Lightning's callbacks
-(ModelCheckpoint) restore, for a run folder that was moved or copied (`met_lightning.resume`).
+(ModelCheckpoint) restore, for a run folder that was moved or copied (`checkpoint.resume`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from met_lightning.checkpoint.lightning_io import load_lightning_checkpoint, reroot
 from met_lightning.errors import CheckpointError, ConfigError
-from met_lightning.training.checkpoint_io import load_lightning_checkpoint, reroot
 
 log = logging.getLogger(__name__)
 
