@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from met_lightning.config import config_dir
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.predict import predict
-from tests.test_predict import predict_cfg, write_digits
+from tests.helpers import predict_config
+from tests.test_predict import write_digits
 
 ls = pytest.importorskip("litserve")
 from asgi_lifespan import LifespanManager  # noqa: E402
@@ -38,7 +39,7 @@ def serve_cfg(**values):
 
 def expected_rows(checkpoint, folder, **thresholds):
     """predict's rows for the files of `folder`, keyed by file name."""
-    rows = predict(predict_cfg(checkpoint=str(checkpoint), input=str(folder), show=0,
+    rows = predict(predict_config(checkpoint=str(checkpoint), input=str(folder), show=0,
                                **thresholds))["rows"]  # fmt: skip
     return {os.path.basename(r["file"]): {k: r[k] for k in ROW_KEYS} for r in rows}
 
