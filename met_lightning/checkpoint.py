@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from met_lightning.atomic import atomic_path
-from met_lightning.builders import build_backbone, build_network
+from met_lightning.builders import build_backbone, rebuild_network
 from met_lightning.errors import CheckpointError
 from met_lightning.models.binary import export_state, load_export
 from met_lightning.models.fingerprint import verify_backbone
@@ -93,6 +93,6 @@ def load_trainable(
         torch.manual_seed(int(config.get("seed", 0)))
         backbone = build_backbone(backbone_cfg)
     verify_backbone(backbone, config, path, weights_file)  # the backbone it was trained on
-    net = build_network(config["method"], config["model"], backbone, config["num_classes"])
+    net = rebuild_network(config, backbone)
     load_export(net, tensors, str(path))
     return net.eval(), config

@@ -75,7 +75,7 @@ def test_invalid_config_names_key(tmp_path, overrides, key, hint):
 def test_default_config_is_the_documented_demo(tmp_path):
     cfg = compose_config([], tmp_path)
     validate_config(cfg)  # raises ConfigError if invalid
-    assert cfg.method.name == "met" and list(cfg.model.exits) == [3, 6, 9, 12]
+    assert cfg.model.name == "met" and list(cfg.model.exits) == [3, 6, 9, 12]
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.backbone.weights_file.endswith("demo_vit_glyphs.safetensors")
     assert list(cfg.logger) == ["csv"] and cfg.trainer.max_epochs == 20

@@ -12,8 +12,7 @@ SPEC = InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
 def make(seed=0, **kwargs):
-    dm = DigitsDataModule(seed=seed, batch_size=32, **kwargs)
-    dm.set_input_spec(SPEC)
+    dm = DigitsDataModule(seed=seed, batch_size=32, input_spec=SPEC, **kwargs)
     dm.setup()
     return dm
 
@@ -58,4 +57,4 @@ def test_split_fixed_by_seed():
 )
 def test_bad_options(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        DigitsDataModule(**{"batch_size": 8, **kwargs})
+        DigitsDataModule(**{"input_spec": SPEC, "batch_size": 8, **kwargs})

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from met_lightning.builders import build_loss, build_network
 from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
@@ -65,7 +65,7 @@ def build(method: str, tmp_path, *overrides: str):
     cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}", *overrides], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    net = build_network(cfg.method, cfg.model, tiny_backbone(), C)
+    net = instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=C)
     return cfg, net
 
 
@@ -80,7 +80,7 @@ def test_method_builds_trains_one_step_with_exact_parameter_count(method, tmp_pa
     before = {n: p.clone() for n, p in net.named_parameters() if p.requires_grad}
 
     module = MultiExitClassifier(
-        net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW, scheduler=None
+        net, instantiate(cfg.model.loss)(num_exits=net.num_exits), torch.optim.AdamW
     )
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     module.train()
@@ -171,7 +171,8 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
     cfg, net = build(method, tmp_path, "model.adapter.bits=1")
     binary = binary_weights(net)
     assert len(binary) == 2 * DEPTH * (2 if method == "met" else 1)  # down + up per adapter
-    module = MultiExitClassifier(net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW)
+    loss = instantiate(cfg.model.loss)(num_exits=net.num_exits)
+    module = MultiExitClassifier(net, loss, torch.optim.AdamW)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % C
     for _ in range(3):
@@ -183,10 +184,8 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
         assert len(torch.unique(layer.effective_weight())) == 2  # exactly two values per layer
         assert len(torch.unique(layer.weight)) > 2  # the latent weights are full precision
 
-    config = {
-        "method": dict(cfg.method), "model": _plain(cfg.model), "backbone": _plain(cfg.backbone),
-        "num_classes": C, "seed": 0,
-    }  # fmt: skip
+    config = {"model": _plain(cfg.model), "backbone": _plain(cfg.backbone), "num_classes": C,
+              "seed": 0}  # fmt: skip
     save_trainable(net, tmp_path / "trainable.safetensors", config)
     tensors, _ = read_trainable(tmp_path / "trainable.safetensors")
     packed = [k for k in tensors if k.endswith(".signs")]
@@ -259,7 +258,7 @@ def test_ablation_switches_build_what_they_say(tmp_path):
     )
     assert no_cls.num_early_tokens(0) == 0 and isinstance(no_cls.adapters["mlp"][0], EAdapter)
     cfg, _ = build("met", tmp_path, "model.loss.graph_weight=0")
-    assert build_loss(cfg.model, 4).graph_weight == 0
+    assert instantiate(cfg.model.loss)(num_exits=4).graph_weight == 0
     _, lp = build("linear_probe", tmp_path)
     assert isinstance(lp, MultiExitViT) and lp.exits == (DEPTH,) and len(lp.adapters) == 0
 
@@ -272,7 +271,6 @@ def test_ablation_switches_build_what_they_say(tmp_path):
 def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, overrides, tmp_path):
     """`python -m met_lightning method=...`: the exported trainable.safetensors (1-bit packed for
     bits=1), loaded into a rebuilt network, gives the test logits the run stored."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from met_lightning.data.base import InputSpec
@@ -289,8 +287,7 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
 
     net, config = load_trainable(run)
     cfg = OmegaConf.load(run / "config.yaml")
-    datamodule = instantiate(cfg.data)
-    datamodule.set_input_spec(InputSpec(**config["input_spec"]))
+    datamodule = instantiate(cfg.data, input_spec=InputSpec.of(config["input_spec"]))
     datamodule.setup("test")
     with torch.no_grad():
         loader = datamodule.test_dataloader()  # uint8 batches, prepared as on the device

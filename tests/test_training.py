@@ -26,23 +26,20 @@ def trained(tmp_path_factory):
     """One short training run; yields (output_dir, metrics, backbone before, backbone after)."""
     output_dir = tmp_path_factory.mktemp("run")
     captured = {}
-    build_backbone, build_network = train_module.build_backbone, train_module.build_network
+    instantiate_model = train_module.instantiate_model
 
-    def capture_backbone(cfg):
-        backbone = build_backbone(cfg)
+    def capture(model, backbone, num_classes):  # the backbone as train() built it, and the net
         captured["before"] = {k: v.clone() for k, v in backbone.state_dict().items()}
         captured["backbone"] = backbone
-        return backbone
+        module = instantiate_model(model, backbone, num_classes)
+        captured["net"] = module.net
+        return module
 
-    def capture_network(*args, **kwargs):
-        captured["net"] = build_network(*args, **kwargs)
-        return captured["net"]
-
-    train_module.build_backbone, train_module.build_network = capture_backbone, capture_network
+    train_module.instantiate_model = capture
     try:
         metrics = train_module.train(compose_config(FAST, output_dir))
     finally:
-        train_module.build_backbone, train_module.build_network = build_backbone, build_network
+        train_module.instantiate_model = instantiate_model
     return output_dir, metrics, captured
 
 
