@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
 from met_lightning.config import validate_config
+from met_lightning.data.base import InputSpec
 from met_lightning.errors import ConfigError
 from met_lightning.models.adapters import EAdapter, ParallelAdapter
 from met_lightning.models.binary import (
@@ -100,6 +101,85 @@ def test_method_builds_trains_one_step_with_exact_parameter_count(method, tmp_pa
     else:
         assert not net.backbone.training  # frozen backbone stays in eval mode
     assert net(images).logits.shape == (8, net.num_exits, C)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_node_instantiates_the_module_train_builds(method, tmp_path):
+    """`train.instantiate_model(cfg.model, ...)`: the LightningModule of `model._target_` with
+    the method's network (the same trainable count), loss, optimizer and scheduler."""
+    from met_lightning.losses.multi_exit import MultiExitLoss
+    from met_lightning.train import instantiate_model
+
+    exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
+    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}"], tmp_path)
+    validate_config(cfg)
+    module = instantiate_model(cfg.model, tiny_backbone(), C)
+    assert isinstance(module, MultiExitClassifier) and isinstance(module.net, MultiExitViT)
+    assert module.num_trainable == expected_trainable(method)
+    assert isinstance(module.loss, MultiExitLoss)
+    assert len(module.loss.exit_weights) == module.net.num_exits
+    assert module.loss.graph_weight == cfg.model.loss.graph_weight
+    assert module.optimizer_factory.keywords["lr"] == cfg.optimizer.lr
+    assert module.scheduler_factory.keywords["warmup_epochs"] == cfg.scheduler.warmup_epochs
+
+
+def test_scheduler_none_trains_at_a_constant_rate(tmp_path):
+    """scheduler=none composes a config without `_target_` (the demo's warmup_epochs stays in
+    it): no scheduler."""
+    from met_lightning.train import instantiate_model
+
+    cfg = compose_config(["scheduler=none", *TINY, "model.exits=[2,4]"], tmp_path)
+    validate_config(cfg)
+    module = instantiate_model(cfg.model, tiny_backbone(), C)
+    assert module.scheduler_factory is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", ["model node", "before targets"])
+def test_recorded_config_of_either_layout_rebuilds_the_same_network(method, layout, tmp_path):
+    """A trainable file's config as train() writes it (`model` with `net`), or as files written
+    before the `model` node named its `_target_`s hold it (`method` + the switches): the same
+    network, the same logits."""
+    from omegaconf import OmegaConf
+
+    from met_lightning.train import rebuild_config
+    from tests.helpers import legacy_model_config
+
+    cfg, net = build(method, tmp_path)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    net.eval()
+    spec = InputSpec.from_backbone_config(cfg.backbone)
+    config = {**rebuild_config(cfg, C, spec), "seed": 0}  # build() seeds the backbone with 0
+    assert config["model"]["net"]["_target_"].endswith("MultiExitViT")
+    assert "optimizer" not in config["model"] and "method" not in config
+    if layout == "before targets":
+        method_node, model = legacy_model_config(cfg)
+        config = {**config, "method": method_node, "model": model}
+        assert "_target_" not in OmegaConf.create(config["model"])
+    save_trainable(net, tmp_path / "trainable.safetensors", config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the random tiny backbone is rebuilt from the recorded seed
+        loaded, _ = load_trainable(tmp_path / "trainable.safetensors")
+    assert count_parameters(loaded) == count_parameters(net)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).logits, net(images).logits)
+
+
+def test_recorded_network_target_must_be_a_known_network(tmp_path):
+    """A checkpoint's config is data: its `model.net._target_` is not imported and called."""
+    from met_lightning.errors import CheckpointError
+    from met_lightning.train import rebuild_config
+
+    cfg, net = build("linear_probe", tmp_path)
+    config = rebuild_config(cfg, C, InputSpec.from_backbone_config(cfg.backbone))
+    config["model"]["net"]["_target_"] = "os.system"
+    save_trainable(net, tmp_path / "trainable.safetensors", config)
+    with pytest.raises(CheckpointError, match="model.net._target_='os.system'"):
+        load_trainable(tmp_path / "trainable.safetensors")
 
 
 @pytest.mark.parametrize("method", ["met", "adapter", "lora"])
@@ -273,7 +353,6 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
     bits=1), loaded into a rebuilt network, gives the test logits the run stored."""
     from omegaconf import OmegaConf
 
-    from met_lightning.data.base import InputSpec
     from met_lightning.inference.logit_store import LogitStore
     from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
 
