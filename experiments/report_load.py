@@ -51,7 +51,7 @@ MethodRule = tuple[str, Callable[[Mapping[str, Any]], bool]]
 
 
 def method_name(config: Mapping[str, Any]) -> str | None:
-    """`model.name`; run folders written before the `model` node named its targets: `method.name`."""
+    """`model.name` (older run folders: `method.name`)."""
     return get(config, "model.name") or get(config, "method.name")
 
 
