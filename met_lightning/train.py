@@ -50,7 +50,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(item) for item in group.values() if item and "_target_" in item]
 
 
-def instantiate_model(model: DictConfig, backbone: nn.Module, num_classes: int) -> Any:
+def instantiate_model(
+    model: DictConfig, backbone: nn.Module, num_classes: int
+) -> L.LightningModule:
     """The LightningModule of `model._target_` (conf/method/*.yaml) around `backbone`.
 
     `model.net` and `model.loss` are partials completed here: the network with the backbone and
