@@ -22,6 +22,10 @@ IGNORED_KEYS = (
     "resume",
     "callbacks.budget_analysis.output_dir", "callbacks.progress_bar", "data.root",
     "data.num_workers", "data.eval_batch_size", "data.download", "backbone.weights_file",
+    # the `model` node's copies of other keys: net reads exits / adapter.*, optimizer and
+    # scheduler are the top-level groups, name is the method
+    "model._target_", "model.name", "model.net", "model.loss._target_", "model.loss._partial_",
+    "model.optimizer", "model.scheduler",
 )  # fmt: skip
 
 
@@ -46,8 +50,13 @@ def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
 MethodRule = tuple[str, Callable[[Mapping[str, Any]], bool]]
 
 
+def method_name(config: Mapping[str, Any]) -> str | None:
+    """`model.name` (older run folders: `method.name`)."""
+    return get(config, "model.name") or get(config, "method.name")
+
+
 def _is_met(c: Mapping[str, Any]) -> bool:
-    return get(c, "method.name", "met") == "met"
+    return (method_name(c) or "met") == "met"
 
 
 METHOD_RULES: list[MethodRule] = [
@@ -73,10 +82,10 @@ def method_label(
 ) -> str:
     """`met`, `met (no graph)`, `met (shared γ, no separate cls)`, `linear_probe`, ...
 
-    The base is the `method` config choice (else `method.name`); each rule that holds adds its
-    suffix.
+    The base is the `method` config choice (else `model.name`, or `method.name` in older run
+    folders); each rule that holds adds its suffix.
     """
-    base = (choices or {}).get("method") or get(config, "method.name") or "?"
+    base = (choices or {}).get("method") or method_name(config) or "?"
     suffixes = [name for name, rule in rules if rule(config)]
     return f"{base} ({', '.join(suffixes)})" if suffixes else str(base)
 

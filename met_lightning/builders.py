@@ -1,15 +1,25 @@
-"""Build the backbone, network and loss from config (shared by training, export and loading)."""
+"""Rebuild the network of a trainable checkpoint from the config it recorded (`load_trainable`).
+
+Training instantiates the `_target_`s of the `model` node (conf/method/*.yaml). A checkpoint's
+config is data, not code: only the networks of `NETWORKS` are built from it, from plain values.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.errors import CheckpointError
 from met_lightning.models.multi_exit_vit import MultiExitViT
+
+# model.net._target_ -> the class a recorded `model.net` rebuilds
+NETWORKS: dict[str, type[nn.Module]] = {
+    "met_lightning.models.multi_exit_vit.MultiExitViT": MultiExitViT,
+}
 
 
 def as_config(cfg: Any) -> DictConfig:
@@ -17,29 +27,26 @@ def as_config(cfg: Any) -> DictConfig:
 
 
 def build_backbone(backbone_cfg: Any) -> nn.Module:
-    """The frozen timm ViT described by the `backbone` group."""
+    """The frozen timm ViT described by a recorded `backbone` config."""
     return instantiate(as_config(backbone_cfg))
 
 
-def build_network(
-    method_cfg: Any, model_cfg: Any, backbone: nn.Module, num_classes: int
-) -> nn.Module:
-    """The method's network around `backbone`: `method.build` if given (a partial taking
-    backbone, num_classes, model), else a MultiExitViT from the `model` group (every built-in
-    method is one, with different adapters and exits)."""
-    build_cfg = as_config(method_cfg).get("build")
-    build = MultiExitViT.from_config if build_cfg is None else instantiate(build_cfg)
-    return build(backbone=backbone, num_classes=num_classes, model=as_config(model_cfg))
+def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module:
+    """The network a checkpoint's config describes, around `backbone`.
 
-
-def build_loss(model_cfg: Any, num_exits: int) -> MultiExitLoss:
-    """The training objective from `model.loss`."""
-    loss = as_config(model_cfg).loss
-    return MultiExitLoss(
-        num_exits=num_exits,
-        exit_weights=None if loss.exit_weights is None else list(loss.exit_weights),
-        graph=loss.graph,
-        graph_weight=loss.graph_weight,
-        teacher_knn=loss.teacher_knn,
-        label_smoothing=loss.label_smoothing,
-    )
+    `config["model"]` is the `model` node: with `net` (its `_target_` and arguments, written since
+    the node names its targets), or the method's switches only (exits, adapter.*,
+    finetune_backbone: earlier files, which also hold `method`), read by `MultiExitViT.from_config`.
+    """
+    model, num_classes = config["model"], int(config["num_classes"])
+    net = model.get("net")
+    if net is None:
+        return MultiExitViT.from_config(backbone, num_classes, as_config(model))
+    target = net.get("_target_")
+    if target not in NETWORKS:
+        raise CheckpointError(
+            f"the checkpoint's network model.net._target_={target!r} is not one of "
+            f"{sorted(NETWORKS)}"
+        )
+    kwargs = {k: v for k, v in net.items() if not k.startswith("_")}
+    return NETWORKS[target](backbone=backbone, num_classes=num_classes, **kwargs)

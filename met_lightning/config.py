@@ -23,10 +23,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 TOP_LEVEL_KEYS = {
-    "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "method",
-    "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "optimized_metric",
-    "resume",
+    "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "model",
+    "optimizer", "scheduler", "trainer", "callbacks", "logger", "optimized_metric", "resume",
 }  # fmt: skip
+# Keys of the `model` node (conf/method/*.yaml) that are the method's switches, not arguments of
+# its LightningModule (`model._target_`): `model.net` reads them through ${..key} and `name` labels
+# the run; `train.instantiate_model` leaves them out of the module's instantiation.
+METHOD_KEYS = ("name", "exits", "finetune_backbone", "adapter")
 
 
 def config_dir() -> str:
@@ -65,6 +68,8 @@ class AdapterSchema:
 
 @dataclass
 class LossSchema:
+    _target_: str = "met_lightning.losses.multi_exit.MultiExitLoss"
+    _partial_: bool = True
     exit_weights: list[float] | None = None
     graph: str = "label"
     graph_weight: float = 0.1
@@ -74,12 +79,18 @@ class LossSchema:
 
 @dataclass
 class ModelSchema:
+    _target_: str = "met_lightning.training.module.MultiExitClassifier"
+    name: str = "met"
     exits: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     finetune_backbone: bool = False
+    adapter: AdapterSchema = field(default_factory=AdapterSchema)
+    # `_target_` nodes, checked against their targets' signatures (`check_targets`)
+    net: Any = None
+    loss: LossSchema = field(default_factory=LossSchema)
+    optimizer: Any = None
+    scheduler: Any = None
     compile: bool = False
     compile_mode: str | None = None
-    adapter: AdapterSchema = field(default_factory=AdapterSchema)
-    loss: LossSchema = field(default_factory=LossSchema)
 
 
 @dataclass
@@ -197,6 +208,8 @@ def validate_config(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------- instantiated groups
 # Config groups instantiated with Hydra: one `_target_` node (False) or a dict of them (True).
 TARGET_GROUPS = {
+    "model.net": False,
+    "model.loss": False,
     "data": False,
     "trainer": False,
     "optimizer": False,
@@ -212,18 +225,22 @@ def check_targets(cfg: DictConfig) -> None:
     """Check the `_target_` nodes of the groups in `TARGET_GROUPS` against their targets'
     signatures, before anything is instantiated (see `check_target_node`)."""
     for group, is_dict in TARGET_GROUPS.items():
-        node = cfg.get(group)
+        node = OmegaConf.select(cfg, group)
         if not isinstance(node, DictConfig):
             continue
         items = node.items() if is_dict else [(None, node)]
         for name, item in items:
             if isinstance(item, DictConfig) and "_target_" in item:
                 check_target_node(item, group if name is None else f"{group}.{name}")
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and "_target_" in model:  # the LightningModule's own keys
+        check_target_node(model, "model", skip=METHOD_KEYS)
 
 
-def check_target_node(node: DictConfig, key: str) -> None:
+def check_target_node(node: DictConfig, key: str, skip: tuple[str, ...] = ()) -> None:
     """ConfigError for a key of `node` that its `_target_` does not take (unless it takes
-    **kwargs), or a string given for an argument that takes only numbers / booleans."""
+    **kwargs), or a string given for an argument that takes only numbers / booleans. Keys in
+    `skip` are not the target's (METHOD_KEYS of the `model` node)."""
     import difflib
 
     from hydra.utils import get_object
@@ -244,7 +261,7 @@ def check_target_node(node: DictConfig, key: str) -> None:
     except OmegaConfBaseException:  # an interpolation Hydra reports when it instantiates
         return
     for name, value in values.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in skip:
             continue
         if name not in params:
             if open_kwargs:

@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from met_lightning.atomic import write_text
-from met_lightning.builders import build_backbone, build_loss, build_network
 from met_lightning.checkpoint import (
     FILENAME,
     FINGERPRINT_KEY,
@@ -33,12 +33,11 @@ from met_lightning.checkpoint import (
     save_trainable,
 )
 from met_lightning.cli import exit_on_user_error, user_error
-from met_lightning.config import config_dir, validate_config
+from met_lightning.config import METHOD_KEYS, config_dir, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.callback import BudgetAnalysis
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
-from met_lightning.training.module import MultiExitClassifier
 from met_lightning.training.summary import report_summary
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,22 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(item) for item in group.values() if item and "_target_" in item]
+
+
+def instantiate_model(
+    model: DictConfig, backbone: nn.Module, num_classes: int
+) -> L.LightningModule:
+    """The LightningModule of `model._target_` (conf/method/*.yaml) around `backbone`.
+
+    `model.net` and `model.loss` are partials completed here: the network with the backbone and
+    the data's number of classes, the loss with the network's number of exits. The method's
+    switches (config.METHOD_KEYS), which `net` reads, are not arguments of the module.
+    """
+    net = instantiate(model.net)(backbone=backbone, num_classes=num_classes)
+    loss = instantiate(model.loss)(num_exits=net.num_exits)
+    plain = OmegaConf.to_container(model, resolve=True)
+    module = OmegaConf.create({k: v for k, v in plain.items() if k not in METHOD_KEYS})
+    return instantiate(module, net=net, loss=loss)
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
@@ -75,12 +90,17 @@ def rebuild_config(
     datamodule: Any = None,
     fingerprint: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What a trainable checkpoint records to rebuild its network without the training config."""
+    """What a trainable checkpoint records to rebuild its network without the training config.
+
+    `model` is the resolved `model` node without the training-only optimizer / scheduler; files
+    written before it named its `_target_`s hold `method` ({"name"}) and the switches only
+    (`builders.rebuild_network` reads both).
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
     class_names = getattr(datamodule, "class_names", None)
+    model = {k: v for k, v in container["model"].items() if k not in ("optimizer", "scheduler")}
     return {
-        "method": container["method"],
-        "model": container["model"],
+        "model": model,
         "backbone": container["backbone"],
         "num_classes": num_classes,
         "input_spec": asdict(input_spec),
@@ -107,26 +127,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             remove_stale_files(point)
     else:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
-    datamodule = build_datamodule(cfg.data)  # bad data fails here, before the backbone
+    # the backbone's input size and normalization, from its config (meta device, no weights)
+    input_spec = InputSpec.from_backbone_config(cfg.backbone)
+    datamodule = build_datamodule(cfg.data, input_spec)  # bad data fails here, before the backbone
     if rank_zero_only.rank == 0:
         write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    backbone = build_backbone(cfg.backbone)  # first, right after seeding: see load_trainable
+    backbone = instantiate(cfg.backbone)  # first, right after seeding: see load_trainable
     # hashed as built, before the method wraps or trains any of it
     fingerprint = backbone_fingerprint(backbone, cfg.backbone.name)
-    input_spec = InputSpec.from_timm(backbone)
-    datamodule.set_input_spec(input_spec)
-    net = build_network(cfg.method, cfg.model, backbone, datamodule.num_classes)
-    module = MultiExitClassifier(
-        net,
-        build_loss(cfg.model, net.num_exits),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-    )
+    module = instantiate_model(cfg.model, backbone, datamodule.num_classes)
     log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
-    if cfg.model.get("compile"):  # trainer=gpu turns it on
-        module.compile_network(mode=cfg.model.get("compile_mode"))
 
     loggers = build_loggers(cfg.get("logger"))
     try:
@@ -152,13 +164,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(analysis.metrics)
         if trainer.is_global_zero:
             save_trainable(
-                net,
+                module.net,
                 output_dir / FILENAME,
                 rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule, fingerprint),
                 weights=weights,
             )
-            report_summary(net, metrics, output_dir, analysis.report if analysis else None,
-                           method=cfg.method.name, weights=weights)  # fmt: skip
+            report_summary(module.net, metrics, output_dir, analysis.report if analysis else None,
+                           method=cfg.model.name, weights=weights)  # fmt: skip
             log.info("run folder: %s", output_dir)
     finally:
         finish_wandb(loggers)

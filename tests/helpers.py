@@ -73,6 +73,17 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def legacy_model_config(cfg: DictConfig) -> dict:
+    """(method, model) as a trainable checkpoint written before the `model` node named its
+    `_target_`s records them: {"name"} and the method's switches without targets."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    loss = {k: v for k, v in model["loss"].items() if not k.startswith("_")}
+    switches = ("exits", "finetune_backbone", "compile", "compile_mode", "adapter")
+    return {"name": model["name"]}, {**{k: model[k] for k in switches}, "loss": loss}
+
+
 def run_cli(
     args: list[str], cwd: Path, timeout: float = 300, module: str = "met_lightning", **env: str
 ) -> subprocess.CompletedProcess:

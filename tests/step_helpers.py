@@ -8,12 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from met_lightning.builders import build_loss, build_network
 from met_lightning.config import validate_config
+from met_lightning.train import instantiate_model
 from met_lightning.training.module import MultiExitClassifier
 from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
 
@@ -28,16 +27,14 @@ TINY = [
 
 
 def build_module(method: str, tmp_path: Path, *overrides: str) -> MultiExitClassifier:
-    """The method's MultiExitClassifier (network, loss, optimizer from the composed config) on
-    the tiny random ViT; MET and multi_exit_linear with exits [2, 4]."""
+    """The method's MultiExitClassifier (network, loss, optimizer from the composed config, no
+    scheduler) on the tiny random ViT; MET and multi_exit_linear with exits [2, 4]."""
     exits = "[2,4]" if method in ("met", "multi_exit_linear") else "[-1]"
-    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}", *overrides], tmp_path)
+    overrides = ("scheduler=none", f"method={method}", *TINY, f"model.exits={exits}", *overrides)
+    cfg = compose_config(list(overrides), tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    net = build_network(cfg.method, cfg.model, tiny_backbone(), NUM_CLASSES)
-    return MultiExitClassifier(
-        net, build_loss(cfg.model, net.num_exits), optimizer=instantiate(cfg.optimizer)
-    )
+    return instantiate_model(cfg.model, tiny_backbone(), NUM_CLASSES)
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ def test_every_setting_composes_into_a_valid_demo_config(setting, tmp_path):
     validate_config(cfg)
     assert cfg.backbone.weights_file.endswith("demo_vit_glyphs.safetensors")  # offline demo
     method = run_ablation.SETTINGS[setting][0].removeprefix("method=")
-    assert cfg.method.name == method and setting.startswith(method)
+    assert cfg.model.name == method and setting.startswith(method)
 
 
 def test_dry_run_lists_every_setting_and_seed(tmp_path, capsys):

@@ -88,10 +88,13 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    configs = sorted((p.parent / "config.yaml").read_text() for p in tmp_path.rglob("summary.json"))
+    import yaml
+
+    configs = [yaml.safe_load((p.parent / "config.yaml").read_text())["model"]
+               for p in tmp_path.rglob("summary.json")]  # fmt: skip
     assert len(configs) == 4
-    combos = {(c.count("rank: 2"), c.count("graph_weight: 0.5")) for c in configs}
-    assert combos == {(1, 0), (1, 1), (0, 0), (0, 1)}
+    combos = {(c["adapter"]["rank"], c["net"]["rank"], c["loss"]["graph_weight"]) for c in configs}
+    assert combos == {(2, 2, 0), (2, 2, 0.5), (4, 4, 0), (4, 4, 0.5)}
 
 
 def test_wandb_logger_offline(tmp_path):

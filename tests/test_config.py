@@ -1,8 +1,10 @@
 """Config validation fails before training, naming the key; the real configs compose."""
 
+from pathlib import Path
+
 import pytest
 
-from met_lightning.config import validate_config
+from met_lightning.config import config_dir, validate_config
 from met_lightning.errors import ConfigError
 from tests.helpers import compose_config, run_cli
 
@@ -75,7 +77,7 @@ def test_invalid_config_names_key(tmp_path, overrides, key, hint):
 def test_default_config_is_the_documented_demo(tmp_path):
     cfg = compose_config([], tmp_path)
     validate_config(cfg)  # raises ConfigError if invalid
-    assert cfg.method.name == "met" and list(cfg.model.exits) == [3, 6, 9, 12]
+    assert cfg.model.name == "met" and list(cfg.model.exits) == [3, 6, 9, 12]
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.backbone.weights_file.endswith("demo_vit_glyphs.safetensors")
     assert list(cfg.logger) == ["csv"] and cfg.trainer.max_epochs == 20
@@ -98,3 +100,86 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
 def test_config_error_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         validate_config(compose_config(["model.adapter.rank=0"], tmp_path))
+
+
+# ---------------------------------------------------------------------- configs lead to code
+METHOD_FILES = sorted(p.stem for p in (Path(config_dir()) / "method").glob("*.yaml"))
+
+
+def _targets(node, key=""):
+    """(dotted key, `_target_`) of every node of a loaded yaml file."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield key or "<root>", node["_target_"]
+        for name, value in node.items():
+            yield from _targets(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{key}[{i}]")
+
+
+def test_every_target_in_conf_is_importable():
+    """A newcomer finds the code of a yaml file by its `_target_`: each one imports (those of
+    optional plugins, e.g. the Optuna sweeper, where the plugin is installed)."""
+    import importlib.util
+
+    import yaml
+    from hydra.utils import get_object
+
+    found, optional = 0, []
+    for path in sorted(Path(config_dir()).rglob("*.yaml")):
+        for key, target in _targets(yaml.safe_load(path.read_text()) or {}):
+            if importlib.util.find_spec(target.split(".")[0]) is None:
+                optional.append(target)
+                continue
+            assert callable(get_object(target)), f"{path.name}: {key}._target_={target}"
+            found += 1
+    assert found >= 20 and set(optional) <= {
+        "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+        "optuna.samplers.TPESampler",
+    }
+
+
+def test_method_group_lists_the_six_methods():
+    assert METHOD_FILES == sorted(
+        ["met", "linear_probe", "full_finetune", "adapter", "lora", "multi_exit_linear"]
+    )
+    assert not (Path(config_dir()) / "model").exists()  # one group per concept: method
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_method_composes_into_a_model_node_with_targets(method, tmp_path):
+    cfg = compose_config([f"method={method}"], tmp_path)
+    validate_config(cfg)
+    model = cfg.model
+    assert model.name == method and "method" not in cfg
+    assert model._target_ == "met_lightning.training.module.MultiExitClassifier"
+    assert model.net._target_ == "met_lightning.models.multi_exit_vit.MultiExitViT"
+    assert model.loss._target_ == "met_lightning.losses.multi_exit.MultiExitLoss"
+    assert model.optimizer == cfg.optimizer and model.scheduler == cfg.scheduler
+    # the network's arguments are the public keys model.exits, model.adapter.*, ...
+    assert list(model.net.exits) == list(model.exits)
+    assert model.net.adapter_kind == model.adapter.kind and model.net.rank == model.adapter.rank
+
+
+def test_public_keys_reach_the_network_and_the_module(tmp_path):
+    cfg = compose_config(["method=adapter", "model.adapter.rank=4", "model.exits=[6,12]",
+                          "optimizer.lr=0.5", "trainer=gpu"], tmp_path)  # fmt: skip
+    validate_config(cfg)
+    assert cfg.model.net.rank == 4 and list(cfg.model.net.exits) == [6, 12]
+    assert cfg.model.optimizer.lr == 0.5 and cfg.model.compile is True
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["+model.net.rnak=4"], "model.net.rnak: unknown key; did you mean model.net.rank?"),
+        (["+model.loss.grpah=label"], "model.loss.grpah: unknown key"),
+        (["model._target_=met_lightning.nowhere.Module"], "model._target_"),
+        (["+model.compil=true"], "model.compil: unknown key"),
+    ],
+)
+def test_model_node_errors_name_the_key(overrides, fragment, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(overrides, tmp_path))
+    assert fragment in str(err.value)

@@ -12,8 +12,7 @@ SPEC = InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
 def make(seed=0, **kwargs):
-    dm = DigitsDataModule(seed=seed, batch_size=32, **kwargs)
-    dm.set_input_spec(SPEC)
+    dm = DigitsDataModule(seed=seed, batch_size=32, input_spec=SPEC, **kwargs)
     dm.setup()
     return dm
 
@@ -58,4 +57,26 @@ def test_split_fixed_by_seed():
 )
 def test_bad_options(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        DigitsDataModule(**{"batch_size": 8, **kwargs})
+        DigitsDataModule(**{"input_spec": SPEC, "batch_size": 8, **kwargs})
+
+
+def test_input_spec_comes_from_the_backbone_config_before_the_backbone(tmp_path):
+    """InputSpec.from_backbone_config (meta device: no weights, no download) equals the spec of
+    the built backbone; the DataModule takes it at construction."""
+    from dataclasses import asdict
+
+    from hydra.utils import instantiate
+
+    from met_lightning.data.base import build_datamodule
+    from tests.helpers import TINY_OVERRIDES, compose_config
+
+    for overrides in ([], TINY_OVERRIDES):
+        cfg = compose_config(list(overrides), tmp_path)
+        spec = InputSpec.from_backbone_config(cfg.backbone)
+        assert spec == InputSpec.from_timm(instantiate(cfg.backbone))
+        dm = build_datamodule(cfg.data, spec)
+        assert dm.input_spec == spec and isinstance(dm.input_spec, InputSpec)
+        assert not hasattr(dm, "set_input_spec")
+    assert InputSpec.of(asdict(spec)) == spec  # as a checkpoint records it
+    with pytest.raises(TypeError, match="input_spec"):
+        DigitsDataModule(batch_size=8)

@@ -47,8 +47,7 @@ STATS = {
 }
 
 
-def ready(dm, spec: InputSpec = SPEC):
-    dm.set_input_spec(spec)
+def ready(dm):
     dm.setup()
     return dm
 
@@ -94,7 +93,9 @@ def cifar_root(tmp_path_factory):
 
 
 def make_cifar(root, **kwargs):
-    return Cifar100DataModule(root=str(root), **{"val_size": 100, "batch_size": 16, **kwargs})
+    return Cifar100DataModule(
+        root=str(root), **{"input_spec": SPEC, "val_size": 100, "batch_size": 16, **kwargs}
+    )
 
 
 def test_cifar_splits_labels_and_names(cifar_root):
@@ -150,12 +151,12 @@ def test_cifar_normalization(cifar_root, normalize):
 
 def test_cifar_resizes_and_augments(cifar_root):
     spec = InputSpec((3, 48, 48), (0.5,) * 3, (0.5,) * 3)
-    dm = ready(make_cifar(cifar_root, augment=True), spec)
+    dm = ready(make_cifar(cifar_root, augment=True, input_spec=spec))
     train = dm.prepare_batch(torch.stack([dm.train_set[0][0]] * 2), train=True)
     assert train.shape == (2, 3, 48, 48) == (2, *prepared(dm, dm.test_set, 0).shape)
     assert not torch.equal(train[0], train[1])  # random augmentation
     assert torch.equal(prepared(dm, dm.val_set, 0), prepared(dm, dm.val_set, 0))  # deterministic
-    grey = ready(make_cifar(cifar_root), InputSpec((1, 32, 32), (0.5,), (0.5,)))
+    grey = ready(make_cifar(cifar_root, input_spec=InputSpec((1, 32, 32), (0.5,), (0.5,))))
     assert prepared(grey, grey.test_set, 0).shape == (1, 32, 32)
 
 
@@ -281,7 +282,9 @@ def vtab_root(tmp_path):
 
 
 def make_vtab(root, **kwargs):
-    return Vtab1kDataModule(root=str(root), **{"task": VTAB_TASK, "batch_size": 4, **kwargs})
+    return Vtab1kDataModule(
+        root=str(root), **{"input_spec": SPEC, "task": VTAB_TASK, "batch_size": 4, **kwargs}
+    )
 
 
 def test_vtab_task_table():
@@ -313,7 +316,7 @@ def test_vtab_normalization(vtab_root, normalize):
     from PIL import Image
 
     spec = InputSpec((3, 16, 16), SPEC.mean, SPEC.std)  # the files' size: no resize
-    dm = ready(make_vtab(vtab_root, normalize=normalize), spec)
+    dm = ready(make_vtab(vtab_root, normalize=normalize, input_spec=spec))
     path, _ = dm.val_set.samples[0]
     assert path.suffix == ".png"  # lossless: exact pixels
     expected = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255.0
@@ -417,7 +420,7 @@ CLASSES = ["cat", "dog", "zebra"]
 
 
 def make_folder(root, **kwargs):
-    return ImageFolderDataModule(root=str(root), **{"batch_size": 4, **kwargs})
+    return ImageFolderDataModule(root=str(root), **{"input_spec": SPEC, "batch_size": 4, **kwargs})
 
 
 def test_image_folder_split_layout(tmp_path):

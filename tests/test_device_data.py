@@ -35,8 +35,7 @@ SPEC = InputSpec((3, 48, 40), (0.1, 0.2, 0.3), (0.2, 0.25, 0.5), "bicubic")
 TOL = dict(atol=1e-5, rtol=0.0)
 
 
-def ready(dm, spec: InputSpec = SPEC):
-    dm.set_input_spec(spec)
+def ready(dm):
     dm.setup()
     return dm
 
@@ -55,7 +54,8 @@ def cifar_root(tmp_path_factory):
 
 
 def make_cifar(root, **kwargs):
-    kwargs = {"val_size": 100, "batch_size": 16, "eval_batch_size": 16, **kwargs}
+    kwargs = {"input_spec": SPEC, "val_size": 100, "batch_size": 16, "eval_batch_size": 16,
+              **kwargs}  # fmt: skip
     return Cifar100DataModule(root=str(root), **kwargs)
 
 
@@ -64,7 +64,7 @@ def make_cifar(root, **kwargs):
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_cifar_eval_equals_cpu_transform(cifar_root, normalize, interpolation):
     spec = InputSpec(SPEC.input_size, SPEC.mean, SPEC.std, interpolation)
-    dm = ready(make_cifar(cifar_root, normalize=normalize, augment=True), spec)
+    dm = ready(make_cifar(cifar_root, normalize=normalize, augment=True, input_spec=spec))
     images, labels = prepared_split(dm, dm.test_dataloader())
     reference = eval_transform(spec, normalize)
     expected = torch.stack([reference(image) for image in dm.test_set.images])
@@ -75,7 +75,7 @@ def test_cifar_eval_equals_cpu_transform(cifar_root, normalize, interpolation):
 
 def test_cifar_grey_backbone_eval_equals_cpu_transform(cifar_root):
     spec = InputSpec((1, 32, 32), (0.5,), (0.5,), "bicubic")
-    dm = ready(make_cifar(cifar_root), spec)
+    dm = ready(make_cifar(cifar_root, input_spec=spec))
     images, _ = prepared_split(dm, dm.val_dataloader())
     reference = v2.Compose([v2.Grayscale(1), eval_transform(spec)])  # the former CPU path
     expected = torch.stack([reference(image) for image in dm.val_set.images])
@@ -86,7 +86,7 @@ def test_cifar_grey_backbone_eval_equals_cpu_transform(cifar_root):
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_digits_eval_equals_lowres_tensors(interpolation):
     spec = InputSpec((3, 32, 32), (0.5, 0.4, 0.3), (0.5, 0.6, 0.7), interpolation)
-    dm = ready(DigitsDataModule(seed=3, batch_size=64, eval_batch_size=100), spec)
+    dm = ready(DigitsDataModule(seed=3, batch_size=64, eval_batch_size=100, input_spec=spec))
     images, labels = prepared_split(dm, dm.test_dataloader())
     digits = load_digits()
     test = stratified_split(digits.target, 0.2, 0.2, 3)[2]
@@ -107,7 +107,8 @@ def _write_mixed_folders(root, rng):
 def test_image_folder_eval_equals_cpu_transform_with_mixed_sizes(tmp_path):
     _write_mixed_folders(tmp_path, np.random.default_rng(0))
     kwargs = dict(val_fraction=0.3, test_fraction=0.3, batch_size=4, eval_batch_size=2)
-    dm = ready(ImageFolderDataModule(root=str(tmp_path), normalize="imagenet", **kwargs))
+    dm = ready(ImageFolderDataModule(root=str(tmp_path), normalize="imagenet", input_spec=SPEC,
+                                     **kwargs))  # fmt: skip
     reference = eval_transform(SPEC, "imagenet")
     kinds = {x.dtype for loader in (dm.val_dataloader(), dm.test_dataloader()) for x, _ in loader}
     assert kinds == {torch.uint8, torch.float32}  # mixed batches are resized in the worker
@@ -120,8 +121,8 @@ def test_image_folder_eval_equals_cpu_transform_with_mixed_sizes(tmp_path):
 
 def test_vtab_eval_equals_cpu_transform(tmp_path):
     write_vtab_task(tmp_path)
-    dm = Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4, eval_batch_size=3)
-    dm = ready(dm)
+    dm = ready(Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4,
+                                eval_batch_size=3, input_spec=SPEC))  # fmt: skip
     images, _ = prepared_split(dm, dm.test_dataloader())
     expected = [eval_transform(SPEC)(load_image(p, SPEC, "test")) for p, _ in dm.test_set.samples]
     torch.testing.assert_close(images, torch.stack(expected), **TOL)
@@ -129,7 +130,7 @@ def test_vtab_eval_equals_cpu_transform(tmp_path):
 
 # ---------------------------------------------------------------------- the workers' batches
 def test_dataloaders_hand_over_uint8_at_the_stored_size(cifar_root, tmp_path):
-    digits = ready(DigitsDataModule(batch_size=8))
+    digits = ready(DigitsDataModule(batch_size=8, input_spec=SPEC))
     x, y = next(iter(digits.train_dataloader()))
     assert x.dtype == torch.uint8 and x.shape == (8, 1, 8, 8) and int(x.max()) <= 16
     assert y.dtype == torch.long
@@ -138,7 +139,8 @@ def test_dataloaders_hand_over_uint8_at_the_stored_size(cifar_root, tmp_path):
         x, y = next(iter(loader))
         assert x.dtype == torch.uint8 and x.shape == (16, 3, 32, 32) and y.dtype == torch.long
     write_vtab_task(tmp_path)
-    vtab = ready(Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4))
+    vtab = ready(Vtab1kDataModule(root=str(tmp_path), task=VTAB_TASK, batch_size=4,
+                                  input_spec=SPEC))  # fmt: skip
     x, _ = next(iter(vtab.train_dataloader()))
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 16, 16)
 
@@ -146,7 +148,7 @@ def test_dataloaders_hand_over_uint8_at_the_stored_size(cifar_root, tmp_path):
 def test_mixed_sizes_are_resized_on_the_cpu_to_the_input(tmp_path):
     _write_mixed_folders(tmp_path, np.random.default_rng(1))
     dm = ready(ImageFolderDataModule(root=str(tmp_path), batch_size=12, val_fraction=0.2,
-                                     test_fraction=0.1))  # fmt: skip
+                                     test_fraction=0.1, input_spec=SPEC))  # fmt: skip
     x, _ = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.float32 and x.shape[1:] == (3, 48, 40)
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
@@ -258,7 +260,8 @@ def _fit(cifar_root, seed=0):
     L.seed_everything(seed)  # the sampler's order
     spec = InputSpec((3, 16, 16), (0.5,) * 3, (0.5,) * 3, "bicubic")
     kwargs = dict(val_size=100, batch_size=16, eval_batch_size=16, seed=seed)
-    dm = ready(RecordingCifar(root=str(cifar_root), augment=True, normalize="half", **kwargs), spec)
+    dm = ready(RecordingCifar(root=str(cifar_root), augment=True, normalize="half",
+                              input_spec=spec, **kwargs))  # fmt: skip
     module = Recorder(100, 3 * 16 * 16)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3,
                         limit_val_batches=2, limit_test_batches=2, limit_predict_batches=2,

@@ -30,10 +30,7 @@ def split_images(run, split):
     """The images [N, C, H, W] of a run's split (as its datamodule loads them)."""
     config = OmegaConf.load(run / "config.yaml")
     _, ckpt_config = load_trainable(run)
-    datamodule = instantiate(config.data)
-    spec = ckpt_config["input_spec"]
-    datamodule.set_input_spec(InputSpec(tuple(spec["input_size"]), tuple(spec["mean"]),
-                                        tuple(spec["std"]), spec["interpolation"]))  # fmt: skip
+    datamodule = instantiate(config.data, input_spec=InputSpec.of(ckpt_config["input_spec"]))
     datamodule.setup()
     return datamodule.prepare_batch(getattr(datamodule, f"{split}_set").tensors[0])
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from met_lightning.builders import build_network
 from met_lightning.checkpoint import load_trainable, save_trainable
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
 from met_lightning.models.lora import LoRAQKV, add_lora
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
+from tests.helpers import TINY_KWARGS, compose_config, legacy_model_config, tiny_backbone
 
 D, C = TINY_KWARGS["embed_dim"], 10
 TINY = [
@@ -68,7 +68,7 @@ def _build(tmp_path, *overrides):
     cfg = compose_config(["method=lora", *TINY, *overrides], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    return cfg, build_network(cfg.method, cfg.model, tiny_backbone(), C)
+    return cfg, instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=C)
 
 
 @pytest.mark.parametrize(
@@ -110,11 +110,11 @@ def _legacy_config(cfg, scale):
     """The config a run folder written before model.adapter.alpha records: no `alpha` key."""
     from omegaconf import OmegaConf
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    method, model = legacy_model_config(cfg)
     del model["adapter"]["alpha"]
     model["adapter"]["scale"] = scale
     return {
-        "method": OmegaConf.to_container(cfg.method, resolve=True), "model": model,
+        "method": method, "model": model,
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "num_classes": C,
         "seed": 0,
     }  # fmt: skip

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from met_lightning.builders import build_loss, build_network
 from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
 from met_lightning.checkpoint.packing import export_state, pack, storage_bytes, unpack
 from met_lightning.config import validate_config
+from met_lightning.data.base import InputSpec
 from met_lightning.errors import ConfigError
 from met_lightning.models.adapters import EAdapter, ParallelAdapter
 from met_lightning.models.binary import SIGN_SCALE, BinaryParts, binarize, binary_weights
@@ -59,7 +60,7 @@ def build(method: str, tmp_path, *overrides: str):
     cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}", *overrides], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    net = build_network(cfg.method, cfg.model, tiny_backbone(), C)
+    net = instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=C)
     return cfg, net
 
 
@@ -74,7 +75,7 @@ def test_method_builds_trains_one_step_with_exact_parameter_count(method, tmp_pa
     before = {n: p.clone() for n, p in net.named_parameters() if p.requires_grad}
 
     module = MultiExitClassifier(
-        net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW, scheduler=None
+        net, instantiate(cfg.model.loss)(num_exits=net.num_exits), torch.optim.AdamW
     )
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     module.train()
@@ -94,6 +95,85 @@ def test_method_builds_trains_one_step_with_exact_parameter_count(method, tmp_pa
     else:
         assert not net.backbone.training  # frozen backbone stays in eval mode
     assert net(images).logits.shape == (8, net.num_exits, C)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_node_instantiates_the_module_train_builds(method, tmp_path):
+    """`train.instantiate_model(cfg.model, ...)`: the LightningModule of `model._target_` with
+    the method's network (the same trainable count), loss, optimizer and scheduler."""
+    from met_lightning.losses.multi_exit import MultiExitLoss
+    from met_lightning.train import instantiate_model
+
+    exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
+    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}"], tmp_path)
+    validate_config(cfg)
+    module = instantiate_model(cfg.model, tiny_backbone(), C)
+    assert isinstance(module, MultiExitClassifier) and isinstance(module.net, MultiExitViT)
+    assert module.num_trainable == expected_trainable(method)
+    assert isinstance(module.loss, MultiExitLoss)
+    assert len(module.loss.exit_weights) == module.net.num_exits
+    assert module.loss.graph_weight == cfg.model.loss.graph_weight
+    assert module.optimizer_factory.keywords["lr"] == cfg.optimizer.lr
+    assert module.scheduler_factory.keywords["warmup_epochs"] == cfg.scheduler.warmup_epochs
+
+
+def test_scheduler_none_trains_at_a_constant_rate(tmp_path):
+    """scheduler=none composes a config without `_target_` (the demo's warmup_epochs stays in
+    it): no scheduler."""
+    from met_lightning.train import instantiate_model
+
+    cfg = compose_config(["scheduler=none", *TINY, "model.exits=[2,4]"], tmp_path)
+    validate_config(cfg)
+    module = instantiate_model(cfg.model, tiny_backbone(), C)
+    assert module.scheduler_factory is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", ["model node", "before targets"])
+def test_recorded_config_of_either_layout_rebuilds_the_same_network(method, layout, tmp_path):
+    """A trainable file's config as train() writes it (`model` with `net`), or as files written
+    before the `model` node named its `_target_`s hold it (`method` + the switches): the same
+    network, the same logits."""
+    from omegaconf import OmegaConf
+
+    from met_lightning.train import rebuild_config
+    from tests.helpers import legacy_model_config
+
+    cfg, net = build(method, tmp_path)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    net.eval()
+    spec = InputSpec.from_backbone_config(cfg.backbone)
+    config = {**rebuild_config(cfg, C, spec), "seed": 0}  # build() seeds the backbone with 0
+    assert config["model"]["net"]["_target_"].endswith("MultiExitViT")
+    assert "optimizer" not in config["model"] and "method" not in config
+    if layout == "before targets":
+        method_node, model = legacy_model_config(cfg)
+        config = {**config, "method": method_node, "model": model}
+        assert "_target_" not in OmegaConf.create(config["model"])
+    save_trainable(net, tmp_path / "trainable.safetensors", config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the random tiny backbone is rebuilt from the recorded seed
+        loaded, _ = load_trainable(tmp_path / "trainable.safetensors")
+    assert count_parameters(loaded) == count_parameters(net)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).logits, net(images).logits)
+
+
+def test_recorded_network_target_must_be_a_known_network(tmp_path):
+    """A checkpoint's config is data: its `model.net._target_` is not imported and called."""
+    from met_lightning.errors import CheckpointError
+    from met_lightning.train import rebuild_config
+
+    cfg, net = build("linear_probe", tmp_path)
+    config = rebuild_config(cfg, C, InputSpec.from_backbone_config(cfg.backbone))
+    config["model"]["net"]["_target_"] = "os.system"
+    save_trainable(net, tmp_path / "trainable.safetensors", config)
+    with pytest.raises(CheckpointError, match="model.net._target_='os.system'"):
+        load_trainable(tmp_path / "trainable.safetensors")
 
 
 @pytest.mark.parametrize("method", ["met", "adapter", "lora"])
@@ -165,7 +245,8 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
     cfg, net = build(method, tmp_path, "model.adapter.bits=1")
     binary = binary_weights(net)
     assert len(binary) == 2 * DEPTH * (2 if method == "met" else 1)  # down + up per adapter
-    module = MultiExitClassifier(net, build_loss(cfg.model, net.num_exits), torch.optim.AdamW)
+    loss = instantiate(cfg.model.loss)(num_exits=net.num_exits)
+    module = MultiExitClassifier(net, loss, torch.optim.AdamW)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % C
     for _ in range(3):
@@ -177,10 +258,8 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
         assert len(torch.unique(layer.effective_weight())) == 2  # exactly two values per layer
         assert len(torch.unique(layer.weight)) > 2  # the latent weights are full precision
 
-    config = {
-        "method": dict(cfg.method), "model": _plain(cfg.model), "backbone": _plain(cfg.backbone),
-        "num_classes": C, "seed": 0,
-    }  # fmt: skip
+    config = {"model": _plain(cfg.model), "backbone": _plain(cfg.backbone), "num_classes": C,
+              "seed": 0}  # fmt: skip
     save_trainable(net, tmp_path / "trainable.safetensors", config)
     tensors, _ = read_trainable(tmp_path / "trainable.safetensors")
     packed = [k for k in tensors if k.endswith(".signs")]
@@ -253,7 +332,7 @@ def test_ablation_switches_build_what_they_say(tmp_path):
     )
     assert no_cls.num_early_tokens(0) == 0 and isinstance(no_cls.adapters["mlp"][0], EAdapter)
     cfg, _ = build("met", tmp_path, "model.loss.graph_weight=0")
-    assert build_loss(cfg.model, 4).graph_weight == 0
+    assert instantiate(cfg.model.loss)(num_exits=4).graph_weight == 0
     _, lp = build("linear_probe", tmp_path)
     assert isinstance(lp, MultiExitViT) and lp.exits == (DEPTH,) and len(lp.adapters) == 0
 
@@ -266,10 +345,8 @@ def test_ablation_switches_build_what_they_say(tmp_path):
 def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, overrides, tmp_path):
     """`python -m met_lightning method=...`: the exported trainable.safetensors (1-bit packed for
     bits=1), loaded into a rebuilt network, gives the test logits the run stored."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from met_lightning.data.base import InputSpec
     from met_lightning.inference.logit_store import LogitStore
     from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
 
@@ -283,8 +360,7 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
 
     net, config = load_trainable(run)
     cfg = OmegaConf.load(run / "config.yaml")
-    datamodule = instantiate(cfg.data)
-    datamodule.set_input_spec(InputSpec(**config["input_spec"]))
+    datamodule = instantiate(cfg.data, input_spec=InputSpec.of(config["input_spec"]))
     datamodule.setup("test")
     with torch.no_grad():
         loader = datamodule.test_dataloader()  # uint8 batches, prepared as on the device

@@ -42,10 +42,7 @@ def test_engine_reproduces_the_runs_stored_simulation(tiny_run):
     """Thresholds from the run's budget.json, engine on the val images = simulation on the store."""
     config = OmegaConf.load(tiny_run / "config.yaml")
     net, ckpt_config = load_trainable(tiny_run)
-    datamodule = instantiate(config.data)
-    spec = ckpt_config["input_spec"]
-    datamodule.set_input_spec(InputSpec(tuple(spec["input_size"]), tuple(spec["mean"]),
-                                        tuple(spec["std"]), spec["interpolation"]))  # fmt: skip
+    datamodule = instantiate(config.data, input_spec=InputSpec.of(ckpt_config["input_spec"]))
     datamodule.setup()
     images, labels = datamodule.val_set.tensors
     images = datamodule.prepare_batch(images)  # stored uint8 -> the model's input, as in training

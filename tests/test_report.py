@@ -200,6 +200,11 @@ def test_method_label_from_config_switches():
     assert method_label(shared) == "met (no graph, shared γ, no separate cls)"
     # a method without MET's keys (issue 5's baselines) gets its choice name only
     assert method_label({"method": {"name": "lp"}}, {"method": "linear_probe"}) == "linear_probe"
+    # run folders since the `model` node names its targets: the name is model.name
+    adapter = {"model": {"name": "adapter", "loss": {"graph_weight": 0.0}}}
+    assert method_label(adapter) == "adapter"
+    assert method_label({"model": {**base["model"], "name": "met", "loss": {"graph_weight": 0}}}
+                        ) == "met (no graph)"  # fmt: skip
     # the rule list is the extension point
     rules = [*report.METHOD_RULES, ("rank 4", lambda c: report.get(c, "model.adapter.rank") == 4)]
     cfg = {**base, "model": {**base["model"], "adapter": {"rank": 4}}}
@@ -388,3 +393,29 @@ def test_methods_compare_in_one_table_by_exit_block(tmp_path):
     assert one_bit[3] == "**90.00 ± 0.00**" and one_bit[4] == "**55.00 ± 0.00**"  # the best
     assert one_bit[-1] == "75.0"
     assert _row(text, "| test | met | 2 |")[-1] == "2,343.8"
+
+
+def test_runs_of_the_model_node_layout_vary_by_their_switches_only(tmp_path):
+    """config.yaml since the `model` node names its `_target_`s: model.name is the method, and
+    the node's copies (model.net.*, model.optimizer.*) do not make variants of their own."""
+    from experiments.report_load import assign_variants, load_run
+
+    runs = []
+    for rank in (4, 8):
+        folder = make_run(tmp_path / f"r{rank}", rank=rank)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        del config["method"]
+        config["model"] = {
+            "_target_": "met_lightning.training.module.MultiExitClassifier", "name": "met",
+            **config["model"],
+            "net": {"_target_": "met_lightning.models.multi_exit_vit.MultiExitViT",
+                    "_partial_": True, "rank": rank},
+            "optimizer": config["optimizer"],
+        }  # fmt: skip
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        hydra = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        del hydra["hydra"]["runtime"]["choices"]["method"]  # model.name names it
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        runs.append(load_run(folder))
+    assign_variants(runs)
+    assert [(r.method, r.variant) for r in runs] == [("met", "rank=4"), ("met", "rank=8")]

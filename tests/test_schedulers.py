@@ -6,9 +6,9 @@ import math
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
-from met_lightning.builders import build_loss, build_network
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
 from met_lightning.training.module import MultiExitClassifier
@@ -64,10 +64,10 @@ def test_warmup_kept_with_max_epochs_minus_one_and_max_steps(tmp_path):
     cfg = compose_config(["method=linear_probe", *TINY_OVERRIDES, "model.exits=[-1]"], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    net = build_network(cfg.method, cfg.model, tiny_backbone(), 10)
+    net = instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=10)
     module = MultiExitClassifier(
         net,
-        build_loss(cfg.model, net.num_exits),
+        instantiate(cfg.model.loss)(num_exits=net.num_exits),
         optimizer=lambda params: torch.optim.SGD(params, lr=LR),
         scheduler=lambda **kw: cosine_with_warmup(**kw, warmup_epochs=1),
     )

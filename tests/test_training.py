@@ -26,23 +26,28 @@ def trained(tmp_path_factory):
     """One short training run; yields (output_dir, metrics, backbone before, backbone after)."""
     output_dir = tmp_path_factory.mktemp("run")
     captured = {}
-    build_backbone, build_network = train_module.build_backbone, train_module.build_network
+    instantiate_model = train_module.instantiate_model
+    build_datamodule = train_module.build_datamodule
 
-    def capture_backbone(cfg):
-        backbone = build_backbone(cfg)
+    def capture_data(data_cfg, input_spec):  # before the backbone exists
+        assert "backbone" not in captured
+        captured["spec"] = input_spec
+        captured["datamodule"] = build_datamodule(data_cfg, input_spec)
+        return captured["datamodule"]
+
+    def capture(model, backbone, num_classes):  # the backbone as train() built it, and the net
         captured["before"] = {k: v.clone() for k, v in backbone.state_dict().items()}
         captured["backbone"] = backbone
-        return backbone
+        module = instantiate_model(model, backbone, num_classes)
+        captured["net"] = module.net
+        return module
 
-    def capture_network(*args, **kwargs):
-        captured["net"] = build_network(*args, **kwargs)
-        return captured["net"]
-
-    train_module.build_backbone, train_module.build_network = capture_backbone, capture_network
+    train_module.instantiate_model, train_module.build_datamodule = capture, capture_data
     try:
         metrics = train_module.train(compose_config(FAST, output_dir))
     finally:
-        train_module.build_backbone, train_module.build_network = build_backbone, build_network
+        train_module.instantiate_model = instantiate_model
+        train_module.build_datamodule = build_datamodule
     return output_dir, metrics, captured
 
 
@@ -80,6 +85,22 @@ def test_run_folder_artifacts(trained):
     ):
         assert key in header, key
     assert metrics["test/acc"] == pytest.approx(metrics["test/acc_exit2"])
+
+
+def test_input_spec_given_to_the_datamodule_at_construction_is_the_backbones(trained):
+    """train() resolves the spec from the backbone config before building anything; the
+    DataModule gets it at construction, and it is what the built backbone expects and what the
+    trainable checkpoint records for predict / export."""
+    from dataclasses import asdict
+
+    from met_lightning.data.base import InputSpec
+
+    output_dir, _, captured = trained
+    spec = captured["spec"]
+    assert captured["datamodule"].input_spec == spec
+    assert InputSpec.from_timm(captured["backbone"]) == spec
+    _, config = read_trainable(output_dir / "trainable.safetensors")
+    assert config["input_spec"] == json.loads(json.dumps(asdict(spec)))
 
 
 def test_lightning_checkpoint_holds_trainable_params_only(trained):

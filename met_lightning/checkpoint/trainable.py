@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from met_lightning.builders import build_backbone, build_network
+from met_lightning.builders import build_backbone, rebuild_network
 from met_lightning.checkpoint.fingerprint import verify_backbone
 from met_lightning.checkpoint.packing import export_state, load_export
 from met_lightning.checkpoint.tagged import read_tagged, write_tagged
@@ -86,6 +86,6 @@ def load_trainable(path: str | Path, weights_file: str | None = None) -> tuple[n
     """
     tensors, config = read_trainable(path)
     backbone = _verified_backbone(config, path, weights_file)
-    net = build_network(config["method"], config["model"], backbone, config["num_classes"])
+    net = rebuild_network(config, backbone)
     load_export(net, tensors, str(path))
     return net.eval(), config

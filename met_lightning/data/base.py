@@ -1,8 +1,8 @@
 """Base LightningDataModule shared by every image-classification dataset of the project.
 
 A subclass implements `_build_splits()` (train / val / test datasets for `self.input_spec`);
-the base validates the common options, receives the backbone's input specification before
-`setup`, and makes the dataloaders.
+the base validates the common options, takes the backbone's input specification at construction
+(`InputSpec.from_backbone_config`: known before the backbone is built), and makes the dataloaders.
 
 Data path: the datasets yield uint8 images [C, h, w] at their stored size; the dataloaders collate
 them as uint8 batches (`device_transforms.ImageCollate`) and `on_after_batch_transfer` turns each
@@ -13,7 +13,9 @@ batch, on the trainer's device, into the backbone's normalized float input [B, C
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -45,6 +47,30 @@ class InputSpec:
         size = (patch_embed.proj.in_channels, *patch_embed.img_size)
         return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
 
+    @classmethod
+    def from_backbone_config(cls, backbone_cfg: Mapping[str, Any]) -> InputSpec:
+        """The spec of the backbone that the `backbone` config (name, model_kwargs) builds, read
+        before it is built: a meta-device probe, no weights, no download. The weights (hub or
+        weights_file) do not change it: timm's pretrained config of `name` gives the
+        normalization either way."""
+        from met_lightning.models.backbone import meta_backbone
+
+        kwargs = backbone_cfg.get("model_kwargs") or {}
+        return cls.from_timm(meta_backbone(str(backbone_cfg["name"]), dict(kwargs)))
+
+    @classmethod
+    def of(cls, value: InputSpec | Mapping[str, Any]) -> InputSpec:
+        """`value` as an InputSpec: itself, or one from its fields (e.g. the `input_spec` a
+        trainable checkpoint records, or the config Hydra makes of an InputSpec argument)."""
+        if isinstance(value, InputSpec):
+            return value
+        return cls(
+            tuple(int(v) for v in value["input_size"]),
+            tuple(float(v) for v in value["mean"]),
+            tuple(float(v) for v in value["std"]),
+            str(value.get("interpolation", "bicubic")),
+        )
+
 
 PIN_MEMORY = ("auto", True, False)
 
@@ -62,8 +88,9 @@ def check_pin_memory(value: bool | str) -> bool | str:
 
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
-    """Common options: `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`,
-    `pin_memory` (auto | true | false), `seed`.
+    """Common options: `input_spec` (what the backbone expects: size, normalization; an InputSpec
+    or its fields), `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`, `pin_memory`
+    (auto | true | false), `seed`.
 
     Subclasses set `normalize` / `augment` (and `value_max` / `resize_mode` when their images are
     not 8-bit or need another resize); `batch_transform` is built from them at setup.
@@ -76,6 +103,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
 
     def __init__(
         self,
+        input_spec: InputSpec | Mapping[str, Any],
         num_classes: int,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -97,7 +125,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.num_workers = int(num_workers)
         self.pin_memory = check_pin_memory(pin_memory)
         self.seed = int(seed)
-        self.input_spec: InputSpec | None = None
+        self.input_spec = InputSpec.of(input_spec)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -110,10 +138,6 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
 
         A subclass that reads files overrides it and keeps what it read for `setup`."""
 
-    def set_input_spec(self, spec: InputSpec) -> None:
-        """Tell the data module the backbone's input size and normalization (before setup)."""
-        self.input_spec = spec
-
     @abstractmethod
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """Return (train, val, test) datasets of (image [C, H, W], label) for `self.input_spec`."""
@@ -121,8 +145,6 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.input_spec is None:
-            raise RuntimeError("call set_input_spec(InputSpec.from_timm(backbone)) before setup")
         self.train_set, self.val_set, self.test_set = self._build_splits()
         self.batch_transform = self._make_batch_transform()
 
@@ -244,15 +266,19 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         return self.test_dataloader()
 
 
-def build_datamodule(data_cfg) -> ImageClassificationDataModule:  # noqa: ANN001 - a DictConfig
-    """`instantiate(cfg.data)`, then `check_files()`: bad options and missing or malformed data
-    fail here, before the backbone is built. An argument of the wrong type (a ValueError or
-    TypeError in the constructor) is reported as a ConfigError naming data.*."""
+def build_datamodule(
+    data_cfg,  # noqa: ANN001 - a DictConfig
+    input_spec: InputSpec,
+) -> ImageClassificationDataModule:
+    """`instantiate(cfg.data, input_spec=input_spec)`, then `check_files()`: bad options and
+    missing or malformed data fail here, before the backbone is built. An argument of the wrong
+    type (a ValueError or TypeError in the constructor) is reported as a ConfigError naming
+    data.*."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        datamodule = instantiate(data_cfg)
+        datamodule = instantiate(data_cfg, input_spec=input_spec)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, MetError) or not isinstance(cause, TypeError | ValueError):

@@ -127,8 +127,7 @@ def check_session_options(cfg: Any) -> torch.device:
 
 def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
     """(input spec, eval transform PIL image -> [C, H, W]) recorded with a checkpoint."""
-    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
-                        for k, v in config["input_spec"].items()})  # fmt: skip
+    spec = InputSpec.of(config["input_spec"])
     return spec, eval_transform(spec, config.get("normalize", "backbone"))
 
 

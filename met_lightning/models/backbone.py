@@ -59,11 +59,16 @@ def _check_supported(model: nn.Module, name: str) -> None:
         )
 
 
+def meta_backbone(name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """`timm.create_model(name, **model_kwargs)` on the meta device: the architecture and the
+    pretrained config (mean / std, interpolation), no weights allocated or downloaded."""
+    with torch.device("meta"):
+        return _create(name, dict(model_kwargs or {}), pretrained=False)
+
+
 def describe_backbone(name: str, model_kwargs: dict[str, Any] | None = None) -> BackboneSpec:
     """Architecture of `timm.create_model(name, **model_kwargs)`, built on the meta device."""
-    with torch.device("meta"):
-        model = _create(name, model_kwargs or {}, pretrained=False)
-    return spec_of(model, name)
+    return spec_of(meta_backbone(name, model_kwargs), name)
 
 
 def spec_of(model: VisionTransformer, name: str = "") -> BackboneSpec:

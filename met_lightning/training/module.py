@@ -62,6 +62,11 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 class MultiExitClassifier(L.LightningModule):
     """Logs `stage/acc_exit{k}` for every exit and `stage/acc` for the last one.
 
+    The `model` config node (conf/method/*.yaml): `net` (a MultiExitViT), `loss`, `optimizer` and
+    `scheduler` (partials completed in `configure_optimizers`; a scheduler that is None or a config
+    without `_target_`, as `scheduler=none` gives: a constant learning rate), `compile` /
+    `compile_mode` (torch.compile the network and the loss, `compile_network`).
+
     Checkpoints hold the trainable parameters only: the frozen backbone is rebuilt from config.
     """
 
@@ -71,12 +76,15 @@ class MultiExitClassifier(L.LightningModule):
         loss: MultiExitLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        # scheduler=none: a config without `_target_` (the demo's warmup_epochs may be left in it)
+        self.scheduler_factory = scheduler if callable(scheduler) else None
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
         num_exits, num_classes = net.num_exits, net.num_classes
         # keys are "train_acc" etc.: a plain "train" would shadow nn.Module.train
@@ -111,6 +119,8 @@ class MultiExitClassifier(L.LightningModule):
         # plain attributes, not buffers: DDP would overwrite every rank's with rank 0's
         self._bad_step: torch.Tensor | None = None  # [3] global step, epoch, batch; -1: none
         self._bad_parts: torch.Tensor | None = None  # [2K] loss, ce per exit, graph per exit
+        if compile:  # trainer=gpu turns it on
+            self.compile_network(mode=compile_mode)
 
     def compile_network(self, mode: str | None = None, **options: Any) -> None:
         """torch.compile the network and the loss in place (`nn.Module.compile`): parameter

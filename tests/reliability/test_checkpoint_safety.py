@@ -134,7 +134,7 @@ def test_verify_runs_the_checks_of_load_without_building_the_network(
 
     _, config = read_trainable(tiny_run)
     net, _ = load_trainable(tiny_run)
-    monkeypatch.setattr(checkpoint.trainable, "build_network", no_network)
+    monkeypatch.setattr(checkpoint.trainable, "rebuild_network", no_network)
     assert verify(tiny_run) == config
     assert verify(tiny_run / FILENAME) == config
 
