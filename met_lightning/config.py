@@ -17,7 +17,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from met_lightning.errors import ConfigError
 from met_lightning.losses.graph import GRAPH_KINDS
 from met_lightning.models.backbone import describe_backbone
-from met_lightning.models.multi_exit_vit import check_adapter, check_exits, lora_scale_message
+from met_lightning.models.multi_exit_vit import (
+    check_adapter,
+    check_exits,
+    check_token_layout,
+    lora_scale_message,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -29,7 +34,7 @@ TOP_LEVEL_KEYS = {
 # Keys of the `model` node (conf/method/*.yaml) that are the method's switches, not arguments of
 # its LightningModule (`model._target_`): `model.net` reads them through ${..key} and `name` labels
 # the run; `train.instantiate_model` leaves them out of the module's instantiation.
-METHOD_KEYS = ("name", "exits", "finetune_backbone", "adapter")
+METHOD_KEYS = ("name", "exits", "finetune_backbone", "adapter", "token_layout")
 
 
 def config_dir() -> str:
@@ -84,6 +89,7 @@ class ModelSchema:
     exits: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     finetune_backbone: bool = False
     adapter: AdapterSchema = field(default_factory=AdapterSchema)
+    token_layout: str = "auto"
     # `_target_` nodes, checked against their targets' signatures (`check_targets`)
     net: Any = None
     loss: LossSchema = field(default_factory=LossSchema)
@@ -156,6 +162,7 @@ def validate_config(cfg: DictConfig) -> None:
         adapter.scale,
         adapter.alpha,
     )
+    check_token_layout(model.token_layout)
     if adapter.kind == "lora" and adapter.scale is not None and "alpha" in cfg.model.adapter:
         # LoRA's scale is alpha / rank; only configs written before `alpha` existed set `scale`
         raise ConfigError(lora_scale_message(adapter.scale, adapter.rank))

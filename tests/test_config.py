@@ -47,6 +47,7 @@ from tests.helpers import compose_config, run_cli
         (["model.adapter.rank=abc"], "model.adapter.rank", "could not be converted"),
         (["model.adapter.sites=[attn,ffn]"], "model.adapter.sites", "attn"),
         (["model.loss.graph=knn"], "model.loss.graph", "label"),
+        (["model.token_layout=mask"], "model.token_layout='mask'", "'auto', 'streams', 'joint'"),
         (
             ["model.loss.graph_weight=-0.5"],
             "model.loss.graph_weight",

@@ -166,6 +166,16 @@ def check_adapter(
         raise ConfigError(lora_scale_message(scale, rank))
 
 
+def check_token_layout(layout: str) -> str:
+    """`layout` if it is one of TOKEN_LAYOUTS (model.token_layout), else a ConfigError."""
+    if layout not in TOKEN_LAYOUTS:
+        raise ConfigError(
+            f"model.token_layout={layout!r} must be one of {list(TOKEN_LAYOUTS)} (auto: "
+            "streams on CUDA, joint elsewhere; all give the same numbers)"
+        )
+    return layout
+
+
 def lora_scale_message(scale: float, rank: int) -> str:
     """The error for model.adapter.scale with kind lora: use alpha = scale x rank instead."""
     return (
@@ -303,6 +313,7 @@ class MultiExitViT(nn.Module):
             scale=scale,
             finetune_backbone=model.get("finetune_backbone", False),
             alpha=alpha,
+            token_layout=model.get("token_layout", "auto"),
         )
 
     @property
@@ -312,12 +323,7 @@ class MultiExitViT(nn.Module):
 
     @token_layout.setter
     def token_layout(self, layout: str) -> None:
-        if layout not in TOKEN_LAYOUTS:
-            raise ConfigError(
-                f"model.token_layout={layout!r} must be one of {list(TOKEN_LAYOUTS)} (auto: "
-                "streams on CUDA, joint elsewhere; both give the same numbers)"
-            )
-        self._token_layout = layout
+        self._token_layout = check_token_layout(layout)
 
     def runs_joint(self, tokens: torch.Tensor) -> bool:
         """Whether a stage on `tokens`' device uses the joint layout."""
