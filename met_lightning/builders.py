@@ -6,19 +6,23 @@ config is data, not code: only the networks of `NETWORKS` are built from it, fro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from met_lightning.errors import CheckpointError
+from met_lightning.models.backbone import create_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
 
 # model.net._target_ -> the class a recorded `model.net` rebuilds
 NETWORKS: dict[str, type[nn.Module]] = {
     "met_lightning.models.multi_exit_vit.MultiExitViT": MultiExitViT,
+}
+# backbone._target_ -> the function a recorded `backbone` config is built with
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "met_lightning.models.backbone.create_backbone": create_backbone,
 }
 
 
@@ -27,8 +31,15 @@ def as_config(cfg: Any) -> DictConfig:
 
 
 def build_backbone(backbone_cfg: Any) -> nn.Module:
-    """The frozen timm ViT described by a recorded `backbone` config."""
-    return instantiate(as_config(backbone_cfg))
+    """The frozen timm ViT described by a recorded `backbone` config (only the functions of
+    `BACKBONES`: a checkpoint must not name code to run)."""
+    config = OmegaConf.to_container(as_config(backbone_cfg), resolve=True)
+    target = config.pop("_target_", None)
+    if target not in BACKBONES:
+        raise CheckpointError(
+            f"the checkpoint's backbone._target_={target!r} is not one of {sorted(BACKBONES)}"
+        )
+    return BACKBONES[target](**{k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module:

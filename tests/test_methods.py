@@ -163,16 +163,20 @@ def test_recorded_config_of_either_layout_rebuilds_the_same_network(method, layo
         assert torch.equal(loaded(images).logits, net(images).logits)
 
 
-def test_recorded_network_target_must_be_a_known_network(tmp_path):
-    """A checkpoint's config is data: its `model.net._target_` is not imported and called."""
+@pytest.mark.parametrize("node", ["model.net", "backbone"])
+def test_recorded_targets_must_be_known(tmp_path, node, monkeypatch):
+    """A checkpoint's config is data: its `model.net._target_` and `backbone._target_` are not
+    imported and called."""
     from met_lightning.errors import CheckpointError
     from met_lightning.train import rebuild_config
 
     cfg, net = build("linear_probe", tmp_path)
     config = rebuild_config(cfg, C, InputSpec.from_backbone_config(cfg.backbone))
-    config["model"]["net"]["_target_"] = "os.system"
+    parent = config["model"]["net"] if node == "model.net" else config["backbone"]
+    parent["_target_"] = "os.system"
     save_trainable(net, tmp_path / "trainable.safetensors", config)
-    with pytest.raises(CheckpointError, match="model.net._target_='os.system'"):
+    monkeypatch.setattr("os.system", lambda *a, **k: pytest.fail("os.system was called"))
+    with pytest.raises(CheckpointError, match=rf"{node}._target_='os.system' is not one of"):
         load_trainable(tmp_path / "trainable.safetensors")
 
 
