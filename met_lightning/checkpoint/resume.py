@@ -17,6 +17,7 @@ the atomic writer's leftover `*.tmp` files.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -117,6 +118,26 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
+# the method's settings of a `model` node written before it named its `_target_`s
+LEGACY_MODEL_KEYS = ("exits", "finetune_backbone", "adapter", "compile", "compile_mode")
+
+
+def upgrade_saved_config(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml written before the `model` node named its `_target_`s (a top-level
+    `method: {name}` and a `model` of switches only) in today's shape, so that `resume=` compares
+    what was set: its switches, loss settings and method name replace today's in a copy of `now`'s
+    `model` node (the node's targets and `net`, which only repeats the switches, come from `now`).
+    Other configs are returned as they are."""
+    model = saved.get("model")
+    if "method" not in saved or not isinstance(model, dict) or "_target_" in model:
+        return saved
+    upgraded = copy.deepcopy(now.get("model", {}))
+    upgraded.update({k: model[k] for k in LEGACY_MODEL_KEYS if k in model})
+    upgraded["loss"] = {**upgraded.get("loss", {}), **model.get("loss", {})}
+    upgraded["name"] = (saved["method"] or {}).get("name")
+    return {**{k: v for k, v in saved.items() if k != "method"}, "model": upgraded}
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """What `resume=RUN_DIR` goes on from (`resume_checkpoint`)."""
@@ -178,7 +199,7 @@ def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
         )
     saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
     now = OmegaConf.to_container(cfg, resolve=True)
-    differences = config_differences(saved, now)
+    differences = config_differences(upgrade_saved_config(saved, now), now)
     if differences:
         more = f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""
         raise ConfigError(
