@@ -166,6 +166,21 @@ def test_auto_layout_is_streams_on_cuda_only_and_checked():
         net.token_layout = "mask"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("variant", ["e_adapter", "registers", "lora"])
+def test_on_cuda_auto_runs_streams_and_both_layouts_agree(variant):
+    net = build(variant, "auto").cuda()
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    assert not net.runs_joint(images)
+    with torch.no_grad():
+        streams = net(images).logits
+        net.token_layout = "joint"
+        joint = net(images).logits
+    torch.testing.assert_close(streams, joint, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(streams.cpu(), masked_reference(net.cpu(), images.cpu()),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
 def test_gamma_keeps_the_activation_dtype():
     adapter = EAdapter(16, 4, num_gammas=3)
     torch.nn.init.normal_(adapter.up.weight)
