@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from met_lightning.checkpoint.resume import resume_argv
+from met_lightning.cli import exit_on_user_error
 from met_lightning.config import config_dir
 from met_lightning.models.backbone import create_backbone
 from met_lightning.predict import _task as predict_task
@@ -150,11 +152,14 @@ def run_task(
 ) -> subprocess.CompletedProcess:
     """In-process `python -m MODULE ARGS`: the entry's Hydra task (`_task`: a user error prints
     `error: ...` and exits 2) on the config composed from ARGS; (exit code, stdout, stderr + log).
-    The run folder is `output_dir` (or the paths.output_dir= in ARGS). The log records are
+    The run folder is `output_dir` (or the paths.output_dir= / hydra.run.dir= in ARGS, or the
+    folder of resume=). The log records are
     written as `log_format` (HYDRA_LOG_FORMAT: as the CLI writes them)."""
     with _captured(log_format) as (stdout, stderr, code):
-        if module == "met_lightning":
-            given = [a.split("=", 1)[1] for a in args if a.startswith("paths.output_dir=")]
+        if module == "met_lightning":  # resume=RUN_DIR brings in the run's overrides, as main()
+            args = exit_on_user_error(lambda: resume_argv([module, *args]))[1:]
+            folder = ("paths.output_dir=", "hydra.run.dir=")
+            given = [a.split("=", 1)[1].strip("'") for a in args if a.startswith(folder)]
             cfg = compose_config(args, Path(given[-1]) if given else output_dir)
             train_task(cfg)
         else:
