@@ -153,8 +153,8 @@ def run_task(
     """In-process `python -m MODULE ARGS`: the entry's Hydra task (`_task`: a user error prints
     `error: ...` and exits 2) on the config composed from ARGS; (exit code, stdout, stderr + log).
     The run folder is `output_dir` (or the paths.output_dir= / hydra.run.dir= in ARGS, or the
-    folder of resume=). The log records are
-    written as `log_format` (HYDRA_LOG_FORMAT: as the CLI writes them)."""
+    folder of resume=). The log records are written as `log_format` (HYDRA_LOG_FORMAT: as the
+    CLI writes them)."""
     with _captured(log_format) as (stdout, stderr, code):
         if module == "met_lightning":  # resume=RUN_DIR brings in the run's overrides, as main()
             args = exit_on_user_error(lambda: resume_argv([module, *args]))[1:]
