@@ -29,3 +29,17 @@ def tiny_run(tmp_path_factory):
     result = run_cli(["debug=fast", *TINY_OVERRIDES, f"paths.log_dir={root}"], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_folder(root)
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """For an in-process wandb run: a HOME without ~/.netrc key; afterwards wandb's process-wide
+    state (its run, settings and service) is torn down, so that no test sees another's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    yield monkeypatch
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 from unittest import mock
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from met_lightning.checkpoint.resume import resume_argv
+from met_lightning.cli import exit_on_user_error
 from met_lightning.config import config_dir
 from met_lightning.models.backbone import create_backbone
 from met_lightning.predict import _task as predict_task
@@ -114,32 +117,73 @@ def compose_predict(args: list[str]):
         return compose("predict", overrides=args)
 
 
-def run_task(
-    args: list[str], output_dir: Path, module: str = "met_lightning"
-) -> subprocess.CompletedProcess:
-    """In-process `python -m MODULE ARGS`: the entry's Hydra task (`_task`: a user error prints
-    `error: ...` and exits 2) on the config composed from ARGS; (exit code, stdout, stderr + log).
-    The run folder is `output_dir` (or the paths.output_dir= in ARGS)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
+# the console format of Hydra's job logging (a `python -m met_lightning` run logs so to stdout)
+HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@contextlib.contextmanager
+def _captured(log_format: str = "%(message)s"):
+    """stdout, stderr (+ the log as `log_format`) captured, the environment restored after
+    (seed_everything sets PL_GLOBAL_SEED, ...); yields the two buffers and a list that the body
+    fills with the exit code (0 unless it raises SystemExit)."""
+    stdout, stderr, code = io.StringIO(), io.StringIO(), [0]
     handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter(log_format))
     logging.getLogger().addHandler(handler)
-    try:  # the environment as it was after (seed_everything sets PL_GLOBAL_SEED, ...)
+    try:
         with (
             mock.patch.dict(os.environ),
             contextlib.redirect_stdout(stdout),
             contextlib.redirect_stderr(stderr),
         ):
-            if module == "met_lightning":
-                given = [a.split("=", 1)[1] for a in args if a.startswith("paths.output_dir=")]
-                cfg = compose_config(args, Path(given[-1]) if given else output_dir)
-                entry = train_task
-            else:
-                cfg, entry = compose_predict(args), predict_task
             try:
-                entry(cfg)
-                code = 0
+                yield stdout, stderr, code
             except SystemExit as exit:
-                code = exit.code
+                code[0] = exit.code
     finally:
         logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_task(
+    args: list[str],
+    output_dir: Path,
+    module: str = "met_lightning",
+    log_format: str = "%(message)s",
+) -> subprocess.CompletedProcess:
+    """In-process `python -m MODULE ARGS`: the entry's Hydra task (`_task`: a user error prints
+    `error: ...` and exits 2) on the config composed from ARGS; (exit code, stdout, stderr + log).
+    The run folder is `output_dir` (or the paths.output_dir= / hydra.run.dir= in ARGS, or the
+    folder of resume=). The log records are written as `log_format` (HYDRA_LOG_FORMAT: as the
+    CLI writes them)."""
+    with _captured(log_format) as (stdout, stderr, code):
+        if module == "met_lightning":  # resume=RUN_DIR brings in the run's overrides, as main()
+            args = exit_on_user_error(lambda: resume_argv([module, *args]))[1:]
+            folder = ("paths.output_dir=", "hydra.run.dir=")
+            given = [a.split("=", 1)[1].strip("'") for a in args if a.startswith(folder)]
+            cfg = compose_config(args, Path(given[-1]) if given else output_dir)
+            train_task(cfg)
+        else:
+            predict_task(compose_predict(args))
+    return subprocess.CompletedProcess(
+        [module, *args], code[0], stdout.getvalue(), stderr.getvalue()
+    )
+
+
+def run_main(args: list[str], module: str = "met_lightning") -> subprocess.CompletedProcess:
+    """In-process `python -m MODULE ARGS` through the entry's `main()` itself: Hydra's own
+    command-line parsing, composition and error report (exit code 1). For runs that stop before
+    the task (a whole run in-process is `run_task`); the log handlers are restored after."""
+    entry = import_module("met_lightning.train" if module == "met_lightning" else module)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    try:
+        with mock.patch.object(sys, "argv", [module, *args]), _captured() as (stdout, stderr, code):
+            os.environ.pop("HYDRA_FULL_ERROR", None)  # as run_cli: Hydra's short report
+            entry.main()
+    finally:
+        root.handlers[:], root.level = handlers, level
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(
+        [module, *args], code[0], stdout.getvalue(), stderr.getvalue()
+    )

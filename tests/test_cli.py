@@ -1,4 +1,5 @@
-"""End to end through `python -m met_lightning` in a subprocess, on the shipped demo backbone."""
+"""End to end through `python -m met_lightning` (a subprocess where the process matters; the
+Hydra task in-process, `tests.helpers.run_task`, elsewhere), on the shipped demo backbone."""
 
 import json
 import time
@@ -35,16 +36,9 @@ def test_short_demo_run_writes_folder_checkpoint_and_table(tmp_path):
 
 
 def test_experiment_composition_and_overrides(tmp_path):
-    result = run_cli(
-        [
-            "+experiment=demo",
-            "model.exits=[4,12]",
-            "model.adapter.rank=4",
-            "logger=none",
-            *SHORT,
-            f"paths.log_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
+    result = run_task(
+        ["+experiment=demo", "model.exits=[4,12]", "model.adapter.rank=4", "logger=none", *SHORT],
+        tmp_path / "run",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = run_folder(tmp_path)
@@ -97,18 +91,11 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     assert combos == {(2, 2, 0), (2, 2, 0.5), (4, 4, 0), (4, 4, 0.5)}
 
 
-def test_wandb_logger_offline(tmp_path):
-    result = run_cli(
-        [
-            "logger=wandb",
-            "debug=fast",
-            "logger.csv=null",
-            *TINY_OVERRIDES,
-            f"paths.log_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        WANDB_MODE="offline",
-        WANDB_API_KEY="",
+def test_wandb_logger_offline(tmp_path, wandb_env):
+    wandb_env.setenv("WANDB_MODE", "offline")
+    wandb_env.setenv("WANDB_API_KEY", "")
+    result = run_task(
+        ["logger=wandb", "debug=fast", "logger.csv=null", *TINY_OVERRIDES], tmp_path / "run"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("offline-run-*/*.wandb"))
@@ -130,15 +117,10 @@ def test_wandb_logger_offline(tmp_path):
     ],
     ids=["no-key", "unreachable", "broken"],
 )
-def test_wandb_trouble_never_stops_a_run(tmp_path, env, expect):
-    home = tmp_path / "home"  # no ~/.netrc key
-    home.mkdir()
-    result = run_cli(
-        ["logger=wandb", "debug=fast", *TINY_OVERRIDES, f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        HOME=str(home),
-        **env,
-    )
+def test_wandb_trouble_never_stops_a_run(tmp_path, wandb_env, env, expect):
+    for name, value in env.items():
+        wandb_env.setenv(name, value)
+    result = run_task(["logger=wandb", "debug=fast", *TINY_OVERRIDES], tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert expect in result.stdout + result.stderr  # the log goes to stdout
     folder = run_folder(tmp_path)

@@ -347,16 +347,17 @@ def test_ablation_switches_build_what_they_say(tmp_path):
     [("lora", ["model.exits=[-1]"]), ("met", ["model.exits=[2,4]", "model.adapter.bits=1"])],
 )
 def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, overrides, tmp_path):
-    """`python -m met_lightning method=...`: the exported trainable.safetensors (1-bit packed for
-    bits=1), loaded into a rebuilt network, gives the test logits the run stored."""
+    """A `python -m met_lightning method=...` run (in-process): the exported trainable.safetensors
+    (1-bit packed for bits=1), loaded into a rebuilt network, gives the test logits the run
+    stored."""
     from omegaconf import OmegaConf
 
     from met_lightning.inference.logit_store import LogitStore
-    from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
+    from tests.helpers import TINY_OVERRIDES, run_folder, run_task
 
     tiny = [o for o in TINY_OVERRIDES if not o.startswith("model.exits")]
-    args = ["debug=fast", f"method={method}", *tiny, *overrides, f"paths.log_dir={tmp_path}"]
-    result = run_cli(args, cwd=tmp_path)
+    args = ["debug=fast", f"method={method}", *tiny, *overrides]
+    result = run_task(args, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_folder(tmp_path)
     summary = (run / "summary.json").read_text()

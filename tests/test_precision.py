@@ -6,7 +6,7 @@ import torch
 
 from met_lightning.losses.graph import graph_energy_ratio, label_affinity, pairwise_sq_dist
 from met_lightning.losses.multi_exit import MultiExitLoss
-from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
+from tests.helpers import TINY_OVERRIDES, run_folder, run_task
 
 
 def tight_features(
@@ -58,16 +58,10 @@ def test_loss_is_fp32_and_equals_the_fp32_loss_for_fp32_inputs():
 
 
 def test_cpu_bf16_mixed_training_run(tmp_path):
-    """A short CLI run of the tiny config with trainer.precision=bf16-mixed on the CPU."""
-    result = run_cli(
-        [
-            "debug=fast",
-            *TINY_OVERRIDES,
-            "trainer.precision=bf16-mixed",
-            "logger=csv",
-            f"paths.log_dir={tmp_path}",
-        ],  # fmt: skip
-        cwd=tmp_path,
+    """A short (in-process) run of the tiny config with trainer.precision=bf16-mixed on the CPU."""
+    result = run_task(
+        ["debug=fast", *TINY_OVERRIDES, "trainer.precision=bf16-mixed", "logger=csv"],
+        tmp_path / "run",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = run_folder(tmp_path)

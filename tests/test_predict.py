@@ -21,7 +21,7 @@ from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import model_exit_costs
 from met_lightning.predict import predict
-from tests.helpers import predict_config, run_cli
+from tests.helpers import predict_config, run_cli, run_task
 
 
 def write_digits(folder, indices):
@@ -62,9 +62,8 @@ def test_engine_reproduces_the_runs_stored_simulation(tiny_run):
 def test_predict_cli_with_a_budget(tiny_run, tmp_path):
     inputs = write_digits(tmp_path / "in", range(24))
     out = tmp_path / "preds.csv"
-    result = run_predict(
-        [f"checkpoint={tiny_run}", f"input={inputs}", "budget=0.7", f"output={out}"], tmp_path
-    )
+    args = [f"checkpoint={tiny_run}", f"input={inputs}", "budget=0.7", f"output={out}"]
+    result = run_task(args, tmp_path, module="met_lightning.predict")  # the CLI's error: below
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fewer MACs than the last exit" in result.stdout and "MMACs" in result.stdout
     with open(out) as f:

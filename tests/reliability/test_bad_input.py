@@ -5,18 +5,21 @@ without it, no backbone built (no weights, no data loaded).
 Each scenario runs in-process as Hydra would run it: the real config composed from the same
 overrides (`tests.helpers.compose_config`), then the entry's Hydra task (`met_lightning.train._task`
 or `met_lightning.predict._task`, which print the `error:` line and `sys.exit(2)`), with stdout,
-stderr and the log captured. Config-key errors are in tests/test_config.py. What only a real
-process shows stays a `python -m` run: Hydra's own override error, an environment variable read at
-import time (HF_HOME), and one configuration error end to end (tests/test_config.py).
+stderr and the log captured. Config-key errors are in tests/test_config.py. Hydra's own override
+error goes through the entry's `main()` (Hydra's parsing and error report, in-process:
+`tests.helpers.run_main`); one configuration error end to end in a `python -m` process is in
+tests/test_config.py.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -27,7 +30,7 @@ from met_lightning.cli import RunFolderCheck
 from met_lightning.config import config_dir
 from met_lightning.errors import ConfigError
 from tests.data_fixtures import write_class_folders, write_image, write_vtab_task
-from tests.helpers import TINY_OVERRIDES, compose_config, run_cli, run_task
+from tests.helpers import TINY_OVERRIDES, compose_config, run_main, run_task
 
 TRAIN, PREDICT = "met_lightning", "met_lightning.predict"
 FAST = [*TINY_OVERRIDES, "debug=fast"]
@@ -43,8 +46,8 @@ class Scenario:
     args: tuple[str, ...]  # {data}, {run}, {out} are filled in
     expect: tuple[str, ...]  # fragments of the stderr
     before_backbone: bool = True  # fails before any backbone is built
-    env: dict[str, str] = field(default_factory=dict)
-    cli: bool = False  # a `python -m` process (Hydra's own errors, environment read at import)
+    empty_hub: bool = False  # an empty Hugging Face cache (HF_HOME), offline
+    main: bool = False  # through the entry's main() (Hydra's own errors)
 
 
 def train(*args: str, expect: tuple[str, ...], **kw) -> Scenario:
@@ -61,7 +64,7 @@ SCENARIOS = {
     "unknown-key": train(
         "model.adapter.rnk=4",
         expect=("Could not override 'model.adapter.rnk'", "not in struct"),
-        cli=True,  # Hydra's own error, exit code 1
+        main=True,  # Hydra's own error, exit code 1
     ),
     # ------------------------------------------------------------------ data
     "missing-data-folder": train(
@@ -148,8 +151,7 @@ SCENARIOS = {
             "backbone.pretrained=false",
         ),
         before_backbone=False,
-        env={"HF_HOME": "{data}/hf_home"},  # read when huggingface_hub is imported
-        cli=True,
+        empty_hub=True,
     ),
     # ------------------------------------------------------------------ output folders
     "unwritable-output-dir": train(
@@ -271,12 +273,13 @@ def run_scenario(scenario: Scenario, paths: dict[str, Path]) -> subprocess.Compl
     args = [fill(a, paths) for a in scenario.args]
     out = paths["out"]
     out.mkdir(parents=True, exist_ok=True)
-    if not scenario.cli:
+    if scenario.main:
+        return run_main([*args, f"paths.log_dir={out}"], module=scenario.module)
+    # HF_HOME is read when huggingface_hub is imported: its cache folder is set in-process
+    hub = paths["data"] / "hf_home" / "hub"
+    cache = str(hub) if scenario.empty_hub else huggingface_hub.constants.HF_HUB_CACHE
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_CACHE", cache):
         return run_task(args, out, module=scenario.module)
-    if scenario.module == TRAIN:
-        args.append(f"paths.log_dir={out}")
-    env = {k: fill(v, paths) for k, v in scenario.env.items()}
-    return run_cli(args, cwd=out, module=scenario.module, OMP_NUM_THREADS="1", **env)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -29,7 +29,7 @@ from met_lightning.errors import CheckpointError
 from met_lightning.models.backbone import create_backbone
 from met_lightning.train import resolve_ckpt_path
 from met_lightning.training.loggers import AtomicExperimentWriter
-from tests.reliability.faults import run_side_by_side
+from tests.helpers import run_task
 
 
 class Evil:
@@ -74,14 +74,12 @@ def test_corrupt_malicious_and_foreign_checkpoints_are_refused(tiny_run, tmp_pat
     Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8")).save(image)
     predict = "met_lightning.predict"
 
-    results = run_side_by_side(
-        [
-            ([f"resume={truncated}"], {}),
-            ([f"resume={evil}"], {}),
-            ([f"checkpoint={tiny_run}", f"input={image}", f"weights_file={other}"], {}, predict),
-        ],
-        cwd=tmp_path,
-    )
+    results = [  # in-process `python -m ...` runs (the entries' Hydra tasks)
+        run_task([f"resume={truncated}"], truncated),  # the run folder of resume= itself
+        run_task([f"resume={evil}"], evil),
+        run_task([f"checkpoint={tiny_run}", f"input={image}", f"weights_file={other}"], tmp_path,
+                 module=predict),
+    ]  # fmt: skip
     for result in results:
         assert result.returncode == 2, result.stderr[-3000:]
         assert "Traceback" not in result.stderr

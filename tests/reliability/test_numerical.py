@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from met_lightning.checkpoint import load_lightning_checkpoint
-from tests.helpers import TINY_OVERRIDES
-from tests.reliability.faults import run_side_by_side, with_repo_on_path
+from tests.helpers import TINY_OVERRIDES, run_task
 
 SHORT = [
     *TINY_OVERRIDES,
@@ -39,28 +38,16 @@ def _only_good_checkpoints(folder, epoch: int) -> None:
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     runs = {name: tmp_path / name for name in ("lr", "loss", "weights")}
-    env = with_repo_on_path()
-    results = run_side_by_side(
-        [
-            # a real cause: a learning rate far too high (NaN from the first steps)
-            ([*SHORT, "optimizer.lr=1e30", "logger=csv", f"hydra.run.dir={runs['lr']}"], {}),
-            # the same blow-up after one good epoch, at the start of epoch 1: NaN loss
-            ([*SHORT, SPIKE, "+callbacks.lr_spike.epoch=1", f"hydra.run.dir={runs['loss']}"], env),
-            # ... at the last step of epoch 1: the loss of every step was finite, but the
-            # weights are ruined; validation sees it and the checkpoint is refused
-            (
-                [
-                    *SHORT,
-                    SPIKE,
-                    "+callbacks.lr_spike.epoch=1",
-                    "+callbacks.lr_spike.batch=2",
-                    f"hydra.run.dir={runs['weights']}",
-                ],
-                env,
-            ),
-        ],  # fmt: skip
-        cwd=tmp_path,
-    )
+    spike = [*SHORT, SPIKE, "+callbacks.lr_spike.epoch=1"]
+    results = [  # in-process `python -m met_lightning` runs (the Hydra task)
+        # a real cause: a learning rate far too high (NaN from the first steps)
+        run_task([*SHORT, "optimizer.lr=1e30", "logger=csv"], runs["lr"]),
+        # the same blow-up after one good epoch, at the start of epoch 1: NaN loss
+        run_task(spike, runs["loss"]),
+        # ... at the last step of epoch 1: the loss of every step was finite, but the
+        # weights are ruined; validation sees it and the checkpoint is refused
+        run_task([*spike, "+callbacks.lr_spike.batch=2"], runs["weights"]),
+    ]
     for result in results:
         assert result.returncode == 2, result.stderr[-3000:]
         assert "Traceback" not in result.stderr

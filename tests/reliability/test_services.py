@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.helpers import TINY_OVERRIDES, run_cli, run_folder
-from tests.reliability.faults import ENV
+from tests.helpers import HYDRA_LOG_FORMAT, TINY_OVERRIDES, run_folder, run_task
 
 
 def _closed_port() -> int:
@@ -14,20 +13,15 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # nothing listens there once the socket is closed
 
 
-def test_wandb_unreachable_leaves_one_warning_and_every_local_log(tmp_path):
-    home = tmp_path / "home"  # no ~/.netrc key
-    home.mkdir()
-    unreachable = {
-        "WANDB_MODE": "online",
-        "WANDB_API_KEY": "0" * 40,
-        "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}",
-        "HOME": str(home),
-    }
-    result = run_cli(
-        ["logger=wandb", "debug=fast", *TINY_OVERRIDES, f"paths.log_dir={tmp_path}"],
-        cwd=tmp_path,
-        **unreachable,
-        **ENV,
+def test_wandb_unreachable_leaves_one_warning_and_every_local_log(tmp_path, wandb_env):
+    """In-process (wandb_env: a HOME without ~/.netrc key), the log written as the CLI writes it."""
+    wandb_env.setenv("WANDB_MODE", "online")
+    wandb_env.setenv("WANDB_API_KEY", "0" * 40)
+    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    result = run_task(
+        ["logger=wandb", "debug=fast", *TINY_OVERRIDES],
+        tmp_path / "run",
+        log_format=HYDRA_LOG_FORMAT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
