@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 
 import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:  # noqa: ANN001 - any callable
+    """Seconds `fn()` takes, its device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def machine(device: torch.device | None = None) -> str:

@@ -38,7 +38,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: python experiments/NAME.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_common import machine  # noqa: E402
+from experiments.bench_common import machine, timed  # noqa: E402
 from met_lightning.inference.budget import (
     SplitScores,
     calibrate_thresholds,
@@ -61,19 +60,6 @@ from met_lightning.models.multi_exit_vit import MultiExitViT
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DISTRIBUTIONS = ("50,25,15,10", "25,25,25,25", "10,15,25,50")
 EXITS = [3, 6, 9, 12]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device):

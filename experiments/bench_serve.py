@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from experiments.bench_early_exit import machine
+from experiments.bench_common import machine
 from met_lightning.data.digits import stratified_split
 from met_lightning.inference.budget import SplitScores, calibrate_thresholds
 from met_lightning.inference.session import decode_image, open_session

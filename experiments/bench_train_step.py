@@ -42,7 +42,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: python experiments/NAME.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_common import machine  # noqa: E402
+from experiments.bench_common import machine, sync, timed  # noqa: E402
 from met_lightning.losses.multi_exit import MultiExitLoss
 from met_lightning.models.backbone import create_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
@@ -68,11 +68,6 @@ def variant_kwargs(name: str, depth: int) -> tuple[dict[str, Any], float]:
         "met_1exit": (dict(exits=[depth], adapter_kind="e_adapter"), 0.0),
         "met": (dict(exits=four, adapter_kind="e_adapter"), 0.1),
     }[name]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Step:
@@ -156,12 +151,12 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict[str
     for r in range(args.repeats):  # rotating order: drift of a shared machine hits all alike
         order = steps[r % len(steps) :] + steps[: r % len(steps)]
         for step in order:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync(device)
-            times[step.name].append((time.perf_counter() - start) / args.steps)
+
+            def block(step: Step = step) -> None:
+                for _ in range(args.steps):
+                    step()
+
+            times[step.name].append(timed(block, device) / args.steps)
     rows = []
     for step in steps:
         ms = statistics.median(times[step.name]) * 1e3

@@ -32,22 +32,11 @@ if __package__ in (None, ""):  # run as a script: python experiments/report.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the report's public names, from its parts
-from experiments.report_aggregate import (  # noqa: E402, F401
-    KEEP,
-    Group,
-    Stat,
-    budgets_in,
-    group_runs,
-    long_rows,
-    run_numbers,
-    suite_means,
-    write_csv,
-)
+from experiments.report_aggregate import budgets_in, suite_means, write_csv  # noqa: E402, F401
 from experiments.report_load import (  # noqa: E402, F401
     METHOD_RULES,
     SUMMARY_FILE,
     ReportError,
-    RunRecord,
     assign_variants,
     find_runs,
     get,

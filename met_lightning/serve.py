@@ -21,7 +21,6 @@ import binascii
 import io
 import json
 import logging
-import math
 import signal
 import socket
 from dataclasses import dataclass
@@ -33,15 +32,12 @@ from PIL import Image
 
 from met_lightning.cli import hydra_app, user_task
 from met_lightning.config import _typed
+from met_lightning.data.images import decode_image
 from met_lightning.errors import ConfigError
+from met_lightning.inference.analysis import finite
 from met_lightning.inference.confidence import check_confidence
 from met_lightning.inference.engine import check_precision
-from met_lightning.inference.session import (
-    Session,
-    check_session_options,
-    decode_image,
-    open_session,
-)
+from met_lightning.inference.session import Session, check_session_options, open_session
 
 try:  # the [serve] extra
     import litserve as ls
@@ -247,10 +243,6 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
 
 
 # ---------------------------------------------------------------------- server
-def _finite(values: list[float]) -> list[float | str]:
-    return [v if math.isfinite(v) else str(v) for v in values]
-
-
 def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
     """What `GET /info` reports under "model"."""
     config = session.config
@@ -260,7 +252,7 @@ def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
         "num_classes": session.net.num_classes,
         "class_names": session.class_names,
         "exits": list(session.net.exits),
-        "thresholds": _finite(session.thresholds),
+        "thresholds": [finite(t) for t in session.thresholds],
         "how": session.how,
         "confidence": cfg.confidence,
         "macs_per_exit": list(session.costs.to_exit),
@@ -345,9 +337,8 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
 def serve(cfg: DictConfig) -> None:
     """Check everything, then run the server until interrupted."""
     cfg = _typed(OmegaConf.create({"serve": cfg}), "serve", ServeSchema)
-    check_serve_config(cfg)
     check_port_free(cfg.host, cfg.port)
-    server, info = build_server(cfg)
+    server, info = build_server(cfg)  # checks the rest of the config
     thresholds = ", ".join(map(str, info["thresholds"]))
     print(
         f"serving {cfg.checkpoint} on http://{cfg.host}:{cfg.port}{API_PATH} "

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from dotenv import find_dotenv, load_dotenv
 from hydra.core.hydra_config import HydraConfig
@@ -26,14 +25,15 @@ from met_lightning.checkpoint import (
     FINGERPRINT_KEY,
     SafeCheckpointIO,
     backbone_fingerprint,
+    checkpoint_progress,
     load_lightning_checkpoint,
     remove_stale_files,
     resume_argv,
     resume_checkpoint,
     save_trainable,
 )
-from met_lightning.cli import exit_on_user_error, user_error
-from met_lightning.config import METHOD_KEYS, config_dir, validate_config
+from met_lightning.cli import exit_on_user_error, hydra_app, user_error
+from met_lightning.config import METHOD_KEYS, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.callback import BudgetAnalysis
@@ -221,7 +221,8 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
             "epoch": trainer.current_epoch - 1,  # fit ends with the epoch counter past the last
             "global_step": trainer.global_step,
         }
-    saved = load_lightning_checkpoint(best)
+    # Lightning has just loaded it (validate / test): only its progress fields are read here
+    epoch, global_step = checkpoint_progress(best) or (-1, -1)
     callback = trainer.checkpoint_callback
     score = getattr(callback, "best_model_score", None)
     monitor = getattr(callback, "monitor", None)
@@ -232,8 +233,8 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
     return {
         "source": "best checkpoint" if monitor is not None else "latest checkpoint",
         "checkpoint": name.as_posix(),
-        "epoch": int(saved.get("epoch", -1)),
-        "global_step": int(saved.get("global_step", -1)),
+        "epoch": epoch,
+        "global_step": global_step,
         "monitor": monitor,
         "score": None if score is None else float(score),
     }
@@ -279,7 +280,7 @@ def main() -> None:
     """
     load_dotenv(find_dotenv(usecwd=True), override=False)
     sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_task)()
+    hydra_app("train", _task)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ from met_lightning.train import _task as train_task
 REPO = Path(__file__).resolve().parents[1]
 TINY_NAME = "vit_tiny_patch16_224"
 TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2)
-# CLI overrides that turn the demo config into the tiny random model above (fast tests).
-TINY_OVERRIDES = [
+# CLI overrides that turn the demo backbone into the tiny random one above (fast tests) ...
+TINY_BACKBONE = [
     "backbone.weights_file=null",
-    "backbone.model_kwargs.embed_dim=48",
-    "backbone.model_kwargs.depth=4",
-    "backbone.model_kwargs.num_heads=2",
-    "model.exits=[2,4]",
+    *(f"backbone.model_kwargs.{k}={TINY_KWARGS[k]}" for k in ("embed_dim", "depth", "num_heads")),
 ]
+# ... and with two exits
+TINY_OVERRIDES = [*TINY_BACKBONE, "model.exits=[2,4]"]
+# the six methods of conf/method/
+METHODS = ["met", "linear_probe", "full_finetune", "adapter", "lora", "multi_exit_linear"]
 
 
 def tiny_backbone(**overrides):
@@ -56,12 +57,34 @@ def counted_macs(fn, *args) -> float:
     return counter.get_total_flops() / 2
 
 
-def predict_config(**values) -> DictConfig:
-    """conf/predict.yaml with `values` set, as the CLI would compose it (no Hydra run)."""
-    base = OmegaConf.load(f"{config_dir()}/predict.yaml")
+def run_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, C, H, W] as the run's model takes them, labels [N]) of a run folder's split,
+    loaded by the run's own DataModule with the input spec its checkpoint records."""
+    from hydra.utils import instantiate
+
+    from met_lightning.checkpoint import read_trainable
+    from met_lightning.data.base import InputSpec
+
+    _, recorded = read_trainable(run)
+    config = OmegaConf.load(run / "config.yaml")
+    datamodule = instantiate(config.data, input_spec=InputSpec.of(recorded["input_spec"]))
+    datamodule.setup()
+    images, labels = getattr(datamodule, f"{split}_set").tensors
+    return datamodule.prepare_batch(images), labels
+
+
+def entry_config(name: str, **values) -> DictConfig:
+    """conf/NAME.yaml of an entry point (predict, serve, export) with `values` set, as the CLI
+    would compose it (no Hydra run)."""
+    base = OmegaConf.load(f"{config_dir()}/{name}.yaml")
     base.pop("defaults")
     base.pop("hydra")
     return OmegaConf.merge(base, values)
+
+
+def predict_config(**values) -> DictConfig:
+    """conf/predict.yaml with `values` set."""
+    return entry_config("predict", **values)
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:

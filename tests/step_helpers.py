@@ -14,23 +14,22 @@ from torch.utils.data import DataLoader, TensorDataset
 from met_lightning.config import validate_config
 from met_lightning.train import instantiate_model
 from met_lightning.training.module import MultiExitClassifier
-from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
+from tests.helpers import TINY_BACKBONE, compose_config, tiny_backbone
 
-METHODS = ["met", "adapter", "lora", "linear_probe", "multi_exit_linear", "full_finetune"]
 NUM_CLASSES = 10
-TINY = [
-    "backbone.weights_file=null",
-    f"backbone.model_kwargs.embed_dim={TINY_KWARGS['embed_dim']}",
-    f"backbone.model_kwargs.depth={TINY_KWARGS['depth']}",
-    f"backbone.model_kwargs.num_heads={TINY_KWARGS['num_heads']}",
-]
 
 
 def build_module(method: str, tmp_path: Path, *overrides: str) -> MultiExitClassifier:
     """The method's MultiExitClassifier (network, loss, optimizer from the composed config, no
     scheduler) on the tiny random ViT; MET and multi_exit_linear with exits [2, 4]."""
     exits = "[2,4]" if method in ("met", "multi_exit_linear") else "[-1]"
-    overrides = ("scheduler=none", f"method={method}", *TINY, f"model.exits={exits}", *overrides)
+    overrides = (
+        "scheduler=none",
+        f"method={method}",
+        *TINY_BACKBONE,
+        f"model.exits={exits}",
+        *overrides,
+    )
     cfg = compose_config(list(overrides), tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from met_lightning.errors import ConfigError
-from tests.helpers import compose_config
-from tests.step_helpers import METHODS, batch, build_module
+from tests.helpers import METHODS, compose_config
+from tests.step_helpers import batch, build_module
 
 
 def loss_and_grads(module, images, labels, compiled: bool):

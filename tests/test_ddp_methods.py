@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import TINY_OVERRIDES, run_folder
+from tests.helpers import METHODS, TINY_OVERRIDES, run_folder
 from tests.reliability.faults import run_side_by_side, with_repo_on_path
-from tests.step_helpers import METHODS, batch, build_module
+from tests.step_helpers import batch, build_module
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -4,15 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from met_lightning.checkpoint import load_trainable
-from met_lightning.config import config_dir
-from met_lightning.data.base import InputSpec
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.macs import model_exit_costs
+from tests.helpers import entry_config, run_split
 
 pytest.importorskip("onnxruntime")
 from met_lightning.export.__main__ import export  # noqa: E402
@@ -20,19 +17,12 @@ from met_lightning.export.ort_runner import OrtEarlyExit  # noqa: E402
 
 
 def export_cfg(**values):
-    base = OmegaConf.load(f"{config_dir()}/export.yaml")
-    base.pop("defaults")
-    base.pop("hydra")
-    return OmegaConf.merge(base, values)
+    return entry_config("export", **values)
 
 
 def split_images(run, split):
     """The images [N, C, H, W] of a run's split (as its datamodule loads them)."""
-    config = OmegaConf.load(run / "config.yaml")
-    _, ckpt_config = load_trainable(run)
-    datamodule = instantiate(config.data, input_spec=InputSpec.of(ckpt_config["input_spec"]))
-    datamodule.setup()
-    return datamodule.prepare_batch(getattr(datamodule, f"{split}_set").tensors[0])
+    return run_split(run, split)[0]
 
 
 def assert_same_as_engine(net, runner, images, thresholds):

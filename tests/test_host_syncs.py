@@ -10,7 +10,8 @@ import torch
 
 from met_lightning.errors import TrainingDivergedError
 from met_lightning.losses.graph import graph_energy_ratio, label_affinity
-from tests.step_helpers import METHODS, SyncCounter, build_module, loader, tiny_trainer
+from tests.helpers import METHODS
+from tests.step_helpers import SyncCounter, build_module, loader, tiny_trainer
 
 
 class CountSecondStep(L.Callback):
@@ -95,9 +96,7 @@ def test_divergence_is_caught_at_the_logging_interval_with_the_first_bad_step(tm
 
 def test_a_checkpoint_after_an_unchecked_bad_step_is_refused(tmp_path):
     module = build_module("linear_probe", tmp_path)
-    trainer = tiny_trainer(tmp_path, callbacks=[Poison(0, 0)], log_every_n_steps=50,
-                           limit_val_batches=0, max_epochs=1, limit_train_batches=1)  # fmt: skip
-    module.trainer = trainer  # no fit: the record alone must stop the save
+    module.trainer = tiny_trainer(tmp_path)  # no fit: the record alone must stop the save
 
     class Parts:
         total = torch.tensor(float("inf"))

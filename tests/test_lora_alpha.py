@@ -13,15 +13,15 @@ from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
 from met_lightning.models.lora import LoRAQKV, add_lora
 from met_lightning.models.multi_exit_vit import MultiExitViT
-from tests.helpers import TINY_KWARGS, compose_config, legacy_model_config, tiny_backbone
+from tests.helpers import (
+    TINY_BACKBONE,
+    TINY_KWARGS,
+    compose_config,
+    legacy_model_config,
+    tiny_backbone,
+)
 
 D, C = TINY_KWARGS["embed_dim"], 10
-TINY = [
-    "backbone.weights_file=null",
-    f"backbone.model_kwargs.embed_dim={D}",
-    f"backbone.model_kwargs.depth={TINY_KWARGS['depth']}",
-    f"backbone.model_kwargs.num_heads={TINY_KWARGS['num_heads']}",
-]
 # peft (src/peft/tuners/lora/config.py, LoraConfig): `lora_alpha: int = 8`, and the adapter's
 # scaling is `lora_alpha / r` (`lora_alpha / sqrt(r)` only with use_rslora=True)
 PEFT_DEFAULT_LORA_ALPHA = 8
@@ -65,7 +65,7 @@ def test_lora_delta_is_peft_alpha_over_r_times_b_a_x(rank, alpha):
 
 
 def _build(tmp_path, *overrides):
-    cfg = compose_config(["method=lora", *TINY, *overrides], tmp_path)
+    cfg = compose_config(["method=lora", *TINY_BACKBONE, *overrides], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
     return cfg, instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=C)
@@ -100,7 +100,7 @@ def test_config_alpha_sets_the_scale(overrides, scale, tmp_path):
     ],
 )
 def test_alpha_and_scale_config_errors(overrides, fragments, tmp_path):
-    cfg = compose_config(["method=lora", *TINY, *overrides], tmp_path)
+    cfg = compose_config(["method=lora", *TINY_BACKBONE, *overrides], tmp_path)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert all(f in str(err.value) for f in fragments), str(err.value)

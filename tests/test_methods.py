@@ -17,16 +17,9 @@ from met_lightning.models.binary import SIGN_SCALE, BinaryParts, binarize, binar
 from met_lightning.models.lora import LoRAQKV
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.training.module import MultiExitClassifier, count_parameters
-from tests.helpers import TINY_KWARGS, compose_config, tiny_backbone
+from tests.helpers import METHODS, TINY_BACKBONE, TINY_KWARGS, compose_config, tiny_backbone
 
 D, DEPTH, C = TINY_KWARGS["embed_dim"], TINY_KWARGS["depth"], 10
-METHODS = ["met", "linear_probe", "full_finetune", "adapter", "lora", "multi_exit_linear"]
-TINY = [
-    "backbone.weights_file=null",
-    f"backbone.model_kwargs.embed_dim={D}",
-    f"backbone.model_kwargs.depth={DEPTH}",
-    f"backbone.model_kwargs.num_heads={TINY_KWARGS['num_heads']}",
-]
 
 
 def head_params(num_exits: int) -> int:
@@ -57,7 +50,9 @@ def expected_trainable(method: str, r: int = 8) -> int:
 
 def build(method: str, tmp_path, *overrides: str):
     exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
-    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}", *overrides], tmp_path)
+    cfg = compose_config(
+        [f"method={method}", *TINY_BACKBONE, f"model.exits={exits}", *overrides], tmp_path
+    )
     validate_config(cfg)
     torch.manual_seed(0)
     net = instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=C)
@@ -105,7 +100,7 @@ def test_model_node_instantiates_the_module_train_builds(method, tmp_path):
     from met_lightning.train import instantiate_model
 
     exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
-    cfg = compose_config([f"method={method}", *TINY, f"model.exits={exits}"], tmp_path)
+    cfg = compose_config([f"method={method}", *TINY_BACKBONE, f"model.exits={exits}"], tmp_path)
     validate_config(cfg)
     module = instantiate_model(cfg.model, tiny_backbone(), C)
     assert isinstance(module, MultiExitClassifier) and isinstance(module.net, MultiExitViT)
@@ -122,7 +117,7 @@ def test_scheduler_none_trains_at_a_constant_rate(tmp_path):
     it): no scheduler."""
     from met_lightning.train import instantiate_model
 
-    cfg = compose_config(["scheduler=none", *TINY, "model.exits=[2,4]"], tmp_path)
+    cfg = compose_config(["scheduler=none", *TINY_BACKBONE, "model.exits=[2,4]"], tmp_path)
     validate_config(cfg)
     module = instantiate_model(cfg.model, tiny_backbone(), C)
     assert module.scheduler_factory is None

@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from met_lightning.checkpoint import load_trainable
-from met_lightning.data.base import InputSpec
 from met_lightning.data.digits import stratified_split
 from met_lightning.errors import CheckpointError, ConfigError, DataError
 from met_lightning.inference.budget import SplitScores, simulate_exits
@@ -21,7 +19,7 @@ from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import model_exit_costs
 from met_lightning.predict import predict
-from tests.helpers import predict_config, run_cli, run_task
+from tests.helpers import predict_config, run_cli, run_split, run_task
 
 
 def write_digits(folder, indices):
@@ -40,12 +38,8 @@ def run_predict(args, cwd):
 
 def test_engine_reproduces_the_runs_stored_simulation(tiny_run):
     """Thresholds from the run's budget.json, engine on the val images = simulation on the store."""
-    config = OmegaConf.load(tiny_run / "config.yaml")
-    net, ckpt_config = load_trainable(tiny_run)
-    datamodule = instantiate(config.data, input_spec=InputSpec.of(ckpt_config["input_spec"]))
-    datamodule.setup()
-    images, labels = datamodule.val_set.tensors
-    images = datamodule.prepare_batch(images)  # stored uint8 -> the model's input, as in training
+    net, _ = load_trainable(tiny_run)
+    images, labels = run_split(tiny_run, "val")  # stored uint8 -> the model's input, as in training
     store = LogitStore.load(tiny_run)
     assert torch.equal(store["val"].labels, labels)  # the stored pass covered the whole val split
     report = json.loads((tiny_run / "budget.json").read_text())

@@ -14,10 +14,9 @@ import httpx
 import pytest
 from omegaconf import OmegaConf
 
-from met_lightning.config import config_dir
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.predict import predict
-from tests.helpers import predict_config
+from tests.helpers import entry_config, predict_config
 from tests.test_predict import write_digits
 
 ls = pytest.importorskip("litserve")
@@ -30,11 +29,7 @@ ROW_KEYS = ("class", "class_name", "confidence", "exit", "block", "macs")
 
 
 def serve_cfg(**values):
-    """conf/serve.yaml with `values` set, as the CLI would compose it."""
-    base = OmegaConf.load(f"{config_dir()}/serve.yaml")
-    base.pop("defaults")
-    base.pop("hydra")
-    return OmegaConf.merge(base, values)
+    return entry_config("serve", **values)
 
 
 def expected_rows(checkpoint, folder, **thresholds):

@@ -13,6 +13,7 @@ from met_lightning.models.adapters import EAdapter
 from met_lightning.models.backbone import create_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT, StreamState
 from tests.helpers import tiny_backbone
+from tests.test_early_exit import trained_like
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prev_layout.safetensors"
 
@@ -57,15 +58,6 @@ def masked_reference(net: MultiExitViT, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([h(f) for h, f in zip(net.heads, features, strict=True)], dim=1)
 
 
-def randomize(net: torch.nn.Module, std: float = 0.3) -> None:
-    """Non-trivial trainable weights (zero-initialized up-projections would hide adapters)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in net.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * std)
-
-
 VARIANTS = {
     "e_adapter": dict(),
     "shared_gamma": dict(exit_specific=False),
@@ -89,9 +81,8 @@ def build(variant: str, token_layout: str = "streams") -> MultiExitViT:
     reg = kwargs.pop("reg_tokens", 0)
     exits = kwargs.pop("exits", [1, 2, 3, 4])
     torch.manual_seed(0)
-    net = MultiExitViT(tiny_backbone(reg_tokens=reg), 7, exits, **kwargs).eval()
-    randomize(net)
-    return net
+    # non-trivial trainable weights (zero-initialized up-projections would hide adapters)
+    return trained_like(MultiExitViT(tiny_backbone(reg_tokens=reg), 7, exits, **kwargs), 0.3)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

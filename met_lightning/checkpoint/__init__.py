@@ -4,7 +4,7 @@
   the config records `backbone_fingerprint` under `FINGERPRINT_KEY`);
   Lightning's `.ckpt` files are written by `SafeCheckpointIO` (atomic, `lightning_io.py`).
 - load: `load_trainable(run_folder)` (network on its frozen backbone), `load_lightning_checkpoint`
-  (weights-only `.ckpt`).
+  (weights-only `.ckpt`), `checkpoint_progress` (its epoch and step, tensors not read).
 - verify: `verify(path)`: the checks `load_trainable` runs (file, format, backbone fingerprint)
   without building the network.
 - resume: `resume_argv`, `resume_checkpoint`, `remove_stale_files` for `resume=RUN_DIR`
@@ -16,7 +16,11 @@ Inside: `tagged.py` (our safetensors files), `packing.py` (1-bit weights packed 
 
 from met_lightning.checkpoint.fingerprint import KEY as FINGERPRINT_KEY
 from met_lightning.checkpoint.fingerprint import backbone_fingerprint
-from met_lightning.checkpoint.lightning_io import SafeCheckpointIO, load_lightning_checkpoint
+from met_lightning.checkpoint.lightning_io import (
+    SafeCheckpointIO,
+    checkpoint_progress,
+    load_lightning_checkpoint,
+)
 from met_lightning.checkpoint.resume import (
     ResumePoint,
     remove_stale_files,
@@ -39,6 +43,7 @@ __all__ = [
     "ResumePoint",
     "SafeCheckpointIO",
     "backbone_fingerprint",
+    "checkpoint_progress",
     "load_lightning_checkpoint",
     "load_trainable",
     "read_trainable",

@@ -55,6 +55,16 @@ def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> di
     return checkpoint
 
 
+def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
+    """(epoch, global step) a Lightning checkpoint was written at, its tensors memory-mapped, not
+    read; None if it is not a readable checkpoint (-1 for a missing field)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", -1))
+    except Exception:  # noqa: BLE001 - not a readable checkpoint of ours
+        return None
+
+
 def reroot(value: Any, old: str, new: str) -> Any:
     """`value` with every string that is folder `old` or a path inside it moved into `new`.
 

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from met_lightning.checkpoint.lightning_io import load_lightning_checkpoint, reroot
+from met_lightning.checkpoint.lightning_io import (
+    checkpoint_progress,
+    load_lightning_checkpoint,
+    reroot,
+)
 from met_lightning.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,18 +99,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
-def _moved(value: Any, old: str, new: str) -> Any:
-    """`value` with the run folder's old absolute path replaced by the new one (folder moved)."""
-    if isinstance(value, str) and old and value.startswith(old):
-        return new + value[len(old) :]
-    return value
-
-
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: saved -> now` for every leaf that differs (run-folder paths compared as moved)."""
     old_dir = str(saved.get("paths", {}).get("output_dir", ""))
     new_dir = str(now.get("paths", {}).get("output_dir", ""))
-    before = {k: _moved(v, old_dir, new_dir) for k, v in _flatten(saved).items()}
+    before = {k: reroot(v, old_dir, new_dir) if old_dir else v for k, v in _flatten(saved).items()}
     after = _flatten(now)
     keys = sorted(set(before) | set(after))
     missing = "<absent>"
@@ -243,15 +239,6 @@ def _writer_running(pid: int) -> bool:
     return True
 
 
-def _global_step(path: Path) -> int | None:
-    """The global step a Lightning checkpoint was written at (tensors memory-mapped, not read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint["global_step"])
-    except Exception:  # noqa: BLE001 - not a readable checkpoint of ours: never removed
-        return None
-
-
 def remove_stale_files(point: ResumePoint) -> list[Path]:
     """Remove what a killed run left in RUN_DIR that the run resumed from `point` never uses.
 
@@ -283,8 +270,8 @@ def remove_stale_files(point: ResumePoint) -> list[Path]:
         for path in sorted(Path(folder).glob("*.ckpt")):
             if os.path.realpath(path) in known or not path.is_file():
                 continue
-            step = _global_step(path)
-            if step is not None and step > point.global_step:
+            progress = checkpoint_progress(path)  # unreadable: not ours, never removed
+            if progress is not None and progress[1] > point.global_step:
                 path.unlink()
                 removed.append(path)
     for path in removed:

@@ -27,9 +27,15 @@ def write_tagged(
 
 
 def read_tagged(
-    path: str | Path, filename: str, fmt: str, what: str, missing_hint: str = ""
+    path: str | Path,
+    filename: str,
+    fmt: str,
+    what: str,
+    missing_hint: str = "",
+    tensors: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of one of our safetensors files (`path` or `path/filename`).
+    """(tensors, metadata) of one of our safetensors files (`path` or `path/filename`); with
+    `tensors=False` only the header is read (tensors: {}).
 
     CheckpointError naming the file if it is missing, corrupt, or not of format `fmt`.
     """
@@ -41,7 +47,7 @@ def read_tagged(
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        loaded = load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"{what} {str(path)!r} is corrupt or not safetensors: {err}"
@@ -51,4 +57,4 @@ def read_tagged(
             f"{str(path)!r} is not a met_lightning {what} "
             f"(format {metadata.get('format')!r}, expected {fmt!r})"
         )
-    return tensors, metadata
+    return loaded, metadata

@@ -72,9 +72,6 @@ class InputSpec:
         )
 
 
-PIN_MEMORY = ("auto", True, False)
-
-
 def check_pin_memory(value: bool | str) -> bool | str:
     """`data.pin_memory`: "auto" (pin when the trainer runs on a GPU), true or false."""
     if isinstance(value, str) and value.lower() in ("auto", "true", "false"):

@@ -275,11 +275,6 @@ class BatchTransform:
         x = resized_crop(x, top, left, crop_h, crop_w, self.size, self.mode, flip)
         return self.finish(x.clamp_(0.0, 1.0))
 
-    def __call__(
-        self, images: torch.Tensor, train: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        return self.train(images, generator) if train else self.eval(images)
-
 
 class ImageCollate:
     """Collate (uint8 image [C, h, w], label) samples into (images, labels [B] int64), in a worker.

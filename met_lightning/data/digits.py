@@ -55,14 +55,11 @@ class DigitsDataModule(ImageClassificationDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
                 "too little to train on; keep their sum below 0.9"
             )
+        # lowres_to_tensor's resize: bicubic for a bicubic backbone, else bilinear
+        self.resize_mode = "bicubic" if self.input_spec.interpolation == "bicubic" else "bilinear"
         self.class_names = [str(d) for d in range(10)]
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
-
-    def _make_batch_transform(self):  # noqa: ANN202 - a BatchTransform
-        # lowres_to_tensor's resize: bicubic for a bicubic backbone, else bilinear
-        self.resize_mode = "bicubic" if self.input_spec.interpolation == "bicubic" else "bilinear"
-        return super()._make_batch_transform()
 
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()

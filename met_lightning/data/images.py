@@ -75,6 +75,12 @@ SKIP_HINT = (
 )
 
 
+def decode_image(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """A fully decoded copy of an opened PIL image in the backbone's colour mode."""
+    image.load()
+    return to_input_mode(image, spec).copy()
+
+
 def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) -> Image.Image:
     """The image at `path` in the backbone's colour mode; a DataError naming it if unreadable.
 
@@ -82,19 +88,13 @@ def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) 
     """
     try:
         with Image.open(path) as image:
-            image.load()
-            return to_input_mode(image, spec).copy()
+            return decode_image(image, spec)
     except FileNotFoundError:
         raise DataError(f"image {path} (listed in {source}) does not exist") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(
             f"cannot decode image {path} (listed in {source}): {type(err).__name__}: {err}. " + hint
         ) from None
-
-
-def pil_to_uint8(image: Image.Image) -> torch.Tensor:
-    """A PIL image -> uint8 tensor [C, h, w] at its stored size (torchvision's `ToImage`)."""
-    return pil_to_tensor(image)
 
 
 class ImageListDataset(Dataset):
@@ -109,7 +109,7 @@ class ImageListDataset(Dataset):
         self,
         samples: Sequence[Sample],
         spec: InputSpec,
-        transform: Callable[[Image.Image], torch.Tensor] = pil_to_uint8,
+        transform: Callable[[Image.Image], torch.Tensor] = pil_to_tensor,  # uint8 [C, h, w]
         source: str = "",
     ) -> None:
         self.samples = [(Path(p), int(y)) for p, y in samples]

@@ -13,6 +13,7 @@ from met_lightning.cli import check_writable, hydra_app, user_task
 from met_lightning.config import _typed
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.session import run_folder
 
 FORMATS = ("onnx",)
 
@@ -45,9 +46,8 @@ def export(cfg: DictConfig) -> dict:
     except ImportError:
         raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'") from None
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
-    checkpoint = Path(cfg.checkpoint)
-    run_folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    manifest = export_onnx(net, config, Path(cfg.out), run_folder, cfg.confidence, cfg.opset)
+    folder = run_folder(cfg.checkpoint)
+    manifest = export_onnx(net, config, Path(cfg.out), folder, cfg.confidence, cfg.opset)
     print(
         f"wrote {len(manifest['stages'])} stage graphs and manifest.json to {cfg.out} "
         f"(exits {manifest['exits']}, {len(manifest['budgets'])} budgets)"

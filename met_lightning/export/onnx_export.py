@@ -14,7 +14,6 @@ ONNX exporter (`dynamo=False`): a stage has no data-dependent control flow, so t
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from met_lightning.atomic import write_text
 from met_lightning.export.stages import ExitStage, stage_inputs
+from met_lightning.inference.analysis import REPORT_FILE
 from met_lightning.macs import model_exit_costs
 
 FORMAT = "met_lightning.onnx_stages"
@@ -30,13 +30,9 @@ MANIFEST = "manifest.json"
 OPSET = 17
 
 
-def _json_thresholds(values: list[Any]) -> list[float | str]:
-    return [v if isinstance(v, str) or math.isfinite(v) else str(v) for v in values]
-
-
 def run_budgets(run_folder: Path | None) -> tuple[list[dict[str, Any]], str | None]:
     """(budgets with their selected thresholds, confidence kind) from a run's budget.json."""
-    path = run_folder / "budget.json" if run_folder else None
+    path = run_folder / REPORT_FILE if run_folder else None
     if path is None or not path.is_file():
         return [], None
     report = json.loads(path.read_text())
@@ -44,7 +40,7 @@ def run_budgets(run_folder: Path | None) -> tuple[list[dict[str, Any]], str | No
         {
             "budget": b["budget"],
             "budget_macs": b["budget_macs"],
-            "thresholds": _json_thresholds(b["selected"]["thresholds"]),
+            "thresholds": b["selected"]["thresholds"],  # infinities as "inf" strings
             "label": b["selected"]["label"],
             "val_accuracy": b["selected"]["accuracy"],
             "val_mean_macs": b["selected"]["mean_macs"],

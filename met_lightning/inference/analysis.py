@@ -75,7 +75,7 @@ class BudgetReport:
     def to_json(self) -> dict[str, Any]:
         def point(p: BudgetPoint) -> dict[str, Any]:
             row = asdict(p)
-            row["thresholds"] = [_finite(t) for t in p.thresholds]
+            row["thresholds"] = [finite(t) for t in p.thresholds]
             row["speedup"] = self.speedup(p)
             return row
 
@@ -96,7 +96,7 @@ class BudgetReport:
         }
 
 
-def _finite(value: float) -> float | str:
+def finite(value: float) -> float | str:
     """JSON has no infinities: write them as the strings 'inf' / '-inf'."""
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
@@ -159,7 +159,7 @@ def curve_rows(report: BudgetReport) -> tuple[list[str], list[list[Any]]]:
     for p, pt in report.curve:
         rows.append(
             [round(p, 6)]
-            + [_finite(t) for t in pt.thresholds]
+            + [finite(t) for t in pt.thresholds]
             + [round(s, 6) for s in pt.shares]
             + [
                 round(pt.mean_macs),

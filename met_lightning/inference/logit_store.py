@@ -18,6 +18,7 @@ from met_lightning.errors import CheckpointError
 
 FORMAT = "met_lightning.logits/1"
 FILENAME = "logits.safetensors"
+MISSING_HINT = " (a training run writes it after testing; runs with test=false have none)"
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,7 @@ class LogitStore:
     @classmethod
     def load(cls, path: str | Path) -> LogitStore:
         """Read a store file, or `<run folder>/logits.safetensors`."""
-        hint = " (a training run writes it after testing; runs with test=false have none)"
-        tensors, metadata = read_tagged(path, FILENAME, FORMAT, "logit store", hint)
+        tensors, metadata = read_tagged(path, FILENAME, FORMAT, "logit store", MISSING_HINT)
         names = sorted({key.split("/")[0] for key in tensors})
         splits = {n: SplitLogits(tensors[f"{n}/logits"], tensors[f"{n}/labels"]) for n in names}
         return cls(
@@ -79,6 +79,12 @@ class LogitStore:
             tuple(json.loads(metadata["exit_macs"])),
             metadata.get("precision"),
         )
+
+
+def recorded_precision(path: str | Path) -> str | None:
+    """The precision a store was made in (None: not recorded), from its header alone."""
+    _, metadata = read_tagged(path, FILENAME, FORMAT, "logit store", MISSING_HINT, tensors=False)
+    return metadata.get("precision")
 
 
 def concat_batches(

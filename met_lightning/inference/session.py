@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from met_lightning.checkpoint import load_trainable, read_trainable
 from met_lightning.data.base import InputSpec
-from met_lightning.data.transforms import eval_transform, to_input_mode
+from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
 from met_lightning.inference.engine import (
@@ -33,18 +32,21 @@ from met_lightning.inference.engine import (
     warn_precision_mismatch,
 )
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
-from met_lightning.inference.logit_store import LogitStore
+from met_lightning.inference.logit_store import LogitStore, recorded_precision
 from met_lightning.macs import ExitCosts, format_macs, model_exit_costs
 
 log = logging.getLogger(__name__)
 
 
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder of `checkpoint=` (a run folder, or a file in one)."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
 def store_path(checkpoint: str, store: str | None) -> Path:
     """The logit store to calibrate on: `store`, else the checkpoint's run folder's."""
-    if store:
-        return Path(store)
-    path = Path(checkpoint)
-    return (path if path.is_dir() else path.parent) / STORE_FILE
+    return Path(store) if store else run_folder(checkpoint) / STORE_FILE
 
 
 def choose_thresholds(cfg: Any, net: torch.nn.Module) -> tuple[list[float], str]:
@@ -85,7 +87,7 @@ def choose_precision(cfg: Any) -> str:
     path = store_path(cfg.checkpoint, cfg.store)
     recorded = None
     if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
-        recorded = LogitStore.load(path).precision
+        recorded = recorded_precision(path)  # the header only
     if cfg.get("precision") is not None:
         precision = check_precision(cfg.precision)
         warn_precision_mismatch(recorded, precision)
@@ -131,12 +133,6 @@ def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
     return spec, eval_transform(spec, config.get("normalize", "backbone"))
 
 
-def decode_image(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """A fully decoded copy of an opened PIL image in the backbone's colour mode."""
-    image.load()
-    return to_input_mode(image, spec).copy()
-
-
 @dataclass
 class Session:
     """A loaded network with its early-exit engine, input transform and exit costs."""
@@ -147,10 +143,13 @@ class Session:
     spec: InputSpec
     transform: Any
     costs: ExitCosts
-    thresholds: list[float]
+    thresholds: list[float]  # as chosen (the engine's copy has the last set to -inf)
     how: str
     device: torch.device
-    precision: str
+
+    @property
+    def precision(self) -> str:
+        return self.engine.precision
 
     @property
     def class_names(self) -> list[str] | None:
@@ -199,6 +198,4 @@ def open_session(
     )
     spec, transform = checkpoint_input(config)
     costs = model_exit_costs(net)
-    return Session(
-        net, config, engine, spec, transform, costs, list(thresholds), how, device, precision
-    )
+    return Session(net, config, engine, spec, transform, costs, list(thresholds), how, device)

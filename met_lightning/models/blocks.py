@@ -52,6 +52,14 @@ class StreamBlock(Block):
         new.train(block.training)
         return new
 
+    def _eye(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The identity [n, n], made once per (n, dtype, device): no allocation per call."""
+        cache = self.__dict__.setdefault("_eye_cache", {})
+        key = (n, dtype, device)
+        if key not in cache:
+            cache[key] = torch.eye(n, dtype=dtype, device=device)
+        return cache[key]
+
     def _qkv(self, h: torch.Tensor):
         """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms) and
         (k, v) as [B, n, heads * head_dim] views (None if a key norm rewrites k)."""
@@ -97,7 +105,7 @@ class StreamBlock(Block):
         b, h, e, hd = q_e.shape
         if kv is not None:
             keys, values = kv  # [B, T, d] each, strided views
-            eye = torch.eye(h, dtype=q_e.dtype, device=q_e.device)
+            eye = self._eye(h, q_e.dtype, q_e.device)
             q_bd = (q_e.unsqueeze(3) * eye[:, None, :, None]).reshape(b, h * e, h * hd)
             scores = (q_bd @ keys.transpose(-2, -1)).view(b, h, e, -1)  # [B, H, E, T]
         else:

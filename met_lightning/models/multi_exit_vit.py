@@ -381,23 +381,24 @@ class MultiExitViT(nn.Module):
             return 0, slice(0, 1)
         return self.num_exits - 1, slice(stage, stage + self.num_early_tokens(stage))
 
-    def gamma_index(self, stage: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    def gamma_index(self, stage: int, num_tokens: int, device: torch.device) -> int | torch.Tensor:
         """The gamma row of each token of the joint sequence ``[early, main]`` of `stage`:
-        long [num_tokens] (E early rows, then the main row repeated)."""
+        long [num_tokens] (E early rows, then the main row repeated); 0 (one row for every
+        token) when gamma is shared."""
+        if not self.exit_specific:
+            return 0
         key = (stage, num_tokens, device)
         index = self._gamma_index_cache.get(key)
         if index is None:
             main_row, early_rows = self.gamma_rows(stage)
-            n_early = self.num_early_tokens(stage)
-            early = list(range(early_rows.start, early_rows.stop))
-            early = early if len(early) == n_early else [early[0]] * n_early
-            rows = early + [main_row] * (num_tokens - n_early)
+            rows = [*range(early_rows.start, early_rows.stop)]
+            rows += [main_row] * (num_tokens - len(rows))
             index = torch.tensor(rows, dtype=torch.long, device=device)
             self._gamma_index_cache[key] = index
         return index
 
     def _stream_adapter(
-        self, site: str, block: int, stage: int, joint_rows: torch.Tensor | None = None
+        self, site: str, block: int, stage: int, joint_rows: int | torch.Tensor | None = None
     ):
         if site not in self.adapters:
             return None

@@ -12,19 +12,16 @@ from omegaconf import OmegaConf
 from met_lightning.checkpoint.resume import upgrade_saved_config
 from met_lightning.errors import ConfigError
 from met_lightning.train import train
-from tests.helpers import compose_config
+from tests.helpers import compose_config, legacy_model_config
 from tests.reliability.inprocess import ARGS, resume, run
 
 
 def legacy_yaml(folder) -> None:
     """Rewrite the run's config.yaml in the shape of a folder written before the change."""
-    config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
-    model = config["model"]
-    switches = ("exits", "finetune_backbone", "compile", "compile_mode", "adapter")
-    loss = {k: v for k, v in model["loss"].items() if not k.startswith("_")}
-    config["method"] = {"name": model["name"]}
-    config["model"] = {**{k: model[k] for k in switches}, "loss": loss}
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    config = OmegaConf.load(folder / "config.yaml")
+    plain = OmegaConf.to_container(config)
+    plain["method"], plain["model"] = legacy_model_config(config)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
 @pytest.fixture(scope="module")
