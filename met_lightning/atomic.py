@@ -1,12 +1,16 @@
 """Write files atomically: to a temporary name in the same folder, then rename over the target.
 
-A crash mid-write leaves the old file (or none) and a stray `*.tmp`, never a truncated file that
-later loads as valid.
+A crash mid-write leaves the old file (or none) and a stray `.NAME.RANDOM.PID.tmp` (the PID lets
+`checkpoint.resume` remove it once its writer is dead), never a truncated file that later loads
+as valid. The temporary file is created exclusively under an unpredictable name, and the rename
+replaces a symlink at the target rather than writing through it, so a link planted in the folder
+never redirects a write.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +21,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _create_temporary(path)
     try:
         yield tmp
         _fsync(tmp)  # the data is on disk before the name points to it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path) -> Path:
+    """An empty new file `.NAME.RANDOM.PID.tmp` beside `path`, created exclusively (O_EXCL: a
+    planted file or symlink of that name is an error, never followed); mode 0o666 less umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.{os.getpid()}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _fsync(path: Path) -> None:

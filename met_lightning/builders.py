@@ -1,19 +1,26 @@
 """Rebuild the network of a trainable checkpoint from the config it recorded (`load_trainable`).
 
 Training instantiates the `_target_`s of the `model` node (conf/method/*.yaml). A checkpoint's
-config is data, not code: only the networks of `NETWORKS` are built from it, from plain values.
+config is data, not code: only the networks of `NETWORKS` and the backbones of `BACKBONES` are
+built from it, from plain values; the backbone's timm name is a plain model name (no `hf-hub:` or
+`local-dir:` source) and its `model_kwargs` only the architecture arguments of timm's
+VisionTransformer (`ARCHITECTURE_KEYS`): nothing recorded reaches timm's download or file options.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from met_lightning.errors import CheckpointError
-from met_lightning.models.backbone import create_backbone
+from met_lightning.models.backbone import create_backbone, freeze, meta_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT
 
 # model.net._target_ -> the class a recorded `model.net` rebuilds
@@ -26,20 +33,73 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# VisionTransformer arguments a recorded backbone may set: plain architecture values (its
+# layer-class arguments take code, and timm.create_model's own options, e.g.
+# pretrained_cfg_overlay or checkpoint_path, name files and URLs)
+ARCHITECTURE_KEYS = frozenset(
+    name
+    for name, param in inspect.signature(VisionTransformer.__init__).parameters.items()
+    if name not in ("self", "device", "dtype") and not name.endswith(("_layer", "_fn"))
+)
+# a timm model name with an optional pretrained tag (vit_base_patch16_224.orig_in21k)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+BACKBONE_KEYS = ("_target_", "name", "pretrained", "weights_file", "model_kwargs")
+
+
 def as_config(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
-def build_backbone(backbone_cfg: Any) -> nn.Module:
-    """The frozen timm ViT described by a recorded `backbone` config (only the functions of
-    `BACKBONES`: a checkpoint must not name code to run)."""
-    config = OmegaConf.to_container(as_config(backbone_cfg), resolve=True)
-    target = config.pop("_target_", None)
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def backbone_arguments(backbone_cfg: Mapping[str, Any]) -> tuple[Callable[..., nn.Module], dict]:
+    """(function, keyword arguments) a recorded `backbone` config builds with; CheckpointError
+    for a target outside `BACKBONES`, a name that is not a plain timm name, or a key, a model
+    argument or a value that a checkpoint may not set."""
+    config = dict(backbone_cfg)
+    target = config.get("_target_")
     if target not in BACKBONES:
         raise CheckpointError(
             f"the checkpoint's backbone._target_={target!r} is not one of {sorted(BACKBONES)}"
         )
-    return BACKBONES[target](**{k: v for k, v in config.items() if not k.startswith("_")})
+    unknown = sorted(set(config) - set(BACKBONE_KEYS))
+    if unknown:
+        raise CheckpointError(f"the checkpoint's backbone has unknown keys {unknown[:5]}")
+    name = config.get("name")
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"the checkpoint's backbone.name={str(name)[:80]!r} is not a timm model name"
+        )
+    if not isinstance(config.get("pretrained", False), bool) or not isinstance(
+        config.get("weights_file"), (str, type(None))
+    ):
+        raise CheckpointError(
+            "the checkpoint's backbone.pretrained / weights_file have wrong types"
+        )
+    kwargs = config.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError("the checkpoint's backbone.model_kwargs is not a mapping")
+    refused = sorted(k for k, v in kwargs.items() if k not in ARCHITECTURE_KEYS or not _plain(v))
+    if refused:
+        raise CheckpointError(
+            f"the checkpoint's backbone.model_kwargs sets {refused[:5]}, which a checkpoint may "
+            "not set (only architecture values of timm's VisionTransformer)"
+        )
+    arguments = {k: v for k, v in config.items() if k != "_target_"}
+    return BACKBONES[target], {**arguments, "model_kwargs": dict(kwargs)}
+
+
+def build_backbone(backbone_cfg: Mapping[str, Any], meta: bool = False) -> nn.Module:
+    """The frozen timm ViT described by a recorded `backbone` config (`backbone_arguments`);
+    `meta`: its architecture on the meta device (no weights read, nothing allocated)."""
+    build, arguments = backbone_arguments(backbone_cfg)
+    if meta:
+        return freeze(meta_backbone(arguments["name"], arguments["model_kwargs"]))
+    return build(**arguments)
 
 
 def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module:
@@ -61,3 +121,9 @@ def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module
         )
     kwargs = {k: v for k, v in net.items() if not k.startswith("_")}
     return NETWORKS[target](backbone=backbone, num_classes=num_classes, **kwargs)
+
+
+def meta_network(config: Mapping[str, Any]) -> nn.Module:
+    """The network `config` describes, on the meta device: its shapes at no memory cost."""
+    with torch.device("meta"):
+        return rebuild_network(config, build_backbone(config["backbone"], meta=True))

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from met_lightning.atomic import write_text
 from met_lightning.cli import check_writable, hydra_app, user_task
@@ -157,9 +158,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]
     totals["how"] = how
     totals["precision"] = session.precision
-    print_results(rows, totals, cfg.show)
-    if cfg.output:
+    if cfg.output:  # first: the rows are kept whatever printing them does
         write_rows(rows, Path(cfg.output))
+    print_results(rows, totals, cfg.show)
     return {"rows": rows, "totals": totals}
 
 
@@ -184,21 +185,22 @@ def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int)
     for column in ("file", "class", "confidence", "exit", "MACs"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for row in rows[: max(show, 0)]:
-        table.add_row(
-            row["file"], row["class_name"], f"{row['confidence']:.4f}", str(row["exit"]),
-            format_macs(row["macs"]),
+        table.add_row(  # file and class names as plain text: `IMG[copy].png` is not markup
+            Text(row["file"]), Text(row["class_name"]), f"{row['confidence']:.4f}",
+            str(row["exit"]), format_macs(row["macs"]),
         )  # fmt: skip
     if len(rows) > show:
         table.caption = f"first {show} of {len(rows)} images (show=N for more, output=FILE.csv)"
     console.print(table)
     counts = ", ".join(f"exit {k + 1}: {c}" for k, c in enumerate(totals["exit_counts"]))
-    console.print(f"thresholds: {totals['how']}", soft_wrap=True)
+    console.print(f"thresholds: {totals['how']}", soft_wrap=True, markup=False)
     console.print(
         f"{totals['images']} images ({counts}); mean {format_macs(totals['mean_macs'])} per image, "
         f"{totals['speedup']:.2f}x fewer MACs than the last exit "
         f"({format_macs(totals['full_macs'])}); total {format_macs(totals['total_macs'])}; "
         f"{totals['seconds']:.2f} s",
         soft_wrap=True,
+        markup=False,
     )
 
 

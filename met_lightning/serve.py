@@ -9,26 +9,47 @@ block, macs}` (the row `python -m met_lightning.predict` gives for the same file
 gathers concurrent requests into batches (`max_batch_size`, `batch_timeout`) and the early-exit
 engine drops the images that leave after each exit, so a batch costs what its images' exits cost.
 
-A bad request fails alone: an undecodable image (400), a missing field (422), a wrong content type
-(415) or an oversize upload (413) gets its own status and reason while the other requests of its
-batch are answered (decode_request marks the bad item, predict runs the good ones, encode_response
-returns the error response for the bad one). `GET /health` is LitServe's; `GET /info` carries the
-model, exits, thresholds, MACs per exit and budget (LitServe's `model_metadata`).
+A request is untrusted and a bad one fails alone, with its own 4xx and reason, while the other
+requests of its batch are answered: a wrong content type (415), a body over `max_upload_mb` (413),
+malformed JSON or multipart (400, any parse error, nesting included) are answered by
+`RequestGuard` before LitServe sees them; a missing field (422), an image any decoder fails on,
+whatever it raises (400), or one over `max_image_pixels` (413) are marked in `decode_request`, and
+`predict` runs the good ones (an image the engine fails on gets its own 500). The pixel limit is
+checked on the header, before anything is decoded; a JPEG over it is decoded reduced (1/2, 1/4 or
+1/8 scale, so its answer can differ slightly from predict's, which decodes it whole), other formats
+are refused. `GET /health` is LitServe's; `GET /info` carries the model (the run's name, not its
+path), exits, thresholds, MACs per exit, budget and limits (LitServe's `model_metadata`).
+
+Processes: this one runs the HTTP server (uvicorn) and starts LitServe's inference worker and its
+queue manager, which ignore SIGINT and SIGTERM (and die with this process). On SIGTERM (docker
+stop, Kubernetes) or SIGINT (Ctrl+C), to this process or its whole group, the server stops
+accepting connections, answers the requests in flight (for at most `drain_timeout` seconds; those
+still unanswered then get a 503), stops the worker and the manager and exits 0. A second SIGINT
+skips the rest of the drain.
 """
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
 import io
 import json
 import logging
+import os
 import signal
 import socket
+import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from met_lightning.cli import hydra_app, user_task
 from met_lightning.config import _typed
@@ -42,6 +63,7 @@ from met_lightning.inference.session import Session, check_session_options, open
 try:  # the [serve] extra
     import litserve as ls
     from starlette.datastructures import Headers
+    from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 except ImportError:  # pragma: no cover - reported by `check_installed`
     ls = None
@@ -72,7 +94,9 @@ class ServeSchema:
     precision: str | None = None
     engine_mode: str = "eager"
     max_upload_mb: float = 10.0
+    max_image_pixels: int = 10_000_000
     timeout: float = 30.0
+    drain_timeout: float = 10.0
     log_level: str = "warning"
 
 
@@ -110,23 +134,69 @@ def request_image(request: Any) -> bytes | Rejected:
     return upload.file.read()
 
 
-def decode(request: Any, session: Session) -> torch.Tensor | Rejected:
-    """A request as the model's input [C, H, W] (predict's decoding and eval transform)."""
-    data = request_image(request)
-    if isinstance(data, Rejected):
-        return data
+# a JPEG over the pixel limit is decoded at the first of these reductions that fits it
+DRAFT_SCALES = (2, 4, 8)
+
+
+def fit_pixels(image: Image.Image, max_pixels: int) -> Rejected | None:
+    """Bound an opened (header read, nothing decoded) image to `max_pixels`: a JPEG over it is
+    set to decode reduced (`Image.draft`), any other image over it is a 413."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return None
+    fits = [s for s in DRAFT_SCALES if -(-width // s) * -(-height // s) <= max_pixels]
+    if fits:  # a no-op but for JPEG (and MPO)
+        image.draft(None, (max(1, width // fits[0]), max(1, height // fits[0])))
+        if image.size[0] * image.size[1] <= max_pixels:
+            return None
+    return too_large(width, height, max_pixels)
+
+
+def too_large(width: int, height: int, max_pixels: int) -> Rejected:
+    return Rejected(
+        413,
+        f"the image is {width}x{height} = {width * height} pixels, over the server's "
+        f"max_image_pixels={max_pixels}; send it downscaled (the model sees a small input anyway)",
+    )
+
+
+def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Rejected:
+    """A request as the model's input [C, H, W] (predict's decoding and eval transform), or why
+    not: a decoder fed untrusted bytes may raise anything, and that is the request's 400."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            picture = decode_image(image, session.spec)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        data = request_image(request)
+        if isinstance(data, Rejected):
+            return data
+        with warnings.catch_warnings():  # Pillow's bomb warning: fit_pixels decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                refused = fit_pixels(image, max_pixels)
+                if refused is not None:
+                    return refused
+                picture = decode_image(image, session.spec)
+        if picture.size[0] * picture.size[1] > max_pixels:  # a format whose header lied
+            return too_large(*picture.size, max_pixels)
+        return session.transform(picture)
+    except Image.DecompressionBombError as err:  # over Pillow's own limit, before fit_pixels
+        return Rejected(413, f"{err}; the server's max_image_pixels={max_pixels}")
+    except UnidentifiedImageError:  # its message shows an object's address: not for clients
+        return Rejected(400, "cannot decode the image: not an image file of a format Pillow reads")
+    except Exception as err:
         return Rejected(400, f"cannot decode the image: {type(err).__name__}: {err}")
-    return session.transform(picture)
+
+
+# multipart parts a request may have (the form is parsed here and again by LitServe)
+MAX_FORM_FILES = 4
+MAX_FORM_FIELDS = 16
 
 
 class RequestGuard:
-    """ASGI middleware for `POST /predict`: a wrong content type (415), a body over
-    `max_upload_mb` (413) or malformed JSON (400) is answered here with the reason, before
-    LitServe sees it."""
+    """ASGI middleware for `POST /predict`: what can be refused before LitServe sees the request
+    is answered here with the reason: a wrong content type (415), a body over `max_upload_mb`
+    (413), JSON or multipart that does not parse, whatever the parser raises (400), a JSON body
+    that is not an object with a string field `image` (422). Only `{"image": ...}` is passed on,
+    so no other field reaches LitServe's queues (pickled: deep nesting would fail there). A request
+    still unanswered when a shutdown's drain time is over gets a 503."""
 
     def __init__(self, app: Any, max_upload_mb: float, path: str = API_PATH) -> None:
         self.app = app
@@ -164,15 +234,14 @@ class RequestGuard:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         if media == "application/json":
-            try:
-                parsed = json.loads(body)
-            except ValueError as err:
-                await self.reject(400, f"the body is not valid JSON: {err}", scope, send)
-                return
-            if not isinstance(parsed, dict):
-                await self.reject(422, f"the JSON body must be an object; {USAGE}", scope, send)
-                return
-        replayed = False
+            problem, body = json_problem(body)
+        else:
+            problem = await form_problem(scope, body)
+        if problem is not None:
+            await self.reject(*problem, scope, send)
+            return
+        scope = with_length(scope, len(body))  # the JSON body may have been rewritten
+        replayed, started = False, False
 
         async def replay() -> dict:
             nonlocal replayed
@@ -181,7 +250,19 @@ class RequestGuard:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, watched)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when drain_timeout is over: answer, do not
+            # leave the client with a dropped connection (nor the log with a traceback)
+            if not started:
+                await self.reject(503, "the server stopped before answering (drain_timeout)",
+                                  scope, send)  # fmt: skip
 
     @staticmethod
     async def reject(status: int, reason: str, scope: dict, send: Any) -> None:
@@ -189,6 +270,52 @@ class RequestGuard:
             return {"type": "http.disconnect"}
 
         await JSONResponse({"detail": reason}, status_code=status)(scope, nothing, send)
+
+
+def with_length(scope: dict, length: int) -> dict:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
+
+
+def json_problem(body: bytes) -> tuple[tuple[int, str] | None, bytes]:
+    """(status, reason) if the JSON body is refused, else None; and the body to pass on."""
+    try:
+        parsed = json.loads(body)
+    except RecursionError:
+        return (400, "the body is not valid JSON: nested too deep"), body
+    except ValueError as err:  # UnicodeDecodeError too
+        return (400, f"the body is not valid JSON: {err}"), body
+    if not isinstance(parsed, dict):
+        return (422, f"the JSON body must be an object; {USAGE}"), body
+    value = parsed.get("image")
+    if value is None:
+        return (422, f"missing field 'image' in the JSON body; {USAGE}"), body
+    if not isinstance(value, str):
+        return (422, "field 'image' must be a base64 string of an image file"), body
+    return None, body if len(parsed) == 1 else json.dumps({"image": value}).encode()
+
+
+async def form_problem(scope: dict, body: bytes) -> tuple[int, str] | None:
+    """(400, reason) if the multipart body does not parse (a missing or wrong boundary, too many
+    parts, ...): the parser's own exception, whatever it is, would be a 500 in LitServe."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, receive).form(
+            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS
+        )
+        await form.close()
+    except Exception as err:
+        detail = getattr(err, "detail", None) or getattr(err, "message", None) or err
+        return 400, f"the multipart body cannot be parsed: {detail}; {USAGE}"
+    return None
 
 
 # ---------------------------------------------------------------------- the API
@@ -210,11 +337,13 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         # runs in LitServe's worker process: Ctrl+C is for the main process, which stops the
         # workers itself (otherwise every worker prints a KeyboardInterrupt traceback)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent()
         cfg = OmegaConf.create(self.cfg)
+        self.max_pixels = int(cfg.max_image_pixels)
         self.session = open_session(cfg, torch.device(device), self.thresholds)
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
-        return decode(request, self.session)
+        return decode(request, self.session, self.max_pixels)
 
     def batch(self, inputs: list) -> list:
         return inputs  # stacked in predict, once the bad items are set aside
@@ -229,17 +358,40 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         good = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor)]
         outputs = list(items)
         if good:
-            images = torch.stack([items[i] for i in good])
-            images = images.to(self.session.device)  # the engine applies the precision
-            rows = self.session.rows(self.session.engine(images))
+            try:
+                rows = self.rows([items[i] for i in good])
+            except Exception:  # not expected for decoded images; then each image runs alone
+                log.exception("the engine failed on a batch of %d images; retrying each", len(good))
+                rows = [self.row_alone(items[i]) for i in good]
             for i, row in zip(good, rows, strict=True):
-                outputs[i] = {**row, "batch_size": len(items)}
+                outputs[i] = row if isinstance(row, Rejected) else {**row, "batch_size": len(items)}
         return outputs[0] if single else outputs
+
+    def rows(self, images: list[torch.Tensor]) -> list[dict]:
+        batch = torch.stack(images).to(self.session.device)  # the engine applies the precision
+        return self.session.rows(self.session.engine(batch))
+
+    def row_alone(self, image: torch.Tensor) -> dict | Rejected:
+        try:
+            return self.rows([image])[0]
+        except Exception as err:
+            return Rejected(500, f"the model failed on this image: {type(err).__name__}: {err}")
 
     def encode_response(self, output: Any) -> Response:
         if isinstance(output, Rejected):
             return JSONResponse({"detail": output.reason}, status_code=output.status)
-        return JSONResponse(output)
+        try:
+            return JSONResponse(output)
+        except ValueError as err:  # a non-finite confidence: JSON has no NaN
+            return JSONResponse({"detail": f"the answer is not valid JSON: {err}"}, 500)
+
+
+def die_with_parent() -> None:
+    """Linux: this (worker or manager) process gets SIGKILL when the process that started it
+    dies, so that no orphan keeps serving or holding memory (it ignores SIGTERM: see module)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------- server
@@ -247,7 +399,7 @@ def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
     """What `GET /info` reports under "model"."""
     config = session.config
     return {
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": run_name(cfg.checkpoint),
         "backbone": config.get("backbone", {}).get("name"),
         "num_classes": session.net.num_classes,
         "class_names": session.class_names,
@@ -260,9 +412,16 @@ def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
         "input_size": list(session.spec.input_size),
         "max_batch_size": cfg.max_batch_size,
         "batch_timeout": cfg.batch_timeout,
+        "max_image_pixels": cfg.max_image_pixels,
         "precision": session.precision,
         "macs": "multiply-accumulates per image",
     }
+
+
+def run_name(checkpoint: str) -> str:
+    """The run folder's name (and the file's, if a file was given): not the host's layout."""
+    path = Path(os.path.abspath(checkpoint))
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
 
 
 def check_serve_config(cfg: DictConfig) -> None:
@@ -275,8 +434,12 @@ def check_serve_config(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_timeout={cfg.batch_timeout} must be >= 0 seconds")
     if not cfg.max_upload_mb > 0:
         raise ConfigError(f"max_upload_mb={cfg.max_upload_mb} must be > 0")
+    if not cfg.max_image_pixels > 0:
+        raise ConfigError(f"max_image_pixels={cfg.max_image_pixels} must be a positive integer")
     if not cfg.timeout > 0:
         raise ConfigError(f"timeout={cfg.timeout} must be > 0 seconds")
+    if not 0 <= cfg.drain_timeout < float("inf"):
+        raise ConfigError(f"drain_timeout={cfg.drain_timeout} must be >= 0 seconds")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port={cfg.port} must be in 1..65535")
     if cfg.precision is not None:
@@ -319,7 +482,13 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     session = open_session(OmegaConf.merge(cfg, {"engine_mode": "eager"}), torch.device("cpu"))
     info = server_info(session, cfg)
     thresholds = session.thresholds
+    _, height, width = session.spec.input_size
     del session
+    if cfg.max_image_pixels < height * width:
+        raise ConfigError(
+            f"max_image_pixels={cfg.max_image_pixels} is below the model's input of {height}x"
+            f"{width} = {height * width} pixels; give at least that (default 10000000)"
+        )
     api = EarlyExitAPI(
         OmegaConf.to_container(cfg), thresholds, cfg.max_batch_size, cfg.batch_timeout
     )
@@ -330,12 +499,130 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         timeout=cfg.timeout,
         model_metadata=info,
         middlewares=[(RequestGuard, {"max_upload_mb": cfg.max_upload_mb})],
+        callbacks=[EndResponseReader()],
     )
     return server, info
 
 
+class EndResponseReader(ls.Callback if ls is not None else object):
+    """At the server's end (uvicorn drained): wake the thread that waits on the response queue
+    (1 s timeout) with a sentinel, so that the event loop closes at once."""
+
+    def on_server_end(self, *args: Any, litserver: Any = None, **kwargs: Any) -> None:
+        if litserver is not None and getattr(litserver, "_transport", None) is not None:
+            litserver._transport.close(send_sentinel=True)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stopped(Exception):
+    """A stop signal while the worker still loads the model."""
+
+
+def run_server(server: Any, host: str, port: int, log_level: str, drain_timeout: float) -> None:
+    """Run `server` (from `build_server`) until SIGINT or SIGTERM, then drain and stop it all.
+
+    LitServer.run is not used: its shutdown closes the queues before uvicorn drains and leaves
+    the workers running on SIGTERM. Here uvicorn runs in this process and its graceful shutdown
+    comes first (stop accepting, wait for the requests in flight, at most `drain_timeout` s);
+    then the worker (idle: nothing is in flight) is killed and the manager stops.
+    """
+    import uvicorn
+    from litserve.utils import configure_logging, is_package_installed
+
+    configure_logging(log_level)
+    # the multipart parser logs each malformed body it sees: RequestGuard answers them (400)
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    uv: uvicorn.Server | None = None
+    died: list[str] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if uv is None:
+            raise _Stopped
+        uv.should_exit = True  # uvicorn's own handler takes over while it serves
+
+    # the manager (forked) and the worker (spawned) inherit the ignored signals: they stop when
+    # this process has drained, also when a signal goes to the whole group (Ctrl+C, systemd)
+    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    os.register_at_fork(after_in_child=die_with_parent)
+    manager, workers = None, []
+    try:
+        # as litserve.utils.wrap_litserve_start and LitServer._start_server set a server up
+        manager = server._init_manager(1)
+        server.app.response_queue_id = 0
+        for lit_api in server.litapi_connector:
+            workers.extend(server.launch_inference_worker(lit_api))
+        server.inference_workers = workers
+        for sig in ignored:
+            signal.signal(sig, on_signal)
+        server._prepare_app_run(server.app)
+        if is_package_installed("mcp"):
+            from litserve.mcp import _LitMCPServerConnector
+
+            server.mcp_server = mcp = _LitMCPServerConnector()
+            mcp.connect_mcp_server(server.litapi_connector.get_mcp_tools(), server.app)
+        wait_until_ready(server, workers)
+        config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=drain_timeout)  # fmt: skip
+        uv = uvicorn.Server(config)
+        watch_workers(workers, uv, died)
+        uv.run()
+    except _Stopped:
+        pass
+    finally:
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)  # stopping: the rest is quick, let it finish
+        for worker in workers:  # drained: nothing in flight (LitServe too stops them with a kill)
+            worker.kill()
+            worker.join()
+        if manager is not None:
+            manager.shutdown()
+        stop_resource_tracker()
+    if died:
+        raise RuntimeError(f"the inference worker died ({died[0]}); the server stopped")
+
+
+def wait_until_ready(server: Any, workers: list) -> None:
+    """Block until the worker has loaded the model (a stop signal interrupts)."""
+    from litserve.utils import WorkerSetupStatus
+
+    while True:
+        status = set(dict(server.workers_setup_status).values())
+        if status == {WorkerSetupStatus.READY}:
+            return
+        if WorkerSetupStatus.ERROR in status or not all(w.is_alive() for w in workers):
+            raise RuntimeError("the inference worker failed to load the model (see its log above)")
+        time.sleep(0.05)
+
+
+def watch_workers(workers: list, uv: Any, died: list[str]) -> None:
+    """A thread that stops the server if a worker dies while serving (nothing would answer)."""
+
+    def watch() -> None:
+        while not uv.should_exit:
+            for worker in workers:
+                if not worker.is_alive():
+                    died.append(f"exit code {worker.exitcode}")
+                    log.error("the inference worker died (exit code %s)", worker.exitcode)
+                    uv.should_exit = True
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="met-watch-workers", daemon=True).start()
+
+
+def stop_resource_tracker() -> None:
+    """Stop (and reap) multiprocessing's resource tracker, which spawning the worker started: it
+    would otherwise outlive this process for a moment, or as a zombie where nothing reaps it."""
+    from multiprocessing import resource_tracker
+
+    with contextlib.suppress(Exception):
+        resource_tracker._resource_tracker._stop()
+
+
 def serve(cfg: DictConfig) -> None:
-    """Check everything, then run the server until interrupted."""
+    """Check everything, then run the server until SIGINT or SIGTERM (then drain, exit 0)."""
     cfg = _typed(OmegaConf.create({"serve": cfg}), "serve", ServeSchema)
     check_port_free(cfg.host, cfg.port)
     server, info = build_server(cfg)  # checks the rest of the config
@@ -345,13 +632,7 @@ def serve(cfg: DictConfig) -> None:
         f"(exits {info['exits']}, thresholds [{thresholds}])",
         flush=True,
     )
-    server.run(
-        host=cfg.host,
-        port=cfg.port,
-        num_api_servers=1,
-        log_level=cfg.log_level,
-        generate_client_file=False,
-    )
+    run_server(server, cfg.host, cfg.port, cfg.log_level, cfg.drain_timeout)
 
 
 _task = user_task(serve)
@@ -360,6 +641,12 @@ _task = user_task(serve)
 def main() -> None:
     """Console entry point (`met-serve`)."""
     hydra_app("serve", _task)
+    # the server stopped cleanly and its processes are gone: exit 0 now, without the seconds
+    # the interpreter takes to tear down torch, timm and Lightning
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from dotenv import find_dotenv, load_dotenv
+from dotenv import load_dotenv
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -25,6 +25,7 @@ from met_lightning.checkpoint import (
     FINGERPRINT_KEY,
     SafeCheckpointIO,
     backbone_fingerprint,
+    checkpoint_folders,
     checkpoint_progress,
     load_lightning_checkpoint,
     remove_stale_files,
@@ -116,6 +117,8 @@ def rebuild_config(
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit, test, export the trainable weights and print the summary."""
+    if ENV_FILE is not None:
+        log.info("environment variables loaded from %s (set ones win)", ENV_FILE)
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     resumed_step, relocate = None, None
@@ -149,8 +152,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers or False,
-            # atomic .ckpt writes, weights-only loading, paths of a moved run folder re-rooted
-            plugins=[SafeCheckpointIO(relocate=relocate)],
+            # atomic .ckpt writes, weights-only loading, paths of a moved run folder re-rooted,
+            # restored paths and deletions kept inside the run's checkpoint folders
+            plugins=[SafeCheckpointIO(relocate=relocate, confine=checkpoint_folders(cfg))],
         )
         if resumed_step is not None:  # rows logged after the checkpoint are logged again
             rewind_csv(loggers, resumed_step)
@@ -272,13 +276,30 @@ def _task(cfg: DictConfig) -> float | None:
     return metrics.get(metric) if metric else None
 
 
+# the `.env` file `main` loaded, logged by `train`
+ENV_FILE: Path | None = None
+
+
+def env_file() -> Path | None:
+    """The `.env` to load: the working directory's own, else the source checkout's (next to its
+    pyproject.toml); never one found in a parent folder, which may belong to someone else."""
+    checkout = Path(__file__).resolve().parents[1]
+    candidates = [Path.cwd() / ".env"]
+    if (checkout / "pyproject.toml").is_file():
+        candidates.append(checkout / ".env")
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def main() -> None:
-    """Console entry point: load `.env` (from the working directory up), then run the Hydra app.
+    """Console entry point: load `.env` (`env_file`), then run the Hydra app.
 
     `resume=RUN_DIR` also brings in the run's own overrides and its folder
     (met_lightning.checkpoint.resume).
     """
-    load_dotenv(find_dotenv(usecwd=True), override=False)
+    global ENV_FILE
+    ENV_FILE = env_file()
+    if ENV_FILE is not None:
+        load_dotenv(ENV_FILE, override=False)
     sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))
     hydra_app("train", _task)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,39 @@ def cifar_file(folder: Path, name: str) -> dict:
     """A CIFAR pickle's contents."""
     with (folder / name).open("rb") as f:
         return pickle.load(f, encoding="latin1")
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles str and bytes as Python 2's byte strings (BINSTRING), as the official CIFAR files
+    hold their keys, names and array bytes (they load as str with encoding="latin1")."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_string(self, obj: str | bytes) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _save_py2_string
+
+
+def py2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2 + numpy 1 wrote the official CIFAR files: protocol 2, byte
+    strings, arrays rebuilt by `numpy.core.multiarray._reconstruct`."""
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def write_cifar100_py2(root: Path, **kwargs) -> Path:
+    """`write_cifar100`'s files (same contents) pickled as the official Python-2 files are."""
+    folder = write_cifar100(root, **kwargs)
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(py2_pickle(cifar_file(folder, name)))
+    return folder
 
 
 def write_image(path: Path, rng: np.random.Generator, size: int = 16, mode: str = "RGB") -> Path:

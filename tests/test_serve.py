@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,13 +53,15 @@ def as_row(response):
 
 
 async def post_all(server, requests):
-    """Send `requests` ((kwargs for client.post)) concurrently to an in-process server."""
+    """Send `requests` ((kwargs for client.post)) concurrently to an in-process server (an
+    exception in the app is a 500, as a real server answers it)."""
     with wrap_litserve_start(server) as started:
         async with (
             LifespanManager(started.app) as manager,
             httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
-            ) as client,  # fmt: skip
+                transport=httpx.ASGITransport(app=manager.app, raise_app_exceptions=False),
+                base_url="http://test",
+            ) as client,
         ):
             health = await client.get("/health")
             for _ in range(600):  # 503 until the worker process has loaded the model
@@ -188,32 +192,141 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def start_server(checkpoint, *overrides):
+    """A real server process on 127.0.0.1 (its own process group), once healthy: (process, url)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "met_lightning.serve", f"checkpoint={checkpoint}", f"port={port}",
+         "device=cpu", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited: {server.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    os.killpg(server.pid, signal.SIGKILL)
+    pytest.fail("the server did not become healthy within 120 s")
+
+
+def group_processes(pgid):
+    """The live (not zombie) processes of the process group `pgid`."""
+    if not os.path.isdir("/proc"):  # no /proc: any process, zombies included
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+class SlowUpload(threading.Thread):
+    """A multipart upload of `path` that sends its second half only once `go` is set: a request
+    surely in flight (the server is reading it) until then. Its answer (or error): `.answer`."""
+
+    def __init__(self, url, path, go):
+        super().__init__()
+        self.url, self.path, self.go, self.answer = url, path, go, None
+
+    def run(self):
+        head = (
+            '--b0undary\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        )
+        body = head.encode() + self.path.read_bytes() + b"\r\n--b0undary--\r\n"
+        half = len(body) // 2
+
+        def chunks():
+            yield body[:half]
+            self.go.wait(60)
+            yield body[half:]
+
+        headers = {"content-type": "multipart/form-data; boundary=b0undary",
+                   "content-length": str(len(body))}  # fmt: skip
+        try:
+            self.answer = httpx.post(f"{self.url}/predict", content=chunks(), headers=headers,
+                                     timeout=60)  # fmt: skip
+        except httpx.HTTPError as err:
+            self.answer = err
+
+
+def stop_while_in_flight(server, url, send_stop, files, expected, drain_timeout):
+    """Start one slow upload per file, stop the server with `send_stop()` while they are in flight,
+    then check: new connections refused, every upload answered right, exit 0 within the drain
+    time (+ a margin for a loaded machine), no process of its group left, no traceback."""
+    go = threading.Event()
+    uploads = [SlowUpload(url, path, go) for path in files]
+    try:
+        for upload in uploads:
+            upload.start()
+        time.sleep(2.0)  # the server has accepted them and reads their bodies
+        stopped_at = time.monotonic()
+        send_stop()
+        refused = False
+        while not refused and time.monotonic() < stopped_at + 10:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+            except httpx.ConnectError:
+                refused = True
+            except httpx.TransportError:  # accepted as the listener closed
+                pass
+            time.sleep(0.1)
+        go.set()
+        for upload in uploads:
+            upload.join(timeout=60)
+        try:
+            code = server.wait(timeout=drain_timeout + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {drain_timeout + 30} s of the signal")
+        took = time.monotonic() - stopped_at
+        left = group_processes(server.pid)
+        for _ in range(50):  # the last ones may need a moment to go
+            if not left:
+                break
+            time.sleep(0.1)
+            left = group_processes(server.pid)
+    finally:
+        go.set()
+        if server.poll() is None or group_processes(server.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+    errors = server.stderr.read()
+    assert refused, "the server still accepted connections after the signal"
+    for path, upload in zip(files, uploads, strict=True):
+        assert isinstance(upload.answer, httpx.Response), upload.answer
+        assert upload.answer.status_code == 200, upload.answer.text
+        assert_rows_equal([as_row(upload.answer)], [expected[path.name]])
+    assert code == 0, errors[-3000:]
+    assert took < drain_timeout + 30
+    assert not left, f"processes left in the server's group: {left}"
+    assert "Traceback" not in errors, errors[-3000:]
+    return took
+
+
 def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
-    """A real server process on 127.0.0.1: 4 clients for 3 s, every answer right, clean stop."""
+    """A real server process on 127.0.0.1: 4 clients for 3 s, every answer right; then Ctrl+C
+    (SIGINT to the whole group) while uploads are in flight: answered, and everything stops."""
     inputs = write_digits(tmp_path / "in", range(12))
     files = sorted(inputs.iterdir())
     threshold = mixed_threshold(tiny_run, inputs)
     expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "met_lightning.serve", f"checkpoint={tiny_run}",
-         f"thresholds=[{threshold!r}]", f"port={port}", "device=cpu", "max_batch_size=8",
-         "batch_timeout=0.01"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(tiny_run, f"thresholds=[{threshold!r}]", "max_batch_size=8",
+                               "batch_timeout=0.01", "drain_timeout=20")  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("the server did not become healthy within 120 s")
         results, wrong = [], []
         stop = time.monotonic() + 3.0
 
@@ -237,12 +350,8 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
         for thread in threads:
             thread.join(timeout=60)
         assert len(results) >= 8 and not wrong, wrong[:3]
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            pytest.fail("the server did not stop within 30 s of SIGINT")
-    errors = server.stderr.read()
-    assert "Traceback" not in errors, errors[-3000:]
+    except BaseException:
+        os.killpg(server.pid, signal.SIGKILL)
+        raise
+    stop_while_in_flight(server, url, lambda: os.killpg(server.pid, signal.SIGINT), files[:3],
+                         expected, drain_timeout=20)  # fmt: skip

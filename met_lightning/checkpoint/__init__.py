@@ -8,7 +8,7 @@
 - verify: `verify(path)`: the checks `load_trainable` runs (file, format, backbone fingerprint)
   without building the network.
 - resume: `resume_argv`, `resume_checkpoint`, `remove_stale_files` for `resume=RUN_DIR`
-  (`resume.py`).
+  (`resume.py`); `checkpoint_folders`: where a loaded checkpoint's state may name files.
 
 Inside: `tagged.py` (our safetensors files), `packing.py` (1-bit weights packed for storage),
 `fingerprint.py` (backbone name + weights hash).
@@ -23,6 +23,7 @@ from met_lightning.checkpoint.lightning_io import (
 )
 from met_lightning.checkpoint.resume import (
     ResumePoint,
+    checkpoint_folders,
     remove_stale_files,
     resume_argv,
     resume_checkpoint,
@@ -43,6 +44,7 @@ __all__ = [
     "ResumePoint",
     "SafeCheckpointIO",
     "backbone_fingerprint",
+    "checkpoint_folders",
     "checkpoint_progress",
     "load_lightning_checkpoint",
     "load_trainable",

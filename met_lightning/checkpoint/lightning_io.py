@@ -10,14 +10,21 @@ never code from the file. Our checkpoints hold nothing else (see `MultiExitClass
 
 `SafeCheckpointIO(relocate=(old, new))` re-roots the absolute paths that Lightning's callbacks
 (ModelCheckpoint) restore, for a run folder that was moved or copied (`checkpoint.resume`).
+
+A checkpoint is data that may come from someone else: the paths its ModelCheckpoint state names
+are files Lightning later deletes (the "old best"). `SafeCheckpointIO(confine=FOLDERS)` drops
+every restored path that does not resolve (symlinks and `..` followed) into one of the run's
+checkpoint folders, and removes only regular files inside them.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from met_lightning.atomic import atomic_path
 from met_lightning.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# ModelCheckpoint's state entries that name files it may later delete (besides `best_k_models`'s
+# keys); its `dirpath` is only compared with the callback's own, never used as a path
+DELETABLE_PATHS = ("best_model_path", "last_model_path", "kth_best_model_path")
 
 
 def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -85,17 +98,65 @@ def reroot(value: Any, old: str, new: str) -> Any:
     return value
 
 
+def inside(path: str | Path, folders: Sequence[str]) -> bool:
+    """Whether `path`, resolved (symlinks, `..`), is one of `folders` (resolved) or in one."""
+    real = os.path.realpath(path)
+    for folder in folders:
+        folder = os.path.realpath(folder)
+        if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def outside_paths(callbacks: Any, folders: Sequence[str]) -> list[str]:
+    """The files that the ModelCheckpoint states in `callbacks` (a checkpoint's `callbacks`
+    entry) name and that lie outside every one of `folders`: Lightning would delete them."""
+    found: list[str] = []
+    for state in (callbacks or {}).values() if isinstance(callbacks, dict) else ():
+        if not isinstance(state, dict):
+            continue
+        named = [state.get(key) for key in DELETABLE_PATHS]
+        best_k = state.get("best_k_models")
+        named += list(best_k) if isinstance(best_k, dict) else []
+        found += [p for p in named if isinstance(p, str) and p and not inside(p, folders)]
+    return found
+
+
+def confined(callbacks: Any, folders: Sequence[str]) -> Any:
+    """`callbacks` with every path of `outside_paths` emptied / left out of `best_k_models`."""
+    bad = set(outside_paths(callbacks, folders))
+    if not bad:
+        return callbacks
+    log.warning("checkpoint names files outside the run's checkpoint folders %s; they are "
+                "ignored: %s", list(folders), sorted(bad)[:5])  # fmt: skip
+    result = {}
+    for name, state in callbacks.items():
+        if isinstance(state, dict):
+            state = {k: "" if k in DELETABLE_PATHS and v in bad else v for k, v in state.items()}
+            if isinstance(state.get("best_k_models"), dict):
+                state["best_k_models"] = {
+                    k: v for k, v in state["best_k_models"].items() if k not in bad
+                }
+        result[name] = state
+    return result
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic `.ckpt` writes (temporary name + rename) and weights-only loading.
 
     `relocate=(old, new)`: loaded checkpoints get their callback states' paths under folder `old`
     re-rooted into `new` (`reroot`), so that ModelCheckpoint restores its best / last / top-k
     files and its `dirpath` in a moved or copied run folder instead of the original one.
+    `confine`: the run's checkpoint folders; a loaded callback state keeps only the paths inside
+    them (`confined`), and only regular files inside them are ever removed.
     """
 
-    def __init__(self, relocate: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, relocate: tuple[str, str] | None = None, confine: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         self.relocate = relocate
+        self.confine = list(confine) if confine is not None else None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -116,4 +177,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
         checkpoint = load_lightning_checkpoint(path, map_location=map_location or "cpu")
         if self.relocate is not None and "callbacks" in checkpoint:
             checkpoint["callbacks"] = reroot(checkpoint["callbacks"], *self.relocate)
+        if self.confine is not None and "callbacks" in checkpoint:
+            checkpoint["callbacks"] = confined(checkpoint["callbacks"], self.confine)
         return checkpoint
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Delete the checkpoint file `path` (never a folder, never outside `confine`)."""
+        path = Path(path)
+        if self.confine is not None and not inside(path, self.confine):
+            log.warning("not removing %s: outside the run's checkpoint folders", path)
+            return
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            log.warning("not removing %s: not a checkpoint file", path)

@@ -64,34 +64,49 @@ def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_state_keys(net: nn.Module) -> list[str]:
-    """The names `export_state` stores, without computing the tensors."""
-    keys = []
-    for name, _, layer in _trainable(net):
-        keys += [name + s for s in PACKED_SUFFIXES] if layer is not None else [name]
-    return keys
+def export_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors `export_state` stores, without computing them (a network on
+    the meta device gives them at no cost)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, param, layer in _trainable(net):
+        if layer is None:
+            shapes[name] = tuple(param.shape)
+            continue
+        packed = ((math.prod(param.shape) + 7) // 8,), (1,), (1,)
+        shapes.update({name + s: shape for s, shape in zip(PACKED_SUFFIXES, packed, strict=True)})
+    return shapes
 
 
-def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load `export_state` tensors into `net`; CheckpointError naming `source` if they differ."""
-    expected = set(export_state_keys(net))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+def check_shapes(net: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """CheckpointError naming `source` unless the stored tensor `shapes` (name -> shape, e.g. from
+    a safetensors header) are exactly those `export_state` of `net` (e.g. on the meta device)
+    would store: a recorded config that does not fit its tensors fails before anything is built.
+    """
+    expected = export_shapes(net)
+    if set(shapes) != set(expected):
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
         raise CheckpointError(
             f"checkpoint {source!r} does not match the network its config builds "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
+    wrong = [n for n in sorted(expected) if tuple(shapes[n]) != expected[n]]
+    if wrong:
+        name = wrong[0]
+        raise CheckpointError(
+            f"checkpoint {source!r}: {name} has shape {list(shapes[name])}, the network its "
+            f"config builds expects {list(expected[name])} ({len(wrong)} tensor(s) differ)"
+        )
+
+
+def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load `export_state` tensors into `net`; CheckpointError naming `source` if they differ."""
+    check_shapes(net, {name: tuple(t.shape) for name, t in tensors.items()}, source)
     plain = {}
     for name, param, layer in _trainable(net):
         if layer is not None:
             layer.load_binary(unpack(tensors, name, param.shape))
-            continue
-        if tensors[name].shape != param.shape:
-            raise CheckpointError(
-                f"checkpoint {source!r}: {name} has shape {list(tensors[name].shape)}, the "
-                f"network expects {list(param.shape)}"
-            )
-        plain[name] = tensors[name]
+        else:
+            plain[name] = tensors[name]
     net.load_state_dict(plain, strict=False)
 
 

@@ -9,6 +9,12 @@ A copied or moved run folder resumes as itself: Lightning's ModelCheckpoint stat
 paths (`dirpath`, `best_model_path`, `best_k_models`, ...), which `relocate` re-roots from the
 folder the checkpoint was written in into RUN_DIR when the checkpoint is loaded (SafeCheckpointIO).
 
+A run folder is data that may come from someone else, so what it holds never chooses code to run
+or deletes outside it: `saved_overrides` applies only overrides that select a config file this
+package ships or set a plain value of an existing key (no `_target_`-like key, no dict with one,
+no interpolation, no `hydra.*` key), and `resume_checkpoint` refuses a last.ckpt whose callback
+state names files outside the run's checkpoint folders (Lightning deletes its "old best").
+
 `remove_stale_files` makes a killed folder look like the uninterrupted run's at the resume point:
 a checkpoint written after last.ckpt (e.g. the new best of the epoch whose last.ckpt the kill
 prevented) is from the lost future, unknown to the restored callback state; it is removed, as are
@@ -25,11 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.checkpoint.lightning_io import (
     checkpoint_progress,
     load_lightning_checkpoint,
+    outside_paths,
     reroot,
 )
 from met_lightning.errors import CheckpointError, ConfigError
@@ -37,7 +47,7 @@ from met_lightning.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# a leftover of met_lightning.atomic.atomic_path: .NAME.PID.tmp
+# a leftover of met_lightning.atomic.atomic_path: .NAME.RANDOM.PID.tmp
 TMP_FILE = re.compile(r"\..+\.(\d+)\.tmp")
 # keys that may differ between the run's config.yaml and the resumed one
 IGNORED = ("resume",)
@@ -52,6 +62,78 @@ def _quote(value: str) -> str:
     if re.fullmatch(r"[\w./:@%+-]+", value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# a config option a group override may select: conf/<group>/<option>.yaml
+OPTION = re.compile(r"[A-Za-z0-9_][\w-]*(/[A-Za-z0-9_][\w-]*)*")
+
+
+def _refusal(override: Override, conf: Path) -> str | None:
+    """Why a run folder's recorded `override` may not be applied, or None if it may."""
+    key = override.key_or_group
+    if override.is_sweep_override():
+        return "a sweep"
+    if key == "hydra" or key.startswith("hydra."):
+        return "a Hydra setting"
+    if override.package is not None:
+        return "a package (@) override"
+    if override.type is OverrideType.DEL:
+        return None
+    value = override.value()
+    if (conf / key).is_dir():  # a config group: the value selects one of its shipped files
+        ok = isinstance(value, str) and OPTION.fullmatch(value) and ".." not in value
+        if not ok or not (conf / key / f"{value}.yaml").is_file():
+            return f"not a config option of group {key!r}"
+        return None
+    if any(part.startswith("_") for part in key.split(".")):
+        return "a key that names code (_target_, _partial_, ...)"
+    if override.type in (OverrideType.ADD, OverrideType.FORCE_ADD):
+        return "a key that is not in the config (+)"
+
+    def plain(item: Any) -> bool:
+        if isinstance(item, dict):
+            return all(isinstance(k, str) and not k.startswith("_") and plain(v)
+                       for k, v in item.items())  # fmt: skip
+        if isinstance(item, list):
+            return all(plain(v) for v in item)
+        return (
+            item is None
+            or isinstance(item, (bool, int, float))
+            or (isinstance(item, str) and "${" not in item)
+        )
+
+    return None if plain(value) else "an interpolation or a node that names code"
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    """The task overrides a run recorded (RUN_DIR/.hydra/overrides.yaml), each checked.
+
+    The folder is data: an override that could choose code to run or read outside the config
+    (`_refusal`) raises a CheckpointError naming it, before anything is composed.
+    """
+    from met_lightning.config import config_dir  # config imports the models; resume stays light
+
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        recorded = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    except Exception as err:  # noqa: BLE001 - YAML and OmegaConf errors alike
+        raise CheckpointError(f"resume={run_dir}: {saved} cannot be read ({err})") from None
+    if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
+        raise CheckpointError(f"resume={run_dir}: {saved} is not a list of overrides")
+    conf = Path(config_dir())
+    parser = OverridesParser.create()
+    for text in recorded:
+        try:
+            reason = _refusal(parser.parse_override(text), conf)
+        except HydraException as err:
+            reason = f"not an override ({str(err).splitlines()[0][:120]})"
+        if reason is not None:
+            raise CheckpointError(
+                f"resume={run_dir}: {saved} holds {text[:200]!r}, {reason}, which a run folder "
+                "may not set (it is data and never chooses code to run). Remove that line if "
+                "the run was yours, or start a new run"
+            )
+    return recorded
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -80,9 +162,9 @@ def resume_argv(argv: list[str]) -> list[str]:
         )
     mine = {override_key(arg) for arg in argv[1:] if "=" in arg and not arg.startswith("-")}
     theirs = [
-        str(o)
-        for o in OmegaConf.load(saved)
-        if override_key(str(o)) not in mine and override_key(str(o)) not in IGNORED
+        o
+        for o in saved_overrides(Path(run_dir))
+        if override_key(o) not in mine and override_key(o) not in IGNORED
     ]
     # hydra.output_subdir=null: the run's own .hydra/ stays as it was, so a resume that fails
     # (e.g. a bad extra override) does not change what the next resume= composes
@@ -166,6 +248,20 @@ def written_in(checkpoint: dict[str, Any], fallback: str) -> str:
     return fallback
 
 
+def checkpoint_folders(cfg: DictConfig) -> list[str]:
+    """The run's checkpoint folders (resolved): the `dirpath` of every ModelCheckpoint in
+    `cfg.callbacks`, and RUN_DIR/checkpoints. The only places a checkpoint's state may name."""
+    run_dir = Path(str(cfg.paths.output_dir))
+    folders = {os.path.realpath(run_dir / LAST_CHECKPOINT.parent)}
+    for callback in (cfg.get("callbacks") or {}).values():
+        if isinstance(callback, DictConfig) and str(callback.get("_target_", "")).endswith(
+            "ModelCheckpoint"
+        ):
+            if callback.get("dirpath"):
+                folders.add(os.path.realpath(str(callback.dirpath)))
+    return sorted(folders)
+
+
 def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
     """RUN_DIR's last.ckpt (`ResumePoint`), after checking the config is the run's own.
 
@@ -212,6 +308,13 @@ def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
     if origin != here:
         log.info("run folder moved or copied from %s: checkpoint paths re-rooted", origin)
         callbacks = reroot(callbacks, origin, here)
+    outside = outside_paths(callbacks, checkpoint_folders(cfg))
+    if outside:
+        raise CheckpointError(
+            f"resume={cfg.resume}: {last} names files outside the run's checkpoint folders "
+            f"({', '.join(map(repr, outside[:3]))}), which the resumed run would delete. A run "
+            "folder may only name its own files: use a checkpoint written by met_lightning"
+        )
     return ResumePoint(str(last), int(checkpoint.get("global_step", 0)), here, origin, callbacks)
 
 
@@ -249,8 +352,8 @@ def remove_stale_files(point: ResumePoint) -> list[Path]:
       loads, keeps or deletes it: it would stay next to its rewritten copy (`epoch_001.ckpt` and
       `epoch_001-v1.ckpt`). Files the state knows, and every file written at or before the resume
       step (e.g. every epoch of a `save_top_k: -1` callback), are kept; unreadable files too;
-    - a temporary file of the atomic writer (`.NAME.PID.tmp`, `met_lightning.atomic`) anywhere in
-      RUN_DIR whose writing process is no longer running.
+    - a temporary file of the atomic writer (`.NAME.RANDOM.PID.tmp`, `met_lightning.atomic`)
+      anywhere in RUN_DIR whose writing process is no longer running.
     Returns the removed files.
     """
     run_dir = Path(point.run_dir)

@@ -1,20 +1,23 @@
 """CIFAR-100 (50 000 train / 10 000 test 32x32 images, 100 classes) from the python-pickle files.
 
 Files: `<root>/cifar-100-python/{train,test,meta}`, as extracted from the official archive
-(https://www.cs.toronto.edu/~kriz/cifar.html), read by torchvision's `CIFAR100` (its errors
-re-raised as DataErrors naming the file). `prepare_data` downloads them if `download`; offline it
-fails within seconds with a message saying where to put the files instead.
+(https://www.cs.toronto.edu/~kriz/cifar.html): Python pickles, read by an unpickler that builds
+plain data and numpy arrays only, so a crafted file cannot run code whatever its hashes (errors
+are DataErrors naming the file). `prepare_data` downloads them if `download`; offline it fails
+within seconds with a message saying where to put the files instead.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import numpy as np
@@ -77,17 +80,81 @@ def host_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
     return bool(result and result[0])
 
 
-class _Cifar100Files(CIFAR100):
-    """torchvision's CIFAR-100 reader without its md5 check of the extracted files (the archive's
-    md5 is checked when it is downloaded; re-created or test files have other md5s)."""
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles of Python 3 bytes call it (latin-1 only)."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is refused")
+    return text.encode("latin1")
 
-    train_list = [[name, None] for name, _ in CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in CIFAR100.test_list]
-    meta = {**CIFAR100.meta, "md5": None}
 
-    def _load_meta(self) -> None:
-        with _reading(Path(self.root) / self.base_folder / self.meta["filename"]):
-            super()._load_meta()
+def _safe_globals() -> dict[tuple[str, str], object]:
+    """The globals pickled numpy arrays need (under the module names numpy 1 and 2 write) and
+    `_codecs.encode` for bytes: none of them runs code."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy(._)core.multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # numpy(._)core.multiarray.scalar
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy(._)core.numeric._frombuffer
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[f"{core}.multiarray", "_reconstruct"] = reconstruct
+        allowed[f"{core}.multiarray", "scalar"] = scalar
+        allowed[f"{core}.numeric", "_frombuffer"] = frombuffer
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: any other global (a function or class a
+    crafted file could call) is refused, so reading a data folder cannot run code."""
+
+    allowed = _safe_globals()
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # the Python-2 strings of the real files
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise DataError(
+                f"CIFAR-100 file {self.path} refers to the Python global {module}.{name}, which "
+                "CIFAR-100 files never do (it could run code): refused. Delete "
+                f"{self.path.parent} and download it again"
+            )
+        return found
+
+
+def _has_object_array(value: object) -> bool:
+    """Whether `value` (nested dicts / lists / tuples) holds a numpy array of Python objects."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray) and item.dtype.hasobject:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(v for v in item if not isinstance(v, (int, float, str, bytes)))
+    return False
+
+
+def _load(path: Path) -> dict:
+    """The dict a CIFAR-100 pickle holds, keys as str (files written with bytes keys too)."""
+    with open(path, "rb") as f:
+        entry = _CifarUnpickler(f, path).load()
+    if not isinstance(entry, dict):
+        raise TypeError(f"it holds a {type(entry).__name__}, not a dict")
+    if _has_object_array(entry):
+        raise DataError(
+            f"CIFAR-100 file {path} holds an array of Python objects (dtype object), which "
+            f"CIFAR-100 files never do: refused. Delete {path.parent} and download it again"
+        )
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
 
 
 @contextmanager
@@ -108,26 +175,36 @@ def _reading(path: Path) -> Iterator[None]:
         ) from None
 
 
+def read_class_names(folder: Path) -> list[str]:
+    """The fine label names of `folder`'s `meta` file, in label order."""
+    path = folder / "meta"
+    with _reading(path):
+        names = list(_load(path)["fine_label_names"])
+    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+    if len(names) != NUM_CLASSES or not all(isinstance(n, str) for n in names):
+        raise DataError(f"CIFAR-100 file {path}: expected {NUM_CLASSES} 'fine_label_names'")
+    return names
+
+
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 images [N, 3, 32, 32], int64 fine labels [N] and the class names of the `train` /
-    `test` file in `folder` (torchvision's reader, checked)."""
+    `test` file in `folder` (checked; read without running code, see `_CifarUnpickler`)."""
     path = folder / split
     with _reading(path):
-        files = _Cifar100Files(str(folder.parent), train=split == "train")
-    data = files.data  # [N, 32, 32, 3]
-    labels = np.asarray(files.targets, dtype=np.int64)
+        entry = _load(path)
+        data = np.vstack([entry["data"]])  # [N, 3072], channel-major rows
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+        if data.size % 3072:
+            raise ValueError(f"cannot reshape 'data' of shape {data.shape} into [N, 3, 32, 32]")
     if data.dtype != np.uint8:
         raise DataError(f"CIFAR-100 file {path}: 'data' is {data.dtype}, expected uint8")
-    if len(labels) != len(data):
-        raise DataError(f"CIFAR-100 file {path}: {len(data)} images but {len(labels)} labels")
+    data = data.reshape(-1, 3, 32, 32)
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"CIFAR-100 file {path}: {len(data)} images but {labels.size} labels")
     if len(labels) and not (0 <= labels.min() and labels.max() < NUM_CLASSES):
         raise DataError(f"CIFAR-100 file {path}: fine labels outside 0..{NUM_CLASSES - 1}")
-    if len(files.classes) != NUM_CLASSES:
-        raise DataError(
-            f"CIFAR-100 file {folder / 'meta'}: expected {NUM_CLASSES} 'fine_label_names'"
-        )
-    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, as stored
-    return images, torch.from_numpy(labels), list(files.classes)
+    names = read_class_names(folder)
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), names
 
 
 class TensorImageDataset(Dataset):

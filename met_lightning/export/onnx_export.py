@@ -7,6 +7,9 @@ Folder layout written by `export_onnx`::
     manifest.json                       exits, MACs per exit, thresholds of the run's budgets,
                                         class names, input spec, confidence kind, stage I/O
 
+Every file is written atomically (`met_lightning.atomic`), so a file or symlink already at an
+output's name is replaced, never written through.
+
 Shapes are static per stage except the batch axis. The graphs come from torch's TorchScript-based
 ONNX exporter (`dynamo=False`): a stage has no data-dependent control flow, so tracing is exact.
 """
@@ -20,9 +23,11 @@ from typing import Any
 
 import torch
 
-from met_lightning.atomic import write_text
+from met_lightning.atomic import atomic_path, write_text
+from met_lightning.errors import CheckpointError
 from met_lightning.export.stages import ExitStage, stage_inputs
 from met_lightning.inference.analysis import REPORT_FILE
+from met_lightning.inference.confidence import check_confidence
 from met_lightning.macs import model_exit_costs
 
 FORMAT = "met_lightning.onnx_stages"
@@ -35,19 +40,26 @@ def run_budgets(run_folder: Path | None) -> tuple[list[dict[str, Any]], str | No
     path = run_folder / REPORT_FILE if run_folder else None
     if path is None or not path.is_file():
         return [], None
-    report = json.loads(path.read_text())
-    budgets = [
-        {
-            "budget": b["budget"],
-            "budget_macs": b["budget_macs"],
-            "thresholds": b["selected"]["thresholds"],  # infinities as "inf" strings
-            "label": b["selected"]["label"],
-            "val_accuracy": b["selected"]["accuracy"],
-            "val_mean_macs": b["selected"]["mean_macs"],
-        }
-        for b in report.get("budgets", [])
-    ]
-    return budgets, report.get("confidence")
+    try:
+        report = json.loads(path.read_text())
+        budgets = [
+            {
+                "budget": b["budget"],
+                "budget_macs": b["budget_macs"],
+                "thresholds": b["selected"]["thresholds"],  # infinities as "inf" strings
+                "label": b["selected"]["label"],
+                "val_accuracy": b["selected"]["accuracy"],
+                "val_mean_macs": b["selected"]["mean_macs"],
+            }
+            for b in report.get("budgets", [])
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        raise CheckpointError(
+            f"{path} is not a budget report ({type(err).__name__}: {err}); delete it to export "
+            "without budgets, or run the budget analysis again"
+        ) from None
+    kind = report.get("confidence")
+    return budgets, None if kind is None else check_confidence(kind, f"{path}: confidence")
 
 
 def export_onnx(
@@ -70,12 +82,13 @@ def export_onnx(
         in_name = "images" if stage == 0 else "tokens"
         out_names = ["logits"] if last else ["tokens_out", "logits"]
         file = f"stage_{stage}.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
+        # atomically: a symlink planted at the stage's name is replaced, never written through
+        with torch.no_grad(), warnings.catch_warnings(), atomic_path(out / file) as tmp:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
                 ExitStage(net, stage),
                 (example,),
-                str(out / file),
+                str(tmp),
                 dynamo=False,
                 input_names=[in_name],
                 output_names=out_names,
