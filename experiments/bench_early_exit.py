@@ -82,11 +82,11 @@ def make_engine(net, thresholds, mode: str) -> EarlyExitEngine:
 
 
 class CompiledStages:
-    """The net's stage API with `run_stage` compiled (dynamic batch): the engine's compiled mode."""
+    """The net's stage API with `stage` compiled (dynamic batch): the engine's compiled mode."""
 
     def __init__(self, net) -> None:
         self._net = net
-        self.run_stage = torch.compile(net.run_stage, dynamic=True)
+        self.stage = torch.compile(net.stage, dynamic=True)
 
     def __getattr__(self, name):
         return getattr(self._net, name)

@@ -62,7 +62,7 @@ from experiments.bench_common import machine
 from met_lightning.data.digits import stratified_split
 from met_lightning.data.images import decode_image
 from met_lightning.inference.budget import SplitScores, calibrate_thresholds
-from met_lightning.inference.session import open_session
+from met_lightning.inference.session import SessionOptions, open_session, resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,10 +81,9 @@ def digit_pngs(run: Path, count: int) -> list[bytes]:
     return files
 
 
-def session_cfg(run: Path, **values) -> object:
-    base = dict(checkpoint=str(run), budget=None, thresholds=None, confidence="max_softmax",
-                store=None, weights_file=None)  # fmt: skip
-    return OmegaConf.create({**base, **values})
+def cpu_session(run: Path, **values) -> object:
+    """The run's inference session on the CPU (`values`: session options, e.g. budget=)."""
+    return open_session(resolve(SessionOptions(checkpoint=str(run), device="cpu", **values)))
 
 
 def tensors(session, pngs: list[bytes]) -> torch.Tensor:
@@ -241,7 +240,7 @@ def bench(name: str, run: Path, args: argparse.Namespace, forced: bool) -> dict:
     torch.set_num_threads(args.threads)
     pngs = digit_pngs(run, args.images)
     if forced:
-        session = open_session(session_cfg(run), torch.device("cpu"))
+        session = cpu_session(run)
         images = tensors(session, pngs)
         with torch.inference_mode():
             logits = session.net(images).logits
@@ -250,24 +249,25 @@ def bench(name: str, run: Path, args: argparse.Namespace, forced: bool) -> dict:
         thresholds = [*calibrate_thresholds(scores.confidence, shares)[:-1], -math.inf]
         how = f"thresholds forced to exit shares {args.shares} % on these images"
     else:
-        session = open_session(session_cfg(run, budget=args.budget), torch.device("cpu"))
+        session = cpu_session(run, budget=args.budget)
         images = tensors(session, pngs)
-        thresholds, how = session.thresholds, f"budget={args.budget}: {session.how}"
+        thresholds, how = session.plan.thresholds, f"budget={args.budget}: {session.plan.how}"
     k = session.net.num_exits
     exits = session.engine.__class__(session.net, thresholds)(images).exit_index
     shares = (torch.bincount(exits, minlength=k).float() / len(images)).tolist()
-    mean_macs = float(np.dot(shares, session.costs.to_exit))
+    macs = session.plan.macs_per_exit
+    mean_macs = float(np.dot(shares, macs))
     result = {
         "model": name,
         "run": str(run),
-        "backbone": session.config["backbone"]["model_kwargs"],
+        "backbone": session.plan.config["backbone"]["model_kwargs"],
         "input_size": list(session.spec.input_size),
         "exits": list(session.net.exits),
-        "macs_per_exit": list(session.costs.to_exit),
+        "macs_per_exit": list(macs),
         "thresholds": [t if math.isfinite(t) else str(t) for t in thresholds],
         "how": how,
         "exit_shares": shares,
-        "macs_speedup": session.costs.full / mean_macs,
+        "macs_speedup": macs[-1] / mean_macs,
         "offline_img_s": offline(
             session,
             images,
@@ -558,10 +558,10 @@ def faults(args: argparse.Namespace) -> dict:
     run = args.faults
     torch.set_num_threads(args.threads)
     pngs = digit_pngs(run, 60)
-    session = open_session(session_cfg(run, budget=args.budget), torch.device("cpu"))
+    session = cpu_session(run, budget=args.budget)
     with torch.inference_mode():
         expected = session.rows(session.engine(tensors(session, pngs)))
-    thresholds, how = session.thresholds, session.how
+    thresholds, how = session.plan.thresholds, session.plan.how
     del session
     mix = fault_mix(pngs, expected)
     log_file = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and block the server

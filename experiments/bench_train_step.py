@@ -210,7 +210,7 @@ def trainer_run(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from met_lightning.config import config_dir
+    from met_lightning.paths import config_dir
     from met_lightning.train import train
 
     repo = str(Path(__file__).resolve().parents[1])

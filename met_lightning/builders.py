@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -44,10 +43,6 @@ ARCHITECTURE_KEYS = frozenset(
 # a timm model name with an optional pretrained tag (vit_base_patch16_224.orig_in21k)
 MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
 BACKBONE_KEYS = ("_target_", "name", "pretrained", "weights_file", "model_kwargs")
-
-
-def as_config(cfg: Any) -> DictConfig:
-    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
 def _plain(value: Any) -> bool:
@@ -103,16 +98,9 @@ def build_backbone(backbone_cfg: Mapping[str, Any], meta: bool = False) -> nn.Mo
 
 
 def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module:
-    """The network a checkpoint's config describes, around `backbone`.
-
-    `config["model"]` is the `model` node: with `net` (its `_target_` and arguments, written since
-    the node names its targets), or the method's switches only (exits, adapter.*,
-    finetune_backbone: earlier files, which also hold `method`), read by `MultiExitViT.from_config`.
-    """
-    model, num_classes = config["model"], int(config["num_classes"])
-    net = model.get("net")
-    if net is None:
-        return MultiExitViT.from_config(backbone, num_classes, as_config(model))
+    """The network a checkpoint's config (today's shape: `checkpoint.migrate`) describes, around
+    `backbone`: `config["model"]["net"]`, its `_target_` (one of `NETWORKS`) and arguments."""
+    net, num_classes = config["model"]["net"], int(config["num_classes"])
     target = net.get("_target_")
     if target not in NETWORKS:
         raise CheckpointError(

@@ -1,8 +1,8 @@
 """Shared behaviour of the command-line entry points: user errors are one line, exit code 2.
 
-Also the early checks that every entry point shares: that an output folder or file can be written
-(`check_writable`), and `RunFolderCheck`, a Hydra callback that tries Hydra's run folder before
-Hydra creates it (a folder that cannot be written is one `error:` line, not a traceback).
+Also `RunFolderCheck`, a Hydra callback that tries Hydra's run folder before Hydra creates it (a
+folder that cannot be written is one `error:` line, not a traceback; `paths.check_writable` checks
+the other output paths).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import sys
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra
@@ -19,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from met_lightning.errors import ConfigError, MetError
+from met_lightning.paths import WRITABLE_HINT, check_writable, config_dir
 
 T = TypeVar("T")
 
@@ -34,8 +34,6 @@ def user_task(run: Callable[[DictConfig], Any]) -> Callable[[DictConfig], None]:
 
 def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     """Run `task` as the Hydra app of `conf/<config_name>.yaml` (command-line overrides apply)."""
-    from met_lightning.config import config_dir  # config imports the models; cli stays light
-
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)()
 
 
@@ -72,30 +70,6 @@ def error_message(err: MetError) -> str:
         if last.startswith(f"{name}: "):
             return last[len(name) + 2 :]
     return last
-
-
-WRITABLE_HINT = "give a path in a writable folder"
-
-
-def check_writable(path: str | Path, key: str, folder: bool = True) -> Path:
-    """`path` if it is, or can be created as, a writable folder (`folder`) or file; else a
-    ConfigError naming `key` and the reason. Creates nothing."""
-    target = Path(path).expanduser()
-    if target.exists() and folder != target.is_dir():
-        kind = "a file" if folder else "a folder"
-        raise ConfigError(f"{key}={path} is {kind}; give {'a folder' if folder else 'a file'} path")
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(
-            f"{key}={path} cannot be created: {existing} is a file, not a folder; {WRITABLE_HINT}"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{key}={path} is not writable (no write permission on {existing}); {WRITABLE_HINT}"
-        )
-    return target
 
 
 def _try_folder(folder: str, key: str) -> None:

@@ -1,4 +1,4 @@
-"""Where the Hydra configs live, custom resolvers, and validation of a composed config.
+"""Validation of a composed config (the config files and their resolver: `paths`).
 
 `validate_config` runs before anything heavy (no weights, no data): unknown keys, wrong types and
 impossible values fail here with a message that names the key and the fix.
@@ -6,11 +6,15 @@ impossible values fail here with a message that names the key and the fix.
 
 from __future__ import annotations
 
-import importlib.resources
+import difflib
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -23,9 +27,7 @@ from met_lightning.models.multi_exit_vit import (
     check_token_layout,
     lora_scale_message,
 )
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-ASSETS_DIR = PACKAGE_DIR / "assets"
+from met_lightning.paths import check_writable
 
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "model",
@@ -35,27 +37,6 @@ TOP_LEVEL_KEYS = {
 # its LightningModule (`model._target_`): `model.net` reads them through ${..key} and `name` labels
 # the run; `train.instantiate_model` leaves them out of the module's instantiation.
 METHOD_KEYS = ("name", "exits", "finetune_backbone", "adapter", "token_layout")
-
-
-def config_dir() -> str:
-    """The `conf/` folder: the repository's in a source checkout, the wheel's copy otherwise."""
-    repo_conf = PACKAGE_DIR.parent / "conf"
-    if (repo_conf / "train.yaml").is_file():
-        return str(repo_conf)
-    return str(importlib.resources.files("met_lightning") / "conf")
-
-
-def asset_path(name: str) -> str:
-    """Absolute path of a file shipped in met_lightning/assets (resolver `${met_asset:NAME}`)."""
-    return str(ASSETS_DIR / name)
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("met_asset"):
-        OmegaConf.register_new_resolver("met_asset", asset_path)
-
-
-register_resolvers()
 
 
 # ---------------------------------------------------------------------- schemas
@@ -152,19 +133,9 @@ def validate_config(cfg: DictConfig) -> None:
     backbone = _typed(cfg, "backbone", BackboneSchema)
 
     adapter, loss = model.adapter, model.loss
-    check_adapter(
-        adapter.kind,
-        adapter.rank,
-        adapter.exit_specific,
-        adapter.separate_cls,
-        list(adapter.sites),
-        adapter.bits,
-        adapter.scale,
-        adapter.alpha,
-    )
+    check_adapter(**OmegaConf.to_container(adapter))  # AdapterSchema: check_adapter's arguments
     check_token_layout(model.token_layout)
-    if adapter.kind == "lora" and adapter.scale is not None and "alpha" in cfg.model.adapter:
-        # LoRA's scale is alpha / rank; only configs written before `alpha` existed set `scale`
+    if adapter.kind == "lora" and adapter.scale is not None:  # LoRA's is alpha / rank
         raise ConfigError(lora_scale_message(adapter.scale, adapter.rank))
     _require(
         loss.graph in GRAPH_KINDS,
@@ -248,10 +219,6 @@ def check_target_node(node: DictConfig, key: str, skip: tuple[str, ...] = ()) ->
     """ConfigError for a key of `node` that its `_target_` does not take (unless it takes
     **kwargs), or a string given for an argument that takes only numbers / booleans. Keys in
     `skip` are not the target's (METHOD_KEYS of the `model` node)."""
-    import difflib
-
-    from hydra.utils import get_object
-
     target = str(node["_target_"])
     try:
         obj = get_object(target)
@@ -294,7 +261,6 @@ def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
     A class: its `__init__` and the `__init__`s that it passes `**kwargs` on to (the MRO); None
     if a signature cannot be read.
     """
-    import inspect
 
     def signature(fn: Any) -> inspect.Signature | None:
         for eval_str in (True, False):
@@ -334,9 +300,6 @@ def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
 def _non_string_kind(annotation: Any) -> str | None:
     """'an integer' / 'a number' / 'true or false' (+ ' or null') if `annotation` admits only
     such values; None if it admits a string or cannot be told."""
-    import types
-    import typing
-
     origin = typing.get_origin(annotation)
     members = (
         typing.get_args(annotation)
@@ -368,15 +331,11 @@ def _non_string_kind(annotation: Any) -> str | None:
 
 
 def _is_tensor_type(member: Any) -> bool:
-    import torch
-
     return isinstance(member, type) and issubclass(member, torch.Tensor)
 
 
 def check_output_dir(cfg: DictConfig) -> None:
     """paths.output_dir (the run folder) must be, or be creatable as, a writable folder."""
-    from met_lightning.cli import check_writable
-
     try:
         output_dir = OmegaConf.select(cfg, "paths.output_dir")
     except OmegaConfBaseException:  # ${hydra:...} outside a Hydra run

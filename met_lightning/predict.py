@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from met_lightning.atomic import write_text
 from met_lightning.cli import check_writable, hydra_app, user_task
-from met_lightning.config import _typed
 from met_lightning.data.base import InputSpec
 from met_lightning.data.images import (
     IMAGE_EXTENSIONS,
@@ -36,29 +36,28 @@ from met_lightning.data.images import (
     load_image,
 )
 from met_lightning.errors import ConfigError, DataError
-from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.session import check_session_options, open_session
+from met_lightning.inference.session import SessionOptions, open_session, resolve, typed_options
 from met_lightning.macs import format_macs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PredictSchema:
-    checkpoint: str = "???"
-    input: Any = "???"  # a file, a folder, or a list of files / folders
-    budget: float | None = None
-    thresholds: list[float] | None = None
-    confidence: str = "max_softmax"
-    store: str | None = None
-    weights_file: str | None = None
+class PredictOptions(SessionOptions):
+    """`python -m met_lightning.predict` (conf/predict.yaml selects these defaults)."""
+
+    # an image file, a folder (searched recursively), or a list: input=[a.png,dir/]
+    input: Any = MISSING
     batch_size: int = 64
-    device: str = "auto"
+    # CSV file with one row per image (file, class, class_name, confidence, exit, block, macs)
     output: str | None = None
+    # rows printed to the terminal
     show: int = 20
+    # skip images PIL cannot decode (counted in a warning) instead of stopping
     skip_bad_images: bool = False
-    precision: str | None = None  # null: the logit store's precision, else 32-true
-    engine_mode: str = "eager"  # eager | graphs (CUDA)
+
+
+ConfigStore.instance().store(name="predict_options", node=PredictOptions)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -130,21 +129,19 @@ def _plain(value: Any) -> Any:
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the early-exit engine on the input images; print and return rows and totals."""
-    cfg = _typed(OmegaConf.create({"predict": cfg}), "predict", PredictSchema)
-    if cfg.batch_size <= 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive integer")
-    check_confidence(cfg.confidence)
+    cfg = typed_options(cfg, PredictOptions, "predict")
     if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "input"):
         raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and input=IMAGE_FILE_OR_FOLDER")
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive integer")
     # everything that can fail is checked before the network is built and an image is read
-    device = check_session_options(cfg)
+    plan = resolve(cfg)
     if cfg.output:
         check_writable(cfg.output, "output", folder=False)
     files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
 
-    session = open_session(cfg, device)
-    engine, spec, transform, costs = session.engine, session.spec, session.transform, session.costs
-    thresholds, how = session.thresholds, session.how
+    session = open_session(plan)
+    engine, spec, transform = session.engine, session.spec, session.transform
 
     rows = []
     start = time.perf_counter()
@@ -154,10 +151,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         for path, row in zip(chunk, session.rows(result), strict=True):
             rows.append({"file": str(path), **row})
     seconds = time.perf_counter() - start
-    totals = summarize(rows, costs.to_exit, seconds)
-    totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in thresholds]
-    totals["how"] = how
-    totals["precision"] = session.precision
+    totals = summarize(rows, plan.macs_per_exit, seconds)
+    totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in plan.thresholds]
+    totals["how"] = plan.how
+    totals["precision"] = plan.precision
     if cfg.output:  # first: the rows are kept whatever printing them does
         write_rows(rows, Path(cfg.output))
     print_results(rows, totals, cfg.show)

@@ -43,22 +43,28 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from met_lightning.cli import hydra_app, user_task
-from met_lightning.config import _typed
 from met_lightning.data.images import decode_image
 from met_lightning.errors import ConfigError
 from met_lightning.inference.analysis import finite
-from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.engine import check_precision
-from met_lightning.inference.session import Session, check_session_options, open_session
+from met_lightning.inference.session import (
+    Plan,
+    Session,
+    SessionOptions,
+    open_session,
+    resolve,
+    typed_options,
+)
 
 try:  # the [serve] extra
     import litserve as ls
@@ -79,25 +85,33 @@ USAGE = (
 
 
 @dataclass
-class ServeSchema:
-    checkpoint: str = "???"
-    budget: float | None = None
-    thresholds: list[float] | None = None
-    confidence: str = "max_softmax"
-    store: str | None = None
-    weights_file: str | None = None
+class ServeOptions(SessionOptions):
+    """`python -m met_lightning.serve` (conf/serve.yaml selects these defaults). `device`: cpu or
+    cuda (the first visible GPU: pick it with CUDA_VISIBLE_DEVICES)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
+    # dynamic batching (LitAPI): up to max_batch_size requests, waiting at most batch_timeout s
     max_batch_size: int = 64
     batch_timeout: float = 0.005
-    device: str = "auto"
-    precision: str | None = None
-    engine_mode: str = "eager"
+    # largest request body accepted (413 above it)
     max_upload_mb: float = 10.0
+    # largest image accepted, in decoded pixels (width x height), checked on the file's header
+    # before decoding: a small file can hold a huge image (a 9400x9400 PNG of 11 KB decodes to
+    # 265 MB). A JPEG over it is decoded at 1/2, 1/4 or 1/8 scale to fit; any other image over it
+    # gets a 413. At least the model's input (height x width); the default fits a 4K frame
     max_image_pixels: int = 10_000_000
+    # seconds a request may wait for its answer (504 after)
     timeout: float = 30.0
+    # on SIGTERM / SIGINT: stop accepting, answer the requests in flight for at most this many
+    # seconds (503 for those still waiting), stop the worker, exit 0. Keep it below the grace
+    # time of whatever stops the server (docker stop: 10 s, Kubernetes: 30 s, before SIGKILL)
     drain_timeout: float = 10.0
+    # uvicorn log level: critical | error | warning | info | debug
     log_level: str = "warning"
+
+
+ConfigStore.instance().store(name="serve_options", node=ServeOptions)
 
 
 def check_installed() -> None:
@@ -324,23 +338,22 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
 
     def __init__(
         self,
-        cfg: dict,
-        thresholds: list[float],
+        plan: Plan,
+        max_pixels: int,
         max_batch_size: int = 64,
         batch_timeout: float = 0.005,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.cfg = cfg  # plain dict: the API is pickled into LitServe's worker process
-        self.thresholds = list(thresholds)
+        self.plan = plan  # plain data: the API is pickled into LitServe's worker process
+        self.max_pixels = max_pixels
 
     def setup(self, device: str) -> None:
         # runs in LitServe's worker process: Ctrl+C is for the main process, which stops the
         # workers itself (otherwise every worker prints a KeyboardInterrupt traceback)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent()
-        cfg = OmegaConf.create(self.cfg)
-        self.max_pixels = int(cfg.max_image_pixels)
-        self.session = open_session(cfg, torch.device(device), self.thresholds)
+        # the network is built here only; everything else was resolved by the main process
+        self.session = open_session(replace(self.plan, device=device))
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
         return decode(request, self.session, self.max_pixels)
@@ -395,25 +408,24 @@ def die_with_parent() -> None:
 
 
 # ---------------------------------------------------------------------- server
-def server_info(session: Session, cfg: DictConfig) -> dict[str, Any]:
+def server_info(plan: Plan, options: DictConfig) -> dict[str, Any]:
     """What `GET /info` reports under "model"."""
-    config = session.config
     return {
-        "checkpoint": run_name(cfg.checkpoint),
-        "backbone": config.get("backbone", {}).get("name"),
-        "num_classes": session.net.num_classes,
-        "class_names": session.class_names,
-        "exits": list(session.net.exits),
-        "thresholds": [finite(t) for t in session.thresholds],
-        "how": session.how,
-        "confidence": cfg.confidence,
-        "macs_per_exit": list(session.costs.to_exit),
-        "budget": cfg.budget,
-        "input_size": list(session.spec.input_size),
-        "max_batch_size": cfg.max_batch_size,
-        "batch_timeout": cfg.batch_timeout,
-        "max_image_pixels": cfg.max_image_pixels,
-        "precision": session.precision,
+        "checkpoint": run_name(plan.checkpoint),
+        "backbone": plan.config["backbone"].get("name"),
+        "num_classes": plan.config["num_classes"],
+        "class_names": plan.class_names,
+        "exits": list(plan.exits),
+        "thresholds": [finite(t) for t in plan.thresholds],
+        "how": plan.how,
+        "confidence": plan.confidence,
+        "macs_per_exit": list(plan.macs_per_exit),
+        "budget": options.budget,
+        "input_size": list(plan.input_spec.input_size),
+        "max_batch_size": options.max_batch_size,
+        "batch_timeout": options.batch_timeout,
+        "max_image_pixels": options.max_image_pixels,
+        "precision": plan.precision,
         "macs": "multiply-accumulates per image",
     }
 
@@ -424,27 +436,20 @@ def run_name(checkpoint: str) -> str:
     return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
 
 
-def check_serve_config(cfg: DictConfig) -> None:
-    """Everything a user can get wrong, before a network is built."""
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE")
-    if cfg.max_batch_size <= 0:
-        raise ConfigError(f"max_batch_size={cfg.max_batch_size} must be a positive integer")
-    if not cfg.batch_timeout >= 0:
-        raise ConfigError(f"batch_timeout={cfg.batch_timeout} must be >= 0 seconds")
-    if not cfg.max_upload_mb > 0:
-        raise ConfigError(f"max_upload_mb={cfg.max_upload_mb} must be > 0")
-    if not cfg.max_image_pixels > 0:
-        raise ConfigError(f"max_image_pixels={cfg.max_image_pixels} must be a positive integer")
-    if not cfg.timeout > 0:
-        raise ConfigError(f"timeout={cfg.timeout} must be > 0 seconds")
-    if not 0 <= cfg.drain_timeout < float("inf"):
-        raise ConfigError(f"drain_timeout={cfg.drain_timeout} must be >= 0 seconds")
-    if not 0 < cfg.port < 65536:
-        raise ConfigError(f"port={cfg.port} must be in 1..65535")
-    if cfg.precision is not None:
-        check_precision(cfg.precision)
-    check_confidence(cfg.confidence)
+def check_serve_options(options: DictConfig) -> None:
+    """The serving keys a user can get wrong (the session's own: `session.resolve`)."""
+    if options.max_batch_size <= 0:
+        raise ConfigError(f"max_batch_size={options.max_batch_size} must be a positive integer")
+    if not options.batch_timeout >= 0:
+        raise ConfigError(f"batch_timeout={options.batch_timeout} must be >= 0 seconds")
+    if not options.max_upload_mb > 0:
+        raise ConfigError(f"max_upload_mb={options.max_upload_mb} must be > 0")
+    if not options.timeout > 0:
+        raise ConfigError(f"timeout={options.timeout} must be > 0 seconds")
+    if not 0 <= options.drain_timeout < float("inf"):
+        raise ConfigError(f"drain_timeout={options.drain_timeout} must be >= 0 seconds")
+    if not 0 < options.port < 65536:
+        raise ConfigError(f"port={options.port} must be in 1..65535")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -461,44 +466,41 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """(LitServer, /info model dict): checks the config, loads the model once to choose the
-    thresholds (the worker process loads it again on its device)."""
+    """(LitServer, /info model dict) of a serve config (conf/serve.yaml's keys)."""
+    return server_for(typed_options(cfg, ServeOptions, "serve"))
+
+
+def server_for(options: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """(LitServer, /info model dict): every option checked and the session resolved once, here
+    (on the meta device); the worker process builds the network from the resolved plan."""
     check_installed()
-    cfg = _typed(OmegaConf.create({"serve": cfg}), "serve", ServeSchema)
-    check_serve_config(cfg)
-    device = check_session_options(cfg)  # checkpoint, thresholds, precision, device, mode
+    check_serve_options(options)
+    plan = resolve(options)  # checkpoint, thresholds, confidence, precision, device, mode
+    device = torch.device(plan.device)
     if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
         raise ConfigError(
-            f"device={cfg.device}: serve runs on cpu or cuda (the first visible GPU; choose it "
-            "with CUDA_VISIBLE_DEVICES)"
+            f"device={options.device}: serve runs on cpu or cuda (the first visible GPU; choose "
+            "it with CUDA_VISIBLE_DEVICES)"
         )
-    if (
-        cfg.precision is not None
-        and check_precision(cfg.precision).startswith("16")
-        and (device.type == "cpu")
-    ):
+    if options.precision is not None and plan.precision.startswith("16") and device.type == "cpu":
         raise ConfigError("precision=16 needs a GPU device; use precision=bf16 or 32 on CPU")
-    # the worker process opens its own session on `device`; this one only answers /info
-    session = open_session(OmegaConf.merge(cfg, {"engine_mode": "eager"}), torch.device("cpu"))
-    info = server_info(session, cfg)
-    thresholds = session.thresholds
-    _, height, width = session.spec.input_size
-    del session
-    if cfg.max_image_pixels < height * width:
+    _, height, width = plan.input_spec.input_size
+    if not options.max_image_pixels >= height * width:
         raise ConfigError(
-            f"max_image_pixels={cfg.max_image_pixels} is below the model's input of {height}x"
-            f"{width} = {height * width} pixels; give at least that (default 10000000)"
+            f"max_image_pixels={options.max_image_pixels} is below the model's input of "
+            f"{height}x{width} = {height * width} pixels; give at least that (default "
+            f"{ServeOptions.max_image_pixels})"
         )
-    api = EarlyExitAPI(
-        OmegaConf.to_container(cfg), thresholds, cfg.max_batch_size, cfg.batch_timeout
-    )
+    info = server_info(plan, options)
+    api = EarlyExitAPI(plan, options.max_image_pixels, options.max_batch_size,
+                       options.batch_timeout)  # fmt: skip
     server = ls.LitServer(
         api,
-        accelerator="cuda" if device.type == "cuda" else "cpu",
+        accelerator=device.type,
         devices=1,  # LitServe's first GPU for cuda (pick one with CUDA_VISIBLE_DEVICES)
-        timeout=cfg.timeout,
+        timeout=options.timeout,
         model_metadata=info,
-        middlewares=[(RequestGuard, {"max_upload_mb": cfg.max_upload_mb})],
+        middlewares=[(RequestGuard, {"max_upload_mb": options.max_upload_mb})],
         callbacks=[EndResponseReader()],
     )
     return server, info
@@ -615,17 +617,15 @@ def watch_workers(workers: list, uv: Any, died: list[str]) -> None:
 def stop_resource_tracker() -> None:
     """Stop (and reap) multiprocessing's resource tracker, which spawning the worker started: it
     would otherwise outlive this process for a moment, or as a zombie where nothing reaps it."""
-    from multiprocessing import resource_tracker
-
     with contextlib.suppress(Exception):
         resource_tracker._resource_tracker._stop()
 
 
 def serve(cfg: DictConfig) -> None:
     """Check everything, then run the server until SIGINT or SIGTERM (then drain, exit 0)."""
-    cfg = _typed(OmegaConf.create({"serve": cfg}), "serve", ServeSchema)
+    cfg = typed_options(cfg, ServeOptions, "serve")
     check_port_free(cfg.host, cfg.port)
-    server, info = build_server(cfg)  # checks the rest of the config
+    server, info = server_for(cfg)  # checks the rest of the config
     thresholds = ", ".join(map(str, info["thresholds"]))
     print(
         f"serving {cfg.checkpoint} on http://{cfg.host}:{cfg.port}{API_PATH} "

@@ -37,7 +37,7 @@ from met_lightning.cli import exit_on_user_error, hydra_app, user_error
 from met_lightning.config import METHOD_KEYS, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
-from met_lightning.inference.callback import BudgetAnalysis
+from met_lightning.training.budget_analysis import BudgetAnalysis
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.summary import report_summary
 
@@ -93,9 +93,8 @@ def rebuild_config(
 ) -> dict[str, Any]:
     """What a trainable checkpoint records to rebuild its network without the training config.
 
-    `model` is the resolved `model` node without the training-only optimizer / scheduler; files
-    written before it named its `_target_`s hold `method` ({"name"}) and the switches only
-    (`builders.rebuild_network` reads both).
+    `model` is the resolved `model` node without the training-only optimizer / scheduler (files
+    written by earlier versions are brought to this shape by `checkpoint.migrate`).
     """
     container = OmegaConf.to_container(cfg, resolve=True)
     class_names = getattr(datamodule, "class_names", None)

@@ -14,6 +14,7 @@ from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -22,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from met_lightning.checkpoint.resume import resume_argv
 from met_lightning.cli import exit_on_user_error
-from met_lightning.config import config_dir
 from met_lightning.models.backbone import create_backbone
+from met_lightning.paths import config_dir
 from met_lightning.predict import _task as predict_task
 from met_lightning.train import _task as train_task
 
@@ -73,13 +74,19 @@ def run_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return datamodule.prepare_batch(images), labels
 
 
+# the module of each entry point, which registers its options (NAME_options) in the ConfigStore
+ENTRY_MODULES = {
+    "predict": "met_lightning.predict",
+    "serve": "met_lightning.serve",
+    "export": "met_lightning.export.__main__",
+}
+
+
 def entry_config(name: str, **values) -> DictConfig:
-    """conf/NAME.yaml of an entry point (predict, serve, export) with `values` set, as the CLI
-    would compose it (no Hydra run)."""
-    base = OmegaConf.load(f"{config_dir()}/{name}.yaml")
-    base.pop("defaults")
-    base.pop("hydra")
-    return OmegaConf.merge(base, values)
+    """The options of an entry point (predict, serve, export) with `values` set, as the CLI
+    composes them from conf/NAME.yaml (no Hydra run)."""
+    import_module(ENTRY_MODULES[name])
+    return OmegaConf.merge(ConfigStore.instance().load(f"{name}_options.yaml").node, values)
 
 
 def predict_config(**values) -> DictConfig:

@@ -45,23 +45,25 @@ def test_forward_loss_backward_compile_fullgraph_and_match_eager(method, tmp_pat
         torch.testing.assert_close(compiled[3][name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_module_compile_keeps_state_dict_keys_and_engine_pieces(tmp_path):
+def test_module_compile_keeps_state_dict_keys_and_engine_stages(tmp_path):
     """nn.Module.compile (what model.compile=true does) keeps the parameter names, so
-    checkpoints and export are unchanged; embed / run_stage (the early-exit engine) still run."""
+    checkpoints and export are unchanged; the stages the early-exit engine runs
+    (`MultiExitViT.stage`) still run, and compile as one graph each."""
     module = build_module("met", tmp_path)
     keys = list(module.state_dict())
     module.net.compile(backend="aot_eager", fullgraph=True)
     assert list(module.state_dict()) == keys
     images, labels = batch()
     module.eval()
+    torch._dynamo.reset()
+    stage = torch.compile(module.net.stage, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         logits = module.net(images).logits
-        x = module.net.embed(images)
-        for stage in range(module.net.num_exits):
-            x = module.net.run_stage(stage, x)
-            feats = module.net.exit_features(stage, x)
-            x = module.net.leave(stage, x)
-        torch.testing.assert_close(module.net.heads[-1](feats), logits[:, -1], rtol=1e-5, atol=1e-5)
+        x = images
+        for k in range(module.net.num_exits):
+            x, _, exit_logits = stage(k, x)
+            torch.testing.assert_close(exit_logits, logits[:, k], rtol=1e-5, atol=1e-5)
+    assert x is None
 
 
 def test_compile_switch_in_config(tmp_path):

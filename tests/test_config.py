@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from met_lightning.config import config_dir, validate_config
+from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
+from met_lightning.paths import config_dir
 from tests.helpers import compose_config, run_cli
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
-from met_lightning.config import config_dir
+from met_lightning.paths import config_dir
 from tests.helpers import TINY_OVERRIDES, run_cli
 
 pytest.importorskip(

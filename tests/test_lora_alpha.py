@@ -4,15 +4,19 @@ backbone is LoRA-wrapped once."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from met_lightning.checkpoint import load_trainable, save_trainable
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
 from met_lightning.models.lora import LoRAQKV, add_lora
 from met_lightning.models.multi_exit_vit import MultiExitViT
+from met_lightning.spec import InputSpec
 from tests.helpers import (
     TINY_BACKBONE,
     TINY_KWARGS,
@@ -107,16 +111,15 @@ def test_alpha_and_scale_config_errors(overrides, fragments, tmp_path):
 
 
 def _legacy_config(cfg, scale):
-    """The config a run folder written before model.adapter.alpha records: no `alpha` key."""
-    from omegaconf import OmegaConf
-
+    """The config a run folder written before model.adapter.alpha records: no `alpha` key (and
+    the `model` node of switches of that time)."""
     method, model = legacy_model_config(cfg)
     del model["adapter"]["alpha"]
     model["adapter"]["scale"] = scale
     return {
         "method": method, "model": model,
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "num_classes": C,
-        "seed": 0,
+        "input_spec": asdict(InputSpec.from_backbone_config(cfg.backbone)), "seed": 0,
     }  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 the expected trainable-parameter count; LoRA touches only its slices; 1-bit adapters."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -258,6 +259,7 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
         assert len(torch.unique(layer.weight)) > 2  # the latent weights are full precision
 
     config = {"model": _plain(cfg.model), "backbone": _plain(cfg.backbone), "num_classes": C,
+              "input_spec": asdict(InputSpec.from_backbone_config(cfg.backbone)),
               "seed": 0}  # fmt: skip
     save_trainable(net, tmp_path / "trainable.safetensors", config)
     tensors, _ = read_trainable(tmp_path / "trainable.safetensors")

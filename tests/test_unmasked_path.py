@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from met_lightning.errors import ConfigError
+from met_lightning.inference.engine import take
 from met_lightning.models import blocks as blocks_module
 from met_lightning.models.adapters import EAdapter
 from met_lightning.models.backbone import create_backbone
@@ -132,19 +133,23 @@ def test_stage_api_and_take(layout):
     images = torch.randn(5, 3, 32, 32)
     rows = torch.tensor([4, 1, 2])
     with torch.no_grad():
-        full = net(images).logits
+        full = net(images)
         state = net.embed(images)
         assert isinstance(state, StreamState)
         assert state.main.shape == (5, 17, 48) and state.early.shape == (5, 3, 48)
+        state = images
         for stage in range(net.num_exits):
-            state = net.run_stage(stage, state)
             if stage == 1:
-                state = net.take(state, rows)
-            logits = net.heads[stage](net.exit_features(stage, state))
-            expected = full[:, stage] if stage < 1 else full[rows, stage]
-            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-            state = net.leave(stage, state)
-        assert state.early is None
+                state = take(state, rows)
+            state, features, logits = net.stage(stage, state)
+            picked = slice(None) if stage < 1 else rows
+            torch.testing.assert_close(logits, full.logits[picked, stage], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(features, full.features[picked, stage], atol=1e-5, rtol=1e-5)
+            if stage < net.num_exits - 1:  # the early token exit `stage` read has left
+                assert isinstance(state, StreamState) and state.main.shape[1] == 17
+                early = state.early.shape[1] if state.early is not None else 0
+                assert early == net.num_early_tokens(stage + 1)
+        assert state is None  # nothing runs after the last exit
 
 
 def test_auto_layout_is_streams_on_cuda_only_and_checked():

@@ -23,7 +23,6 @@ the atomic writer's leftover `*.tmp` files.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -42,7 +41,9 @@ from met_lightning.checkpoint.lightning_io import (
     outside_paths,
     reroot,
 )
+from met_lightning.checkpoint.migrate import migrate
 from met_lightning.errors import CheckpointError, ConfigError
+from met_lightning.paths import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def saved_overrides(run_dir: Path) -> list[str]:
     The folder is data: an override that could choose code to run or read outside the config
     (`_refusal`) raises a CheckpointError naming it, before anything is composed.
     """
-    from met_lightning.config import config_dir  # config imports the models; resume stays light
-
     saved = run_dir / ".hydra" / "overrides.yaml"
     try:
         recorded = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
@@ -196,26 +195,6 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-# the method's settings of a `model` node written before it named its `_target_`s
-LEGACY_MODEL_KEYS = ("exits", "finetune_backbone", "adapter", "compile", "compile_mode")
-
-
-def upgrade_saved_config(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """A run's config.yaml written before the `model` node named its `_target_`s (a top-level
-    `method: {name}` and a `model` of switches only) in today's shape, so that `resume=` compares
-    what was set: its switches, loss settings and method name replace today's in a copy of `now`'s
-    `model` node (the node's targets and `net`, which only repeats the switches, come from `now`).
-    Other configs are returned as they are."""
-    model = saved.get("model")
-    if "method" not in saved or not isinstance(model, dict) or "_target_" in model:
-        return saved
-    upgraded = copy.deepcopy(now.get("model", {}))
-    upgraded.update({k: model[k] for k in LEGACY_MODEL_KEYS if k in model})
-    upgraded["loss"] = {**upgraded.get("loss", {}), **model.get("loss", {})}
-    upgraded["name"] = (saved["method"] or {}).get("name")
-    return {**{k: v for k, v in saved.items() if k != "method"}, "model": upgraded}
-
-
 @dataclass(frozen=True)
 class ResumePoint:
     """What `resume=RUN_DIR` goes on from (`resume_checkpoint`)."""
@@ -291,7 +270,8 @@ def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
         )
     saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
     now = OmegaConf.to_container(cfg, resolve=True)
-    differences = config_differences(upgrade_saved_config(saved, now), now)
+    # a folder written by an earlier version compares in today's shape
+    differences = config_differences(migrate(saved, f"resume={cfg.resume}: {saved_file}"), now)
     if differences:
         more = f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""
         raise ConfigError(

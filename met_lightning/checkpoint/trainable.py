@@ -21,10 +21,11 @@ from torch import nn
 
 from met_lightning.builders import build_backbone, meta_network, rebuild_network
 from met_lightning.checkpoint.fingerprint import verify_backbone
+from met_lightning.checkpoint.migrate import migrate
 from met_lightning.checkpoint.packing import check_shapes, export_state, load_export
 from met_lightning.checkpoint.tagged import read_tagged, write_tagged
-from met_lightning.data.base import InputSpec
 from met_lightning.errors import CheckpointError, MetError
+from met_lightning.spec import InputSpec
 
 FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
@@ -47,8 +48,9 @@ def save_trainable(
 
 
 def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, config) of a trainable checkpoint; a clear error if missing, not ours, or its
-    recorded config is malformed (`check_recorded`)."""
+    """(tensors, config) of a trainable checkpoint, its config in today's shape (`migrate`: one
+    written by an earlier version too); a clear error if missing, not ours, or its recorded
+    config is malformed (`check_recorded`)."""
     tensors, metadata = read_tagged(path, FILENAME, FORMAT, "checkpoint")
     try:
         config = json.loads(metadata["config"])
@@ -58,7 +60,7 @@ def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             f"({type(err).__name__})"
         ) from None
     check_recorded(config, str(path))
-    return tensors, config
+    return tensors, migrate(config, f"checkpoint {str(path)!r}")
 
 
 def _interpolations(value: Any, key: str = "") -> list[str]:

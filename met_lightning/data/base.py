@@ -14,62 +14,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
+from met_lightning.data.device_transforms import BatchTransform, ImageCollate, augment_seed
 from met_lightning.errors import ConfigError, MetError
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the backbone expects: (C, H, W), normalization and resize interpolation."""
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-
-    @classmethod
-    def from_timm(cls, model) -> InputSpec:  # noqa: ANN001 - a timm model
-        """Normalization from a timm model's pretrained config, size from its patch embedding.
-
-        The pretrained config keeps the default input size (224) when `img_size` is overridden,
-        so the size is read from the model itself.
-        """
-        from timm.data import resolve_data_config
-
-        cfg = resolve_data_config({}, model=model)
-        patch_embed = model.patch_embed
-        size = (patch_embed.proj.in_channels, *patch_embed.img_size)
-        return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
-
-    @classmethod
-    def from_backbone_config(cls, backbone_cfg: Mapping[str, Any]) -> InputSpec:
-        """The spec of the backbone that the `backbone` config (name, model_kwargs) builds, read
-        before it is built: a meta-device probe, no weights, no download. The weights (hub or
-        weights_file) do not change it: timm's pretrained config of `name` gives the
-        normalization either way."""
-        from met_lightning.models.backbone import meta_backbone
-
-        kwargs = backbone_cfg.get("model_kwargs") or {}
-        return cls.from_timm(meta_backbone(str(backbone_cfg["name"]), dict(kwargs)))
-
-    @classmethod
-    def of(cls, value: InputSpec | Mapping[str, Any]) -> InputSpec:
-        """`value` as an InputSpec: itself, or one from its fields (e.g. the `input_spec` a
-        trainable checkpoint records, or the config Hydra makes of an InputSpec argument)."""
-        if isinstance(value, InputSpec):
-            return value
-        return cls(
-            tuple(int(v) for v in value["input_size"]),
-            tuple(float(v) for v in value["mean"]),
-            tuple(float(v) for v in value["std"]),
-            str(value.get("interpolation", "bicubic")),
-        )
+from met_lightning.spec import InputSpec
 
 
 def check_pin_memory(value: bool | str) -> bool | str:
@@ -126,7 +81,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self.batch_transform = None  # a device_transforms.BatchTransform, made at setup
+        self.batch_transform: BatchTransform | None = None  # made at setup
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def check_files(self) -> None:
@@ -145,9 +100,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.train_set, self.val_set, self.test_set = self._build_splits()
         self.batch_transform = self._make_batch_transform()
 
-    def _make_batch_transform(self):  # noqa: ANN202 - a BatchTransform (imported late: cycle)
-        from met_lightning.data.device_transforms import BatchTransform
-
+    def _make_batch_transform(self) -> BatchTransform:
         return BatchTransform(
             self.input_spec,
             self.normalize,
@@ -156,9 +109,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             mode=self.resize_mode,
         )
 
-    def _collate(self):  # noqa: ANN202 - an ImageCollate
-        from met_lightning.data.device_transforms import ImageCollate
-
+    def _collate(self) -> ImageCollate:
         spec = self.batch_transform
         return ImageCollate(spec.size, spec.mode, spec.value_max)
 
@@ -190,8 +141,6 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def train_generator(self, device: torch.device, epoch: int, batch_idx: int) -> torch.Generator:
         """The DataModule's generator on `device`, seeded for one training batch from
         (data.seed, global rank, epoch, batch index): the draws survive a resume."""
-        from met_lightning.data.device_transforms import augment_seed
-
         device = torch.device(device)
         generator = self._generators.get(device)
         if generator is None:
@@ -271,9 +220,6 @@ def build_datamodule(
     missing or malformed data fail here, before the backbone is built. An argument of the wrong
     type (a ValueError or TypeError in the constructor) is reported as a ConfigError naming
     data.*."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         datamodule = instantiate(data_cfg, input_spec=input_spec)
     except InstantiationException as err:

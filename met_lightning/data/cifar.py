@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR100
+from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
 from met_lightning.data.base import ImageClassificationDataModule
@@ -230,8 +232,6 @@ class TensorImageDataset(Dataset):
 
 def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, val) indices: `val_size` images, stratified by class, fixed by `seed`."""
-    from sklearn.model_selection import train_test_split
-
     index = np.arange(len(labels))
     try:
         train, val = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
@@ -321,22 +321,16 @@ class Cifar100DataModule(ImageClassificationDataModule):
                 f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
                 f"files at {self._where()}, or set data.download=true to fetch {CIFAR100_URL}."
             )
-        from torchvision.datasets.utils import (
-            check_integrity,
-            download_and_extract_archive,
-            extract_archive,
-        )
-
-        if archive.is_file() and check_integrity(str(archive), CIFAR100_MD5):
+        if archive.is_file() and download_utils.check_integrity(str(archive), CIFAR100_MD5):
             log.info("extracting %s", archive)
-            extract_archive(str(archive), str(self.root))
+            download_utils.extract_archive(str(archive), str(self.root))
         else:
             how = self._how()
             if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
                 raise self._unreachable()
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                download_and_extract_archive(
+                download_utils.download_and_extract_archive(
                     CIFAR100_URL, download_root=str(self.root), md5=CIFAR100_MD5
                 )
             except Exception as err:  # noqa: BLE001 - urllib / md5 / tar errors alike

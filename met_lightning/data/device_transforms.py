@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import CROP_SCALE, interpolation_mode, resolve_normalization
+from met_lightning.spec import InputSpec
 
 # torchvision's RandomResizedCrop: aspect-ratio range and number of attempts before a centre crop.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)

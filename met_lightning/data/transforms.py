@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from met_lightning.data.base import InputSpec
 from met_lightning.errors import ConfigError
+from met_lightning.spec import InputSpec
 
 # Normalizations used across the PETL literature (`data.normalize`):
 #   backbone: the pretrained checkpoint's own mean / std (timm's pretrained config); the default

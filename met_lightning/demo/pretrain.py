@@ -37,11 +37,11 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from met_lightning.config import ASSETS_DIR, config_dir
-from met_lightning.data.base import InputSpec
 from met_lightning.data.lowres import lowres_to_tensor
 from met_lightning.demo.glyphs import SOURCE_CLASSES, render_glyphs
 from met_lightning.models.backbone import create_backbone
+from met_lightning.paths import ASSETS_DIR, config_dir
+from met_lightning.spec import InputSpec
 
 BACKBONE_CONFIG = Path(config_dir()) / "backbone" / "demo_vit.yaml"
 DEFAULT_OUT = ASSETS_DIR / "demo_vit_glyphs.safetensors"

@@ -6,31 +6,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from met_lightning.checkpoint import load_trainable, read_trainable
+from met_lightning.checkpoint import load_trainable
 from met_lightning.cli import check_writable, hydra_app, user_task
-from met_lightning.config import _typed
 from met_lightning.errors import ConfigError
+from met_lightning.export.onnx_export import export_onnx
 from met_lightning.inference.confidence import check_confidence
-from met_lightning.inference.session import run_folder
+from met_lightning.inference.session import CheckpointOptions, run_folder, typed_options
 
 FORMATS = ("onnx",)
 
 
 @dataclass
-class ExportSchema:
-    checkpoint: str = "???"
+class ExportOptions(CheckpointOptions):
+    """`python -m met_lightning.export` (conf/export.yaml selects these defaults)."""
+
+    # onnx: stage_0.onnx ... stage_{K-1}.onnx (one graph per exit stage) and manifest.json
     format: str = "onnx"
-    out: str = "???"
+    # the folder to write
+    out: str = MISSING
+    # confidence recorded in the manifest (default: the run's budget.json's, else max_softmax)
     confidence: str | None = None
-    weights_file: str | None = None
     opset: int = 17
+
+
+ConfigStore.instance().store(name="export_options", node=ExportOptions)
 
 
 def export(cfg: DictConfig) -> dict:
     """Check the config, load the checkpoint, write the export; return the manifest."""
-    cfg = _typed(OmegaConf.create({"export": cfg}), "export", ExportSchema)
+    cfg = typed_options(cfg, ExportOptions, "export")
     if OmegaConf.is_missing(cfg, "checkpoint") or OmegaConf.is_missing(cfg, "out"):
         raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE and out=FOLDER")
     if cfg.format not in FORMATS:
@@ -38,11 +45,8 @@ def export(cfg: DictConfig) -> dict:
     if cfg.confidence is not None:
         check_confidence(cfg.confidence)
     check_writable(cfg.out, "out")
-    read_trainable(cfg.checkpoint)  # fails fast on a missing / corrupt file
     try:
         import onnxruntime  # noqa: F401 - the runner needs it; say so now
-
-        from met_lightning.export.onnx_export import export_onnx
     except ImportError:
         raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'") from None
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)

@@ -5,8 +5,8 @@
     result.predictions, result.exit_index            # as the PyTorch EarlyExitEngine gives
 
 After each stage the rows whose confidence reaches the stage's threshold leave; only the others
-go on to the next graph. `runner.transform` is the eval transform (PIL image -> [C, H, W]) the
-model was trained with.
+go on to the next graph (the engine's loop, `engine.early_exit`). `runner.transform` is the
+eval transform (PIL image -> [C, H, W]) the model was trained with.
 
 The export folder is data: the manifest is checked before anything is loaded (one stage graph per
 exit, each a plain file name inside the folder, not a symlink leading out; thresholds, confidence
@@ -28,8 +28,8 @@ import torch
 from met_lightning.data.transforms import NORMALIZATIONS
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.export.onnx_export import FORMAT, MANIFEST
-from met_lightning.inference.confidence import CONFIDENCE_KINDS, check_confidence, confidence
-from met_lightning.inference.engine import check_thresholds
+from met_lightning.inference.confidence import CONFIDENCE_KINDS, check_confidence
+from met_lightning.inference.engine import answer, check_thresholds, early_exit
 from met_lightning.inference.session import checkpoint_input
 
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest is kilobytes (class names included)
@@ -272,30 +272,14 @@ class OrtEarlyExit:
         )
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> OrtResult:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
-        batch, last = x.shape[0], len(self.sessions) - 1
-        predictions = np.empty(batch, dtype=np.int64)
-        scores = np.empty(batch, dtype=np.float32)
-        exit_index = np.empty(batch, dtype=np.int64)
-        logits_out: np.ndarray | None = None
-        alive = np.arange(batch)
-        for stage, (session, name) in enumerate(zip(self.sessions, self.input_names, strict=True)):
-            outputs = session.run(None, {name: x})
-            logits = outputs[-1]
-            if logits_out is None:
-                logits_out = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
-            conf = confidence(torch.from_numpy(logits), self.kind)  # as the engine scores
-            if stage == last:
-                leaving = np.ones(len(alive), dtype=bool)
-            else:
-                leaving = conf.double().numpy() >= self.thresholds[stage]
-            rows = alive[leaving]
-            predictions[rows] = logits[leaving].argmax(axis=-1)
-            scores[rows] = conf.numpy()[leaving]
-            exit_index[rows] = stage
-            logits_out[rows] = logits[leaving]
-            alive = alive[~leaving]
-            if alive.size == 0:
-                break
-            x = np.ascontiguousarray(outputs[0][~leaving])
-        return OrtResult(predictions, scores, exit_index, logits_out)
+        """images [B, C, H, W] -> the answer of each image's exit, by the engine's loop."""
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.float32)))
+        limits = torch.tensor(self.thresholds, dtype=torch.float64)
+        exit_index, (predictions, scores, logits) = early_exit(self._stage, x, limits)
+        return OrtResult(predictions.numpy(), scores.numpy(), exit_index.numpy(), logits.numpy())
+
+    def _stage(self, k: int, x: torch.Tensor):
+        """Stage graph k on the rows x: a stage of `engine.early_exit`, scored as the engine's."""
+        outputs = self.sessions[k].run(None, {self.input_names[k]: x.numpy()})
+        after = torch.from_numpy(outputs[0]) if len(outputs) > 1 else None
+        return after, *answer(torch.from_numpy(outputs[-1]), self.kind)

@@ -1,11 +1,10 @@
 """One exit stage of a MultiExitViT as a self-contained module, for graph export (ONNX).
 
-Stage k runs the blocks of exit k on the tokens that stage k-1 left (stage 0 takes the images and
-embeds them) and returns the tokens for stage k+1 and exit k's logits; the last stage returns the
-logits only. Shapes are static per stage (the batch axis may vary) and nothing branches on data,
-so a runtime can do early exit between stages: run stage k, score its logits, keep the rows that
-stay. This is the one place that knows the network's stage API (`embed`, `run_stage`,
-`exit_features`, `heads`, `leave`).
+`ExitStage` k runs `MultiExitViT.stage(k, ...)`, the network's one stage sequence: images (stage
+0) or the tokens stage k-1 left in, the tokens for stage k+1 and exit k's logits out (the last
+stage: the logits only). Shapes are static per stage (the batch axis may vary) and nothing
+branches on data, so a runtime can do early exit between stages: run stage k, score its logits,
+keep the rows that stay (`export.ort_runner`).
 
 Between stages the network keeps two streams (`StreamState`: main tokens [B, T, d] and the early
 class tokens [B, E, d]); the exported graphs pass them as one tensor in the layout
@@ -40,27 +39,17 @@ class ExitStage(nn.Module):
         super().__init__()
         self.net = net
         self.stage = stage
-        self.last = stage == net.num_exits - 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        net, stage = self.net, self.stage
-        state = net.embed(x) if stage == 0 else unpack(x, net.num_early_tokens(stage))
-        state = net.run_stage(stage, state)
-        logits = net.heads[stage](net.exit_features(stage, state))
-        if self.last:
-            return logits
-        return pack(net.leave(stage, state)), logits
+        net, k = self.net, self.stage
+        after, _, logits = net.stage(k, x if k == 0 else unpack(x, net.num_early_tokens(k)))
+        return logits if after is None else (pack(after), logits)
 
 
 def stage_inputs(net: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> list:
     """Example inputs of every stage (zeros; stage 0: images [B, C, H, W]), for export."""
-    device = next(net.parameters()).device
-    x = torch.zeros(batch, *input_size, device=device)
-    inputs = []
+    inputs = [torch.zeros(batch, *input_size, device=next(net.parameters()).device)]
     with torch.no_grad():  # not inference_mode: the network caches index tensors
-        for stage in range(net.num_exits):
-            inputs.append(x.clone())
-            out = ExitStage(net, stage)(x)
-            if stage < net.num_exits - 1:
-                x = out[0]
+        for stage in range(net.num_exits - 1):
+            inputs.append(ExitStage(net, stage)(inputs[-1])[0])
     return inputs

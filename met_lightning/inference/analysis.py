@@ -183,10 +183,10 @@ def write_curve_csv(report: BudgetReport, path: Path) -> Path:
 
 def plot_curve(report: BudgetReport, path: Path, title: str = "MET early exit") -> Path:
     """Test accuracy vs. mean GMACs per image: the budget curve, anytime exits, last exit only."""
-    import matplotlib
+    import matplotlib  # heavy, for this plot only (not on predict's or serve's path)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily too, after the backend is chosen
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     curve = sorted((pt.mean_macs / 1e9, 100 * pt.accuracy) for _, pt in report.curve)

@@ -18,7 +18,7 @@ import torch
 
 from met_lightning.errors import ConfigError
 from met_lightning.inference.confidence import confidence
-from met_lightning.inference.engine import check_thresholds
+from met_lightning.inference.engine import check_thresholds, early_exit
 from met_lightning.macs import format_macs
 
 # the spec's sweep: 40 values of p in (0, 2]
@@ -107,12 +107,12 @@ def calibrate_thresholds(conf: torch.Tensor, shares: Sequence[float]) -> tuple[f
 
 def simulate_exits(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
     """0-based exit [N] of every sample of `conf` [N, K]: the first k with conf_k >= T_k (the last
-    exit always). `thresholds`: K values (the last is ignored) or K-1, as `EarlyExitEngine`
+    exit always), by the engine's loop (`engine.early_exit`) with the stored confidences in the
+    network's place. `thresholds`: K values (the last is ignored) or K-1, as `EarlyExitEngine`
     takes them (`engine.check_thresholds`)."""
     limits = torch.tensor(check_thresholds(thresholds, conf.shape[1]), dtype=torch.float64)
-    passes = conf.double() >= limits
-    passes[:, -1] = True
-    return passes.to(torch.uint8).argmax(dim=1)
+    exit_index, _ = early_exit(lambda k, rows: (rows, rows[:, k], ()), conf, limits)
+    return exit_index
 
 
 def evaluate(

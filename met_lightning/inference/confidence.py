@@ -7,6 +7,7 @@ import torch
 from met_lightning.errors import ConfigError
 
 CONFIDENCE_KINDS = ("max_softmax", "margin", "neg_entropy")
+DEFAULT_CONFIDENCE = CONFIDENCE_KINDS[0]
 
 
 def check_confidence(kind: str, key: str = "confidence") -> str:
@@ -16,7 +17,7 @@ def check_confidence(kind: str, key: str = "confidence") -> str:
     return kind
 
 
-def confidence(logits: torch.Tensor, kind: str = "max_softmax") -> torch.Tensor:
+def confidence(logits: torch.Tensor, kind: str = DEFAULT_CONFIDENCE) -> torch.Tensor:
     """Confidence of each prediction in `logits` [..., C] -> [...] (higher = more confident).
 
     max_softmax: the top softmax probability; margin: top-1 minus top-2 probability;

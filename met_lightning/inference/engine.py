@@ -1,13 +1,16 @@
 """The early-exit engine: batched inference that really skips the blocks of images that left.
 
-It runs a MultiExitViT stage by stage; after each exit block it scores the exit's head, lets the
-confident images leave and compacts the batch, so the remaining blocks run on fewer images. An
-image that leaves at exit k has cost exactly the MACs to exit k (`macs.exit_costs`).
+It runs a MultiExitViT stage by stage (`MultiExitViT.stage`); after each exit block it scores the
+exit's head, lets the confident images leave and compacts the batch, so the remaining blocks run
+on fewer images. An image that leaves at exit k has cost exactly the MACs to exit k
+(`macs.exit_costs`).
 
-Host syncs: one per early exit (how many leave, to size the compacted batch), none otherwise;
-leaving rows are found with a stable argsort on the device, and an exit nobody reaches does not
-run its head. `mode="graphs"` (CUDA) replays each stage from CUDA graphs captured per
-power-of-two batch bucket, the survivors padded up to their bucket.
+`early_exit` is the one early-exit loop: the engine runs it, the ONNX Runtime runner
+(`export.ort_runner`) runs it over the stage graphs, and `budget.simulate_exits` runs it over
+stored confidences. Host syncs: one per early exit (how many leave, to size the compacted batch),
+none otherwise; leaving rows are found with a stable argsort on the device, and an exit nobody
+reaches does not run its head. `mode="graphs"` (CUDA) replays each stage from CUDA graphs
+captured per power-of-two batch bucket, the survivors padded up to their bucket.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 from met_lightning.errors import ConfigError
-from met_lightning.inference.confidence import check_confidence, confidence
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence, confidence
 
 ENGINE_MODES = ("eager", "graphs")
 # Lightning precision strings -> (autocast dtype or None, dtype of the weights and inputs)
@@ -99,56 +102,111 @@ def bucket_size(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def score_stage(net: torch.nn.Module, stage: int, state, kind: str):
-    """Run stage `stage` of `net` on `state` -> (state, logits [B, C], confidence [B])."""
-    state = net.run_stage(stage, state)
-    logits = net.heads[stage](net.exit_features(stage, state))
-    return state, logits, confidence(logits, kind)
+def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
+    """`fn` on each tensor of x (a tensor, None or a (named) tuple of them), structure kept."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x if x is None else fn(x)
+    parts = [_map(fn, part) for part in x]
+    return type(x)(*parts) if hasattr(x, "_fields") else type(x)(parts)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors of x, in the order `_map` visits them."""
+    if x is None or isinstance(x, torch.Tensor):
+        return [] if x is None else [x]
+    return [t for part in x for t in _tensors(part)]
+
+
+def take(x: Any, rows: torch.Tensor) -> Any:
+    """The batch rows `rows` (long [B']) of x (a tensor or a (named) tuple of them), in order."""
+    return _map(lambda t: t.index_select(0, rows), x)
+
+
+def answer(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """An exit's confidence [B] and its answer per row, (class [B], confidence [B] float32,
+    logits [B, C]): what the stages of `early_exit` return after the next tokens."""
+    conf = confidence(logits, kind)
+    return conf, (logits.argmax(dim=-1), conf.float(), logits)
+
+
+def early_exit(stage: Callable, x: Any, limits: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The early-exit loop, the one every runner runs (module docstring).
+
+    `stage(k, x)` runs exit stage k on the rows still there (x: a tensor or a (named) tuple of
+    them, batch first) -> (x for stage k+1, confidence [B'], answers: tensors [B', ...]).
+    The exit rule: a row leaves at the first exit k whose confidence reaches `limits[k]` (float64
+    [K] on x's device: a float32 confidence is compared in float64, so every runner decides
+    alike); the last exit takes every row still there, whatever its confidence.
+    Returns the 0-based exit of every row [B] and each answer [B, ...] of the exit it left at.
+    """
+    first = _tensors(x)[0]
+    batch, device = first.shape[0], first.device
+    exit_index = torch.empty(batch, dtype=torch.long, device=device)
+    answers: list[torch.Tensor] = []
+    alive = torch.arange(batch, device=device)  # the original row of each row of x
+    last = len(limits) - 1
+
+    def write(k: int, rows: torch.Tensor, values, picked: torch.Tensor | None = None) -> None:
+        exit_index.index_fill_(0, rows, k)
+        for out, value in zip(answers, values, strict=True):
+            value = value if picked is None else value.index_select(0, picked)
+            out.index_copy_(0, rows, value.to(out.dtype))
+
+    for k in range(last + 1):
+        x, conf, values = stage(k, x)
+        if k == 0:
+            answers = [value.new_empty((batch, *value.shape[1:])) for value in values]
+        if k == last:  # everybody still there answers here
+            write(k, alive, values)
+            break
+        leaving = conf.double() >= limits[k]
+        n_leave = int(leaving.sum())  # the one host sync of this exit
+        if n_leave == 0:  # nobody leaves: nothing to write or compact
+            continue
+        order = torch.argsort((~leaving).to(torch.uint8), stable=True)  # leaving rows first
+        write(k, alive.index_select(0, order[:n_leave]), values, order[:n_leave])
+        if n_leave == alive.shape[0]:  # everybody left: later stages never run
+            break
+        stay = order[n_leave:]
+        alive = alive.index_select(0, stay)
+        x = take(x, stay)
+    return exit_index, answers
 
 
 class _StageGraphs:
-    """Per (stage, bucket, dtype) CUDA graphs of `run_stage -> head -> confidence`."""
+    """A stage of `early_exit` replayed from CUDA graphs, one per (stage, power-of-two bucket,
+    dtype): the rows are copied into the bucket's static inputs, the rest is padding."""
 
-    def __init__(self, net: torch.nn.Module, kind: str) -> None:
-        self.net = net
-        self.kind = kind
+    def __init__(self, stage: Callable) -> None:
+        self.stage = stage
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
 
-    def _eager(self, stage: int, state):
-        return score_stage(self.net, stage, state, self.kind)
-
-    def _capture(self, stage: int, state, size: int) -> tuple:
-        def buffer(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.new_zeros((size, *t.shape[1:]))
-
-        static_in = type(state)(*(buffer(t) for t in state))
+    def _capture(self, k: int, x: Any, size: int) -> tuple:
+        static_in = _map(lambda t: t.new_zeros((size, *t.shape[1:])), x)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph (allocations, kernel selection)
-                self._eager(stage, static_in)
+                self.stage(k, static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self._eager(stage, static_in)
+            static_out = self.stage(k, static_in)
         return graph, static_in, static_out
 
-    def __call__(self, stage: int, state):
-        n = state.main.shape[0]
-        size = bucket_size(n)
-        key = (stage, size, state.main.dtype)
+    def __call__(self, k: int, x: Any):
+        first = _tensors(x)[0]
+        n, key = first.shape[0], (k, bucket_size(first.shape[0]), first.dtype)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(stage, state, size)
-        graph, static_in, (out_state, logits, conf) = self.graphs[key]
-        for dst, src in zip(static_in, state, strict=True):
-            if dst is not None:
-                dst[:n].copy_(src)
+            self.graphs[key] = self._capture(k, x, key[1])
+        graph, static_in, static_out = self.graphs[key]
+        for dst, src in zip(_tensors(static_in), _tensors(x), strict=True):
+            dst[:n].copy_(src)
         graph.replay()
-        cut = type(out_state)(*(None if t is None else t[:n] for t in out_state))
-        return cut, logits[:n], conf[:n]
+        return _map(lambda t: t[:n], static_out)
 
 
 class EarlyExitEngine:
@@ -167,7 +225,7 @@ class EarlyExitEngine:
         self,
         net: torch.nn.Module,
         thresholds: Sequence[float],
-        kind: str = "max_softmax",
+        kind: str = DEFAULT_CONFIDENCE,
         precision: str | None = None,
         mode: str = "eager",
     ) -> None:
@@ -176,71 +234,29 @@ class EarlyExitEngine:
         self.thresholds = check_thresholds(thresholds, net.num_exits)
         self.precision = check_precision(precision)
         self.mode = check_mode(mode, _device_of(net) if mode == "graphs" else None)
-        # float64 so that a float32 confidence compares exactly as in `budget.simulate_exits`
-        self._limits = torch.tensor(self.thresholds, dtype=torch.float64)
-        self._limits_on: dict[torch.device, torch.Tensor] = {}
-        self._graphs = _StageGraphs(net, self.kind) if self.mode == "graphs" else None
+        self._limits: dict[torch.device, torch.Tensor] = {}  # float64 [K] per device
+        self._stage = _StageGraphs(self._scored) if self.mode == "graphs" else self._scored
 
-    def _stage(self, stage: int, state):
-        """Run stage `stage` -> (state, logits [B, C], confidence [B])."""
-        if self._graphs is not None:
-            return self._graphs(stage, state)
-        return score_stage(self.net, stage, state, self.kind)
+    def _scored(self, k: int, x: Any):
+        """Exit stage k of the network, scored: a stage of `early_exit`."""
+        after, _, logits = self.net.stage(k, x)
+        return after, *answer(logits, self.kind)
 
     def limits(self, device: torch.device) -> torch.Tensor:
-        if device not in self._limits_on:
-            self._limits_on[device] = self._limits.to(device)
-        return self._limits_on[device]
+        if device not in self._limits:
+            self._limits[device] = torch.tensor(self.thresholds, dtype=torch.float64, device=device)
+        return self._limits[device]
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> EarlyExitResult:
         """images [B, C, H, W] -> the answer of each image's exit."""
         _, dtype = PRECISIONS[self.precision]
-        context = precision_context(self.precision, images.device, self._graphs is None)
+        context = precision_context(self.precision, images.device, self.mode != "graphs")
         with context:  # 32-true keeps the input's dtype (fp64 nets in tests)
-            return self._run(images if dtype == torch.float32 else images.to(dtype))
-
-    def _run(self, images: torch.Tensor) -> EarlyExitResult:
-        net = self.net
-        batch = images.shape[0]
-        device = images.device
-        limits = self.limits(device)
-        last = net.num_exits - 1
-        predictions = torch.empty(batch, dtype=torch.long, device=device)
-        scores = torch.empty(batch, dtype=torch.float32, device=device)
-        exit_index = torch.empty(batch, dtype=torch.long, device=device)
-        logits_out: torch.Tensor | None = None
-
-        def write(rows: torch.Tensor, logits: torch.Tensor, conf: torch.Tensor, k: int) -> None:
-            predictions.index_copy_(0, rows, logits.argmax(dim=-1))
-            scores.index_copy_(0, rows, conf.float())
-            exit_index.index_fill_(0, rows, k)
-            logits_out.index_copy_(0, rows, logits.to(logits_out.dtype))
-
-        alive = torch.arange(batch, device=device)  # original positions of the rows of state
-        state = net.embed(images)
-        for stage in range(net.num_exits):
-            state, logits, conf = self._stage(stage, state)
-            if logits_out is None:
-                logits_out = logits.new_empty(batch, logits.shape[-1])
-            if stage == last:
-                write(alive, logits, conf, stage)
-                break
-            leaving = conf.double() >= limits[stage]
-            n_leave = int(leaving.sum())  # the one host sync of this exit
-            if n_leave == 0:  # nobody leaves: nothing to write or compact
-                state = net.leave(stage, state)
-                continue
-            order = torch.argsort((~leaving).to(torch.uint8), stable=True)  # leaving rows first
-            out = order[:n_leave]
-            write(alive.index_select(0, out), logits.index_select(0, out),
-                  conf.index_select(0, out), stage)  # fmt: skip
-            if n_leave == alive.shape[0]:  # everybody left: later blocks and heads never run
-                break
-            stay = order[n_leave:]
-            alive = alive.index_select(0, stay)
-            state = net.take(net.leave(stage, state), stay)
-        return EarlyExitResult(predictions, scores, exit_index, logits_out)
+            images = images if dtype == torch.float32 else images.to(dtype)
+            limits = self.limits(images.device)
+            exit_index, (predictions, scores, logits) = early_exit(self._stage, images, limits)
+        return EarlyExitResult(predictions, scores, exit_index, logits)
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:

@@ -1,27 +1,35 @@
 """A trained model ready for early-exit inference: what `predict` and `serve` share.
 
-`open_session(cfg)` loads a trainable checkpoint, picks the thresholds (`thresholds=`, `budget=`
-via the run's logit store, or none) and the eval transform recorded with the checkpoint, and
-builds the `EarlyExitEngine`. `Session.rows(result)` turns an engine result into one dict per
-image (class, class name, confidence, exit, block, MACs).
+`SessionOptions` are the options of a trained model's early-exit inference (checkpoint,
+thresholds or budget, confidence, precision, device, engine mode): their defaults and help live
+here once, and predict's and serve's configs extend them. `resolve(options)` checks all of them
+and resolves, once and before any weight is built, what they leave open: the thresholds (given, or
+from `budget=` via the run's logit store), the precision (given, or the store's), the device; the
+network it needs for that is the recorded one on the meta device. The result, a `Plan`, is plain
+data (serve hands it to its worker process), and `open_session(plan)` builds the network, its
+`EarlyExitEngine` and the eval transform recorded with the checkpoint. `Session.rows(result)`
+turns an engine result into one dict per image (class, class name, confidence, exit, block, MACs).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import MISSING, OmegaConf
 
+from met_lightning.builders import meta_network
 from met_lightning.checkpoint import load_trainable, read_trainable
+from met_lightning.config import _typed
 from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.inference.budget import SplitScores, resolve_budget, select_for_budget
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence
 from met_lightning.inference.engine import (
     PRECISIONS,
     EarlyExitEngine,
@@ -49,30 +57,70 @@ def store_path(checkpoint: str, store: str | None) -> Path:
     return Path(store) if store else run_folder(checkpoint) / STORE_FILE
 
 
-def choose_thresholds(cfg: Any, net: torch.nn.Module) -> tuple[list[float], str]:
+@dataclass
+class CheckpointOptions:
+    """The trained model to load (the keys predict, serve and export share)."""
+
+    # a run folder (its trainable.safetensors) or a trainable.safetensors file
+    checkpoint: str = MISSING
+    # backbone weights file, if it moved since training (default: the one recorded)
+    weights_file: str | None = None
+
+
+@dataclass
+class SessionOptions(CheckpointOptions):
+    """Options of a trained model's early-exit inference (the keys predict and serve share)."""
+
+    # early exit: a budget, a fraction of the full cost in (0, 1] or MACs per image (thresholds
+    # with the best val accuracy within it, from the run's logits.safetensors) ...
+    budget: float | None = None
+    # ... or explicit thresholds, one per early exit (K-1 values, or K with the last ignored);
+    # neither = no early exit
+    thresholds: list[float] | None = None
+    # the confidence the thresholds apply to: max_softmax | margin | neg_entropy
+    confidence: str = DEFAULT_CONFIDENCE
+    # logit store for budget= (default: logits.safetensors next to the checkpoint)
+    store: str | None = None
+    # auto (cuda if available) | cpu | cuda | cuda:1 ...
+    device: str = "auto"
+    # null = the precision the run's logit store was made in (else 32-true), so that calibration
+    # and inference see the same numbers; 32-true | bf16-mixed | 16-mixed | bf16-true | 16-true
+    # (aliases 32, bf16, 16)
+    precision: str | None = None
+    # eager | graphs (replay each stage from CUDA graphs over power-of-two batch buckets; CUDA)
+    engine_mode: str = "eager"
+
+
+def typed_options(cfg: Any, schema: type, name: str) -> Any:
+    """`cfg` (an entry point's config, or a dict) merged into its options dataclass `schema`: an
+    unknown key or a wrong type is a ConfigError naming it (`name` is the entry point)."""
+    return _typed(OmegaConf.create({name: cfg}), name, schema)
+
+
+def choose_thresholds(
+    options: Any, costs: ExitCosts, exits: tuple[int, ...]
+) -> tuple[list[float], str]:
     """Thresholds from `thresholds=`, from `budget=` (via the logit store), or none (+inf).
 
-    `cfg` has the keys of conf/predict.yaml: thresholds, budget, checkpoint, store, confidence.
     Returns (K thresholds, a sentence saying how they were chosen).
     """
-    k = net.num_exits
-    if cfg.thresholds is not None and cfg.budget is not None:
+    k = len(exits)
+    if options.thresholds is not None and options.budget is not None:
         raise ConfigError("give either budget= or thresholds=, not both")
-    if cfg.thresholds is not None:
-        return check_thresholds(list(cfg.thresholds), k), "thresholds given"
-    if cfg.budget is None:
+    if options.thresholds is not None:
+        return check_thresholds(list(options.thresholds), k), "thresholds given"
+    if options.budget is None:
         return [math.inf] * k, "no early exit (give budget= or thresholds= to exit early)"
-    costs = model_exit_costs(net)
-    budget_macs = resolve_budget(cfg.budget, costs.full)
-    store = LogitStore.load(store_path(cfg.checkpoint, cfg.store))
-    if tuple(store.exits) != tuple(net.exits) or tuple(store.exit_macs) != costs.to_exit:
+    budget_macs = resolve_budget(options.budget, costs.full)
+    store = LogitStore.load(store_path(options.checkpoint, options.store))
+    if tuple(store.exits) != tuple(exits) or tuple(store.exit_macs) != costs.to_exit:
         raise CheckpointError(
             f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
-            f"model (exits {list(net.exits)}); pass store= for the right run"
+            f"model (exits {list(exits)}); pass store= for the right run"
         )
     calib = store["val"]
-    scores = SplitScores.from_logits(calib.logits, calib.labels, cfg.confidence)
-    point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={cfg.budget}")
+    scores = SplitScores.from_logits(calib.logits, calib.labels, options.confidence)
+    point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={options.budget}")
     how = (
         f"budget {format_macs(budget_macs)} per image: thresholds with the best val accuracy "
         f"({100 * point.accuracy:.2f} % at {format_macs(point.mean_macs)} on val, {point.label})"
@@ -80,16 +128,16 @@ def choose_thresholds(cfg: Any, net: torch.nn.Module) -> tuple[list[float], str]
     return list(point.thresholds), how
 
 
-def choose_precision(cfg: Any) -> str:
+def choose_precision(options: Any) -> str:
     """`precision=`, else the precision the logit store was made in, else 32-true; a warning when
     the chosen one differs from the store's (calibration and prediction would see other numbers).
     """
-    path = store_path(cfg.checkpoint, cfg.store)
+    path = store_path(options.checkpoint, options.store)
     recorded = None
     if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
         recorded = recorded_precision(path)  # the header only
-    if cfg.get("precision") is not None:
-        precision = check_precision(cfg.precision)
+    if options.precision is not None:
+        precision = check_precision(options.precision)
         warn_precision_mismatch(recorded, precision)
         return precision
     if recorded is None:
@@ -111,53 +159,84 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
 
 
-def check_session_options(cfg: Any) -> torch.device:
-    """Check what `open_session` would fail on, before any network is built; return the device.
+@dataclass(frozen=True)
+class Plan:
+    """What `resolve` made of a session's options: plain values, nothing built (picklable)."""
 
-    A missing / corrupt checkpoint, thresholds of the wrong length, an unknown precision, device or
-    engine mode (graphs without CUDA) raise here.
-    """
-    _, recorded = read_trainable(cfg.checkpoint)
-    if cfg.thresholds is not None and cfg.budget is None:
-        check_thresholds(list(cfg.thresholds), len(recorded["model"]["exits"]))
-    if cfg.get("precision") is not None:
-        check_precision(cfg.precision)
-    device = pick_device(cfg.device)
-    check_mode(cfg.get("engine_mode", "eager"), device)
-    return device
-
-
-def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
-    """(input spec, eval transform PIL image -> [C, H, W]) recorded with a checkpoint."""
-    spec = InputSpec.of(config["input_spec"])
-    return spec, eval_transform(spec, config.get("normalize", "backbone"))
-
-
-@dataclass
-class Session:
-    """A loaded network with its early-exit engine, input transform and exit costs."""
-
-    net: torch.nn.Module
-    config: dict
-    engine: EarlyExitEngine
-    spec: InputSpec
-    transform: Any
-    costs: ExitCosts
-    thresholds: list[float]  # as chosen (the engine's copy has the last set to -inf)
-    how: str
-    device: torch.device
-
-    @property
-    def precision(self) -> str:
-        return self.engine.precision
+    checkpoint: str
+    weights_file: str | None
+    config: dict  # the checkpoint's recorded rebuild config
+    exits: tuple[int, ...]
+    macs_per_exit: tuple[int, ...]
+    thresholds: tuple[float, ...]  # K, as chosen
+    how: str  # how they were chosen
+    confidence: str
+    precision: str
+    device: str
+    engine_mode: str
 
     @property
     def class_names(self) -> list[str] | None:
         return self.config.get("class_names")
 
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.of(self.config["input_spec"])
+
+
+def resolve(options: Any) -> Plan:
+    """Check every option and resolve thresholds, precision and device once, before any weight
+    is built (the checkpoint is read and its network built on the meta device only).
+
+    A missing / corrupt checkpoint, both or neither of budget / thresholds given wrong, thresholds
+    of the wrong length, a budget below exit 1, an unknown confidence, precision, device or engine
+    mode (graphs without CUDA) raise here, as ConfigError / CheckpointError.
+    """
+    if OmegaConf.is_config(options) and OmegaConf.is_missing(options, "checkpoint"):
+        raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE")
+    confidence = check_confidence(options.confidence)
+    _, config = read_trainable(options.checkpoint)
+    net = meta_network(config)
+    costs = model_exit_costs(net)
+    thresholds, how = choose_thresholds(options, costs, tuple(net.exits))
+    precision = choose_precision(options)
+    device = pick_device(options.device)
+    mode = check_mode(options.engine_mode, device)
+    return Plan(
+        checkpoint=str(options.checkpoint),
+        weights_file=options.weights_file,
+        config=config,
+        exits=tuple(net.exits),
+        macs_per_exit=tuple(costs.to_exit),
+        thresholds=tuple(thresholds),
+        how=how,
+        confidence=confidence,
+        precision=precision,
+        device=str(device),
+        engine_mode=mode,
+    )
+
+
+@dataclass
+class Session:
+    """A loaded network with its early-exit engine and input transform (from a `Plan`)."""
+
+    plan: Plan
+    net: torch.nn.Module
+    engine: EarlyExitEngine
+    transform: Any = field(repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.plan.device)
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.plan.input_spec
+
     def rows(self, result: EarlyExitResult) -> list[dict[str, Any]]:
         """One dict per image: class, class_name, confidence, exit (1-based), block, macs."""
-        names = self.class_names
+        names, exits, macs = self.plan.class_names, self.plan.exits, self.plan.macs_per_exit
         rows = []
         for cls, conf, k in zip(
             result.predictions.tolist(),
@@ -171,31 +250,24 @@ class Session:
                     "class_name": names[cls] if names else str(cls),
                     "confidence": conf,
                     "exit": k + 1,
-                    "block": self.net.exits[k],
-                    "macs": self.costs.to_exit[k],
+                    "block": exits[k],
+                    "macs": macs[k],
                 }
             )
         return rows
 
 
-def open_session(
-    cfg: Any, device: torch.device, thresholds: Sequence[float] | None = None
-) -> Session:
-    """Load `cfg.checkpoint` on `device` with thresholds `thresholds` (else `choose_thresholds`).
+def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
+    """(input spec, eval transform PIL image -> [C, H, W]) recorded with a checkpoint."""
+    spec = InputSpec.of(config["input_spec"])
+    return spec, eval_transform(spec, config.get("normalize", "backbone"))
 
-    `cfg` has the keys of conf/predict.yaml (checkpoint, weights_file, budget, thresholds, store,
-    confidence, precision, engine_mode). The network runs in `choose_precision(cfg)`.
-    """
-    precision = choose_precision(cfg)
-    net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
-    net.to(device=device, dtype=PRECISIONS[precision][1])
-    if thresholds is None:
-        thresholds, how = choose_thresholds(cfg, net)
-    else:
-        thresholds, how = list(thresholds), "thresholds given"
+
+def open_session(plan: Plan) -> Session:
+    """Build `plan`'s network on its device and precision, with its engine and transform."""
+    net, _ = load_trainable(plan.checkpoint, plan.weights_file)
+    net.to(device=torch.device(plan.device), dtype=PRECISIONS[plan.precision][1])
     engine = EarlyExitEngine(
-        net, thresholds, cfg.confidence, precision, cfg.get("engine_mode", "eager")
+        net, plan.thresholds, plan.confidence, plan.precision, plan.engine_mode
     )
-    spec, transform = checkpoint_input(config)
-    costs = model_exit_costs(net)
-    return Session(net, config, engine, spec, transform, costs, list(thresholds), how, device)
+    return Session(plan, net, engine, checkpoint_input(plan.config)[1])

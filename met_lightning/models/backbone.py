@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants as hub_constants
 import timm
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -182,8 +183,6 @@ def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
 @contextmanager
 def _hub_offline() -> Iterator[None]:
     """Serve hub downloads from the local cache only (huggingface_hub's offline mode)."""
-    import huggingface_hub.constants as hub_constants
-
     previous = hub_constants.HF_HUB_OFFLINE
     hub_constants.HF_HUB_OFFLINE = True
     try:

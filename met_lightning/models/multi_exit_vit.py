@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -56,9 +56,6 @@ DEFAULT_SCALE = {"adaptformer": 0.1}
 # model.adapter.alpha when null: HF peft's default `lora_alpha` (LoraConfig); LoRA's B A x is
 # scaled by alpha / rank, peft's `lora_alpha / r`
 DEFAULT_LORA_ALPHA = 8.0
-# LoRA's multiplier in configs written before model.adapter.alpha existed, when their
-# model.adapter.scale is null (it did not depend on the rank then)
-LEGACY_LORA_SCALE = 1.0
 
 
 def lora_scale(rank: int, alpha: float | None = None) -> float:
@@ -113,9 +110,8 @@ def check_adapter(
 ) -> None:
     """Validate the adapter switches (keys under model.adapter).
 
-    `scale` with kind lora (the multiplier itself, as configs written before model.adapter.alpha
-    set it) is allowed here, not together with `alpha`; `config.validate_config` rejects it in a
-    config that has the `alpha` key.
+    `scale` with kind lora (the multiplier of B A x itself) is allowed here, not together with
+    `alpha`; `config.validate_config` rejects it in a config (LoRA's configs give alpha).
     """
     if kind not in ADAPTER_KINDS:
         raise ConfigError(f"model.adapter.kind={kind!r} must be one of {list(ADAPTER_KINDS)}")
@@ -195,17 +191,15 @@ class MultiExitViT(nn.Module):
 
     `scale`: AdaptFormer's s (None: 0.1). `alpha`: LoRA's alpha, its `B A x` is scaled by
     alpha / rank as in HF peft (None: peft's default 8). With kind lora, `scale` instead of
-    `alpha` gives the multiplier itself: how networks of configs written before
-    model.adapter.alpha existed are rebuilt (`from_config`).
+    `alpha` gives the multiplier itself (what `checkpoint.migrate` makes of a run folder written
+    before model.adapter.alpha existed).
 
-    Stage API (the early-exit engine, predict and export run the network exit by exit)::
+    Stage API: `stage` is the one sequence that `forward`, the early-exit engine (eager and CUDA
+    graphs) and the ONNX stage graphs run, exit by exit::
 
-        state = net.embed(images)                # StreamState(main [B, T, d], early [B, E, d])
-        for stage in range(net.num_exits):
-            state = net.run_stage(stage, state)  # blocks e_{stage-1}+1 .. e_stage
-            logits = net.heads[stage](net.exit_features(stage, state))  # [B, C]
-            state = net.leave(stage, state)      # drop the early token exit `stage` has read
-            state = net.take(state, rows)        # keep batch rows `rows` (long [B']) only
+        state = images
+        for k in range(net.num_exits):
+            state, features, logits = net.stage(k, state)  # logits [B, C]; state None after K
 
     The backbone's blocks become `blocks.StreamBlock`s (timm `Block`s with the same submodules
     and parameter names; `backbone.forward_features` is unchanged).
@@ -288,34 +282,6 @@ class MultiExitViT(nn.Module):
         # the gamma row of every token of the joint sequence, per (stage, device)
         self._gamma_index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
-    @classmethod
-    def from_config(cls, backbone: VisionTransformer, num_classes: int, model: Any) -> MultiExitViT:
-        """Build from the `model` config group (exits, adapter.*, finetune_backbone).
-
-        A LoRA config without the `alpha` key (a run folder written before it existed) keeps its
-        meaning then: B A x multiplied by model.adapter.scale, null = 1, whatever the rank.
-        """
-        adapter = model.adapter
-        kind = adapter.get("kind", "e_adapter")
-        scale, alpha = adapter.get("scale"), adapter.get("alpha")
-        if kind == "lora" and "alpha" not in adapter:
-            scale = LEGACY_LORA_SCALE if scale is None else scale
-        return cls(
-            backbone,
-            num_classes,
-            exits=list(model.exits),
-            rank=adapter.rank,
-            exit_specific=adapter.exit_specific,
-            separate_cls=adapter.separate_cls,
-            sites=list(adapter.sites),
-            adapter_kind=kind,
-            bits=adapter.get("bits", 32),
-            scale=scale,
-            finetune_backbone=model.get("finetune_backbone", False),
-            alpha=alpha,
-            token_layout=model.get("token_layout", "auto"),
-        )
-
     @property
     def token_layout(self) -> str:
         """How stages run the two token streams: auto | streams | joint (module docstring)."""
@@ -351,7 +317,7 @@ class MultiExitViT(nn.Module):
         """The parameters that training changes (everything but the frozen backbone)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ pieces of `stage`
     def embed(self, images: torch.Tensor) -> StreamState:
         """images [B, C, H, W] -> the streams entering block 1 (layout in module docstring)."""
         bb = self.backbone
@@ -452,20 +418,22 @@ class MultiExitViT(nn.Module):
         early = state.early[:, 1:].contiguous() if self.num_early_tokens(stage) > 1 else None
         return StreamState(state.main, early)
 
-    @staticmethod
-    def take(state: StreamState, rows: torch.Tensor) -> StreamState:
-        """The batch rows `rows` (long [B']) of a state, in that order."""
-        early = state.early.index_select(0, rows) if state.early is not None else None
-        return StreamState(state.main.index_select(0, rows), early)
+    # ------------------------------------------------------------------ stages
+    def stage(self, stage: int, x: torch.Tensor | StreamState) -> tuple:
+        """Exit stage `stage`, the network's one stage sequence: embed the images (stage 0; else
+        `x` is the state stage-1 left) -> blocks e_{stage-1}+1..e_stage -> LN_k and head k ->
+        leave (drop the early token head k read) -> (the state stage+1 takes, None after the
+        last exit; head input [B, d]; logits [B, C]). Nothing branches on data."""
+        state = self.run_stage(stage, self.embed(x) if stage == 0 else x)
+        features = self.exit_features(stage, state)
+        after = self.leave(stage, state) if stage < self.num_exits - 1 else None
+        return after, features, self.heads[stage](features)
 
-    # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> MultiExitOutput:
         """All exits for every image: logits [B, K, C] and head inputs [B, K, d]."""
-        state = self.embed(images)
-        features = []
+        state, features, logits = images, [], []
         for stage in range(self.num_exits):
-            state = self.run_stage(stage, state)
-            features.append(self.exit_features(stage, state))
-            state = self.leave(stage, state)
-        logits = [head(f) for head, f in zip(self.heads, features, strict=True)]
+            state, feature, logit = self.stage(stage, state)
+            features.append(feature)
+            logits.append(logit)
         return MultiExitOutput(torch.stack(logits, dim=1), torch.stack(features, dim=1))

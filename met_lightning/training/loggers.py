@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import netrc
 import os
 import socket
 import time
@@ -45,8 +46,6 @@ def wandb_api_key() -> str | None:
     if key:
         return key
     try:
-        import netrc
-
         host = urlparse(os.environ.get("WANDB_BASE_URL", WANDB_HOST)).hostname
         auth = netrc.netrc().authenticators(host)
         return auth[2] if auth else None

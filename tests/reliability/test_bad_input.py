@@ -27,8 +27,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from met_lightning import train as train_entry
 from met_lightning.cli import RunFolderCheck
-from met_lightning.config import config_dir
 from met_lightning.errors import ConfigError
+from met_lightning.paths import config_dir
 from tests.data_fixtures import write_class_folders, write_image, write_vtab_task
 from tests.helpers import TINY_OVERRIDES, compose_config, run_main, run_task
 

@@ -1,6 +1,7 @@
-"""A run folder written before the `model` node named its `_target_`s (issue 15) resumes: its
-config.yaml (a top-level `method: {name}`, a `model` of switches only) is compared in today's
-shape, and a switch given differently is still named."""
+"""A run folder written before the `model` node named its `_target_`s (issue 15) and before the
+budget callback moved to `training/` resumes: its config.yaml (a top-level `method: {name}`, a
+`model` of switches only, `met_lightning.inference.callback.BudgetAnalysis`) is compared in
+today's shape (`checkpoint.migrate`), and a switch given differently is still named."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from met_lightning.checkpoint.resume import upgrade_saved_config
+from met_lightning.checkpoint.migrate import migrate
 from met_lightning.errors import ConfigError
 from met_lightning.train import train
 from tests.helpers import compose_config, legacy_model_config
 from tests.reliability.inprocess import ARGS, resume, run
+
+# the budget callback's `_target_` before it moved to training/budget_analysis.py
+OLD_CALLBACK = "met_lightning.inference.callback.BudgetAnalysis"
 
 
 def legacy_yaml(folder) -> None:
@@ -21,6 +25,7 @@ def legacy_yaml(folder) -> None:
     config = OmegaConf.load(folder / "config.yaml")
     plain = OmegaConf.to_container(config)
     plain["method"], plain["model"] = legacy_model_config(config)
+    plain["callbacks"]["budget_analysis"]["_target_"] = OLD_CALLBACK
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
@@ -37,9 +42,11 @@ def test_the_legacy_shape_compares_equal_in_todays(legacy_run, tmp_path):
     saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
     now = OmegaConf.to_container(compose_config(ARGS, folder), resolve=True)
     assert "method" in saved and "_target_" not in saved["model"]
-    upgraded = upgrade_saved_config(saved, now)
+    assert saved["callbacks"]["budget_analysis"]["_target_"] == OLD_CALLBACK
+    upgraded = migrate(saved, "config.yaml")
     assert upgraded["model"] == now["model"] and "method" not in upgraded
-    assert upgrade_saved_config(now, now) is now  # today's shape is left as it is
+    assert upgraded["callbacks"] == now["callbacks"]
+    assert migrate(now, "config.yaml") is now  # today's shape is left as it is
 
 
 def test_a_legacy_run_folder_resumes(legacy_run):

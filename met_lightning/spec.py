@@ -1,0 +1,55 @@
+"""`InputSpec`: the backbone's input, known before it is built; read by data, checkpoints, apps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from timm.data import resolve_data_config
+
+from met_lightning.models.backbone import meta_backbone
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the backbone expects: (C, H, W), normalization and resize interpolation."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_timm(cls, model) -> InputSpec:  # noqa: ANN001 - a timm model
+        """Normalization from a timm model's pretrained config, size from its patch embedding.
+
+        The pretrained config keeps the default input size (224) when `img_size` is overridden,
+        so the size is read from the model itself.
+        """
+        cfg = resolve_data_config({}, model=model)
+        patch_embed = model.patch_embed
+        size = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+
+    @classmethod
+    def from_backbone_config(cls, backbone_cfg: Mapping[str, Any]) -> InputSpec:
+        """The spec of the backbone that the `backbone` config (name, model_kwargs) builds, read
+        before it is built: a meta-device probe, no weights, no download. The weights (hub or
+        weights_file) do not change it: timm's pretrained config of `name` gives the
+        normalization either way."""
+        kwargs = backbone_cfg.get("model_kwargs") or {}
+        return cls.from_timm(meta_backbone(str(backbone_cfg["name"]), dict(kwargs)))
+
+    @classmethod
+    def of(cls, value: InputSpec | Mapping[str, Any]) -> InputSpec:
+        """`value` as an InputSpec: itself, or one from its fields (e.g. the `input_spec` a
+        trainable checkpoint records, or the config Hydra makes of an InputSpec argument)."""
+        if isinstance(value, InputSpec):
+            return value
+        return cls(
+            tuple(int(v) for v in value["input_size"]),
+            tuple(float(v) for v in value["mean"]),
+            tuple(float(v) for v in value["std"]),
+            str(value.get("interpolation", "bicubic")),
+        )
