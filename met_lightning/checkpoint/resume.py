@@ -88,7 +88,7 @@ def _refusal(override: Override, conf: Path) -> str | None:
         return None
     if any(part.startswith("_") for part in key.split(".")):
         return "a key that names code (_target_, _partial_, ...)"
-    if override.type in (OverrideType.ADD, OverrideType.FORCE_ADD):
+    if override.type is OverrideType.ADD:  # `++key=value` may override an existing key
         return "a key that is not in the config (+)"
 
     def plain(item: Any) -> bool:

@@ -110,6 +110,7 @@ class Payload:
     "override",
     [
         "+callbacks.evil={_target_:torch.load,f:PICKLE,weights_only:false}",
+        "++callbacks.evil={_target_:torch.load,f:PICKLE,weights_only:false}",
         "callbacks.model_checkpoint._target_=torch.load",
         "+callbacks.evil._target_=torch.load",
         "hydra.searchpath=[file:///tmp]",
@@ -146,7 +147,8 @@ def resume_argv_exit(run: Path) -> None:
 def test_resume_still_applies_plain_and_group_overrides(tmp_path):
     (tmp_path / ".hydra").mkdir()
     saved = ["+experiment=demo", "debug=fast", "model.exits=[2,4]", "~callbacks.progress_bar",
-             "paths.log_dir=/tmp/some folder", "backbone.model_kwargs={depth: 4}"]  # fmt: skip
+             "paths.log_dir=/tmp/some folder", "backbone.model_kwargs={depth: 4}",
+             "++backbone.model_kwargs={img_size: 64}"]  # fmt: skip
     (tmp_path / ".hydra" / "overrides.yaml").write_text(json.dumps(saved))
     argv = resume_argv(["met", f"resume={tmp_path}"])
     assert argv[1 : 1 + len(saved)] == saved
