@@ -69,17 +69,19 @@ def test_full_demo_meets_accuracy(demo_run):
     assert "Early exit" in result.stdout and "speed-up" in result.stdout
 
 
-def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
+def test_multirun_sweep_gives_one_folder_and_one_wandb_run_per_job(tmp_path):
     result = run_cli(
         [
             "-m",
             "model.adapter.rank=2,4",
             "model.loss.graph_weight=0,0.5",
+            "logger=wandb",
             "debug=fast",
             *TINY_OVERRIDES,
             f"paths.log_dir={tmp_path}",
         ],
         cwd=tmp_path,
+        WANDB_MODE="offline",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     import yaml
@@ -89,6 +91,8 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     assert len(configs) == 4
     combos = {(c["adapter"]["rank"], c["net"]["rank"], c["loss"]["graph_weight"]) for c in configs}
     assert combos == {(2, 2, 0), (2, 2, 0.5), (4, 4, 0), (4, 4, 0.5)}
+    runs = {p.parent.name for p in tmp_path.rglob("offline-run-*/*.wandb")}
+    assert len(runs) == 4  # each job is its own wandb run
 
 
 def test_wandb_logger_offline(tmp_path, wandb_env):
@@ -178,21 +182,3 @@ def test_cifar100_experiment_offline_fails_fast_and_clearly(tmp_path, monkeypatc
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "backbone.weights_file=" in result.stderr
     assert time.monotonic() - start < 60
-
-
-def test_each_multirun_job_is_its_own_wandb_run(tmp_path):
-    result = run_cli(
-        [
-            "-m",
-            "model.adapter.rank=2,4",
-            "logger=wandb",
-            "debug=fast",
-            *TINY_OVERRIDES,
-            f"paths.log_dir={tmp_path}",
-        ],  # fmt: skip
-        cwd=tmp_path,
-        WANDB_MODE="offline",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = {p.parent.name for p in tmp_path.rglob("offline-run-*/*.wandb")}
-    assert len(runs) == 2
