@@ -206,7 +206,7 @@ def offline(session, images: torch.Tensor, settings: dict, batch: int, repeats: 
     from met_lightning.inference.engine import EarlyExitEngine
 
     chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
-    engines = {name: EarlyExitEngine(session.net, t, "max_softmax") for name, t in settings.items()}
+    engines = {name: EarlyExitEngine(session.net, t) for name, t in settings.items()}
     times: dict[str, list[float]] = {name: [] for name in settings}
     for engine in engines.values():
         engine(chunks[0])  # warm-up
@@ -223,7 +223,7 @@ def breakdown(session, pngs: list[bytes], thresholds: list[float], count: int = 
     """Per-image decode + transform time and the engine's time on one image (ms, medians)."""
     from met_lightning.inference.engine import EarlyExitEngine
 
-    engine = EarlyExitEngine(session.net, thresholds, "max_softmax")
+    engine = EarlyExitEngine(session.net, thresholds)
     decode_ms, model_ms = [], []
     for data in pngs[:count]:
         start = time.perf_counter()

@@ -27,7 +27,7 @@ from met_lightning.atomic import atomic_path, write_text
 from met_lightning.errors import CheckpointError
 from met_lightning.export.stages import ExitStage, stage_inputs
 from met_lightning.inference.analysis import REPORT_FILE
-from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence
 from met_lightning.macs import model_exit_costs
 
 FORMAT = "met_lightning.onnx_stages"
@@ -118,7 +118,7 @@ def export_onnx(
         "exits": list(net.exits),
         "macs_per_exit": list(model_exit_costs(net).to_exit),
         "macs": "multiply-accumulates per image to reach each exit",
-        "confidence": confidence or run_confidence or "max_softmax",
+        "confidence": confidence or run_confidence or DEFAULT_CONFIDENCE,
         "budgets": budgets,
         "input": {
             "name": "images",

@@ -33,7 +33,7 @@ from met_lightning.inference.budget import (
     resolve_budget,
     select_for_budget,
 )
-from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence
 from met_lightning.inference.logit_store import LogitStore
 from met_lightning.macs import format_macs
 
@@ -103,7 +103,7 @@ def finite(value: float) -> float | str:
 
 def analyze(
     store: LogitStore,
-    kind: str = "max_softmax",
+    kind: str = DEFAULT_CONFIDENCE,
     budgets: Sequence[float] = (),
     p_values: Sequence[float] = DEFAULT_P_VALUES,
     calibration_split: str = "val",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from met_lightning.errors import ConfigError
-from met_lightning.inference.confidence import confidence
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, confidence
 from met_lightning.inference.engine import check_thresholds, early_exit
 from met_lightning.macs import format_macs
 
@@ -37,7 +37,7 @@ class SplitScores:
 
     @classmethod
     def from_logits(
-        cls, logits: torch.Tensor, labels: torch.Tensor, kind: str = "max_softmax"
+        cls, logits: torch.Tensor, labels: torch.Tensor, kind: str = DEFAULT_CONFIDENCE
     ) -> SplitScores:
         predictions = logits.argmax(dim=-1)
         return cls(confidence(logits, kind), predictions == labels[:, None], predictions)

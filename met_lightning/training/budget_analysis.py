@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from met_lightning.inference.analysis import BudgetReport, analyze, curve_rows, write_report
 from met_lightning.inference.budget import DEFAULT_P_VALUES, resolve_budget
-from met_lightning.inference.confidence import check_confidence
+from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence
 from met_lightning.inference.logit_store import FILENAME, LogitStore, SplitLogits, concat_batches
 from met_lightning.macs import model_exit_costs
 
@@ -50,7 +50,7 @@ class BudgetAnalysis(L.Callback):
     def __init__(
         self,
         output_dir: str | Path,
-        confidence: str = "max_softmax",
+        confidence: str = DEFAULT_CONFIDENCE,
         budgets: Sequence[float] = (0.5,),
         p_values: Sequence[float] | None = None,
     ) -> None:
