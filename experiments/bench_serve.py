@@ -125,19 +125,26 @@ def start_server(
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             start_new_session=True, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_healthy(proc, url, 300)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float) -> None:
+    """Return once the server process `proc` answers GET /health with 200; RuntimeError (its
+    process group killed) if it exits or is not healthy within `seconds`."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}"
-            )
+            log = proc.stderr.read()[-3000:] if proc.stderr else ""  # None unless a pipe
+            raise RuntimeError(f"the server exited: {log}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise RuntimeError("server not healthy within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"the server did not become healthy within {seconds:g} s")
 
 
 def stop_server(proc) -> None:

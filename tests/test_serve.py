@@ -16,6 +16,7 @@ import httpx
 import pytest
 from omegaconf import OmegaConf
 
+from experiments.bench_serve import free_port, wait_healthy
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.predict import predict
 from tests.helpers import entry_config, predict_config
@@ -186,12 +187,6 @@ def test_server_refuses_to_start_with_a_reason(tiny_run, tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "cannot be used" in result.stderr
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(checkpoint, *overrides):
     """A real server process on 127.0.0.1 (its own process group), once healthy: (process, url)."""
     port = free_port()
@@ -201,18 +196,8 @@ def start_server(checkpoint, *overrides):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the server exited: {server.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    os.killpg(server.pid, signal.SIGKILL)
-    pytest.fail("the server did not become healthy within 120 s")
+    wait_healthy(server, url, 120)
+    return server, url
 
 
 def group_processes(pgid):

@@ -133,7 +133,7 @@ def edit_manifest(folder, edit):
     return path
 
 
-def refused(folder, *needles):
+def assert_refused(folder, *needles):
     with pytest.raises(CheckpointError) as err:
         OrtEarlyExit(folder)
     message = str(err.value)
@@ -154,7 +154,7 @@ def test_stage_outside_the_folder_is_refused(folder, tmp_path):
     shutil.copy(folder / "stage_0.onnx", outside / "elsewhere.onnx")  # a loadable graph
     for name in ("../outside/elsewhere.onnx", str(outside / "elsewhere.onnx"), "sub/x.onnx", ".."):
         path = edit_manifest(folder, set_stage_file(0, name))
-        message = refused(folder, str(path), "stages[0].file", "plain name")
+        message = assert_refused(folder, str(path), "stages[0].file", "plain name")
         assert "export again" in message
 
 
@@ -163,19 +163,19 @@ def test_stage_symlink_leading_outside_is_refused(folder, tmp_path):
     shutil.copy(folder / "stage_1.onnx", outside)
     (folder / "stage_1.onnx").unlink()
     (folder / "stage_1.onnx").symlink_to(outside)
-    refused(folder, "stages[1].file='stage_1.onnx'", "symlink", str(outside))
+    assert_refused(folder, "stages[1].file='stage_1.onnx'", "symlink", str(outside))
 
 
 def test_missing_stage_is_refused(folder):
     (folder / "stage_1.onnx").unlink()
-    refused(folder, "stages[1].file", "not a file")
+    assert_refused(folder, "stages[1].file", "not a file")
 
 
 def test_stage_count_must_equal_the_exits(folder):
     edit_manifest(folder, lambda m: m.update(exits=[1, 2, 3, 4]))
-    refused(folder, "stages lists 2 graphs but exits lists 4 exits")
+    assert_refused(folder, "stages lists 2 graphs but exits lists 4 exits")
     edit_manifest(folder, lambda m: m.update(exits=[2, 4], stages=m["stages"][:1]))
-    refused(folder, "stages lists 1 graphs but exits lists 2 exits")
+    assert_refused(folder, "stages lists 1 graphs but exits lists 2 exits")
 
 
 @pytest.mark.parametrize(
@@ -201,21 +201,21 @@ def test_stage_count_must_equal_the_exits(folder):
 )  # fmt: skip
 def test_manifest_fields_are_checked(folder, edit, key):
     path = edit_manifest(folder, edit)
-    refused(folder, f"{path}: {key}", "export again")
+    assert_refused(folder, f"{path}: {key}", "export again")
 
 
 def test_manifest_must_be_small_valid_json(folder):
     path = folder / "manifest.json"
     path.write_text('{"format": ')
-    refused(folder, "is not valid JSON")
+    assert_refused(folder, "is not valid JSON")
     path.write_bytes(b"\xff\xfe")
-    refused(folder, "is not valid JSON")
+    assert_refused(folder, "is not valid JSON")
     path.write_text("[" * 100_000 + "]" * 100_000)
-    refused(folder, "is not valid JSON")
+    assert_refused(folder, "is not valid JSON")
     path.write_text("[]")
-    refused(folder, "is not a met_lightning ONNX export")
+    assert_refused(folder, "is not a met_lightning ONNX export")
     path.write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
-    refused(folder, "over 8 MiB")
+    assert_refused(folder, "over 8 MiB")
 
 
 def test_graph_reading_weights_from_outside_is_refused(folder, tmp_path):
@@ -235,12 +235,12 @@ def test_graph_reading_weights_from_outside_is_refused(folder, tmp_path):
         [weight],
     )
     (folder / "stage_1.onnx").write_bytes(helper.make_model(graph).SerializeToString())
-    refused(folder, "stage_1.onnx", "stages[1]", "'../secret.bin'", "outside")
+    assert_refused(folder, "stage_1.onnx", "stages[1]", "'../secret.bin'", "outside")
 
 
 def test_unreadable_graph_is_one_clear_error(folder):
     (folder / "stage_0.onnx").write_bytes(b"not a graph")
-    refused(folder, "stage_0.onnx", "stages[0]", "not an ONNX graph")
+    assert_refused(folder, "stage_0.onnx", "stages[0]", "not an ONNX graph")
 
 
 def test_symlink_inside_the_folder_is_loaded(folder, tiny_run, monkeypatch):
