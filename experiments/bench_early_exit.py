@@ -65,7 +65,7 @@ EXITS = [3, 6, 9, 12]
 def build(name: str, args: argparse.Namespace, device: torch.device):
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     backbone = create_backbone(name, model_kwargs=kwargs)
-    net = MultiExitViT(backbone, args.num_classes, EXITS, rank=8).eval().to(device)
+    net = MultiExitViT(backbone, args.num_classes, EXITS).eval().to(device)
     torch.manual_seed(0)
     with torch.no_grad():  # make the exits differ (adapters start at zero)
         for param in net.parameters():

@@ -59,15 +59,16 @@ VARIANTS = ("linear_probe", "adapter", "lora", "met_1exit", "met")
 
 def variant_kwargs(name: str, depth: int) -> tuple[dict[str, Any], float]:
     """MultiExitViT keyword arguments and graph weight of a variant (the methods' configs)."""
-    one = dict(exits=[depth], exit_specific=False, separate_cls=False)
+    one = dict(exit_specific=False, separate_cls=False)
     four = [round(depth * i / 4) for i in range(1, 5)]
-    return {
-        "linear_probe": (dict(**one, adapter_kind="none", sites=[]), 0.0),
-        "adapter": (dict(**one, adapter_kind="adaptformer", sites=["mlp"]), 0.0),
-        "lora": (dict(**one, adapter_kind="lora", sites=["q", "v"]), 0.0),
-        "met_1exit": (dict(exits=[depth], adapter_kind="e_adapter"), 0.0),
-        "met": (dict(exits=four, adapter_kind="e_adapter"), 0.1),
+    kind, exits, graph_weight, adapter = {
+        "linear_probe": ("none", [depth], 0.0, dict(**one, sites=[])),
+        "adapter": ("adaptformer", [depth], 0.0, dict(**one, sites=["mlp"])),
+        "lora": ("lora", [depth], 0.0, dict(**one, sites=["q", "v"])),
+        "met_1exit": ("e_adapter", [depth], 0.0, {}),
+        "met": ("e_adapter", four, 0.1, {}),
     }[name]
+    return dict(exits=exits, adapter=dict(kind=kind, **adapter)), graph_weight
 
 
 class Step:
@@ -77,7 +78,7 @@ class Step:
         torch.manual_seed(0)
         backbone = create_backbone(args.timm_name, model_kwargs=args.model_kwargs)
         kwargs, graph_weight = variant_kwargs(name, len(backbone.blocks))
-        net = MultiExitViT(backbone, NUM_CLASSES, rank=8, **kwargs).to(device).train()
+        net = MultiExitViT(backbone, NUM_CLASSES, **kwargs).to(device).train()
         loss = MultiExitLoss(net.num_exits, graph_weight=graph_weight).to(device)
         self.module = MultiExitClassifier(net, loss, optimizer=AdamW)
         if compiled:
@@ -228,7 +229,7 @@ def trainer_run(args: argparse.Namespace, device: torch.device) -> dict[str, Any
             "data.val_size=100", f"data.batch_size={args.batch}",
             f"data.eval_batch_size={args.batch}", f"data.num_workers={args.workers}",
             "backbone=vit_tiny", f"backbone.name={args.timm_name}", "backbone.pretrained=false",
-            f"++backbone.model_kwargs={{{kwargs}}}", f"model.exits=[{exits}]",
+            f"++backbone.model_kwargs={{{kwargs}}}", f"model.net.exits=[{exits}]",
             "trainer.max_epochs=1", "trainer.limit_val_batches=1", "test=false", "logger=none",
             "callbacks.budget_analysis=null", "scheduler.warmup_epochs=0",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",

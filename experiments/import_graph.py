@@ -19,12 +19,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "met_lightning"
 # lowest first: a module may import only from its own layer or lower ones. A name is a module or
 # package under met_lightning/; the longest one that names a module decides (export.__main__).
 LAYERS = [
-    ["errors", "atomic", "paths"],  # no package imports but errors
+    ["errors", "atomic", "paths", "structured"],  # no package imports but errors
     ["models", "losses", "macs", "spec"],  # the network, its loss, MACs, the backbone's input
-    ["data", "config"],  # datasets and batch transforms; the config's schemas and checks
+    ["data"],  # datasets and batch transforms
     ["checkpoint", "builders"],  # save / load / verify / resume / migrate a run folder
     ["inference"],  # confidence, budget maths on stored logits, early-exit engine, session
-    ["training"],  # LightningModule, optimizer, loggers, budget callback, summary
+    ["training", "config"],  # LightningModule, optimizer, loggers, ...; the config's checks
     ["export", "demo"],  # ONNX graphs and runner; the demo's source task
     # entry points: python -m met_lightning{,.predict,.serve,.export,.demo.pretrain}
     ["cli", "train", "predict", "serve", "__main__", "export.__main__", "demo.pretrain"],

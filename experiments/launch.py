@@ -80,7 +80,7 @@ GridPoint = tuple[tuple[str, str], ...]  # ((key, value), ...) in the order give
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """`["model.adapter.rank=4,8", "model.loss.graph_weight=0.1,0.3"]` -> keys with values (as
+    """`["model.net.adapter.rank=4,8", "model.loss.graph_weight=0.1,0.3"]` -> keys with values (as
     Hydra writes each value of the sweep)."""
     grid: list[tuple[str, list[str]]] = []
     for spec in specs:

@@ -13,6 +13,8 @@ import pandas as pd
 import yaml
 
 from experiments.run_vtab1k import VTAB_GROUPS
+from met_lightning.checkpoint.migrate import migrate
+from met_lightning.errors import CheckpointError
 
 SUMMARY_FILE = "summary.json"
 # Config values that never make two runs different settings (seeds, places, logging, workers).
@@ -22,10 +24,10 @@ IGNORED_KEYS = (
     "resume",
     "callbacks.budget_analysis.output_dir", "callbacks.progress_bar", "data.root",
     "data.num_workers", "data.eval_batch_size", "data.download", "backbone.weights_file",
-    # the `model` node's copies of other keys: net reads exits / adapter.*, optimizer and
-    # scheduler are the top-level groups, name is the method
-    "model._target_", "model.name", "model.net", "model.loss._target_", "model.loss._partial_",
-    "model.optimizer", "model.scheduler",
+    # the `model` node's targets and copies: optimizer and scheduler are the top-level groups,
+    # name is the method
+    "model._target_", "model.name", "model.net._target_", "model.net._partial_",
+    "model.loss._target_", "model.loss._partial_", "model.optimizer", "model.scheduler",
 )  # fmt: skip
 
 
@@ -69,9 +71,9 @@ METHOD_RULES: list[MethodRule] = [
             and get(c, "model.loss.graph_weight") != 0
         ),
     ),
-    ("shared γ", lambda c: _is_met(c) and get(c, "model.adapter.exit_specific") is False),
-    ("no separate cls", lambda c: _is_met(c) and get(c, "model.adapter.separate_cls") is False),
-    ("1-bit", lambda c: get(c, "model.adapter.bits") == 1),
+    ("shared γ", lambda c: _is_met(c) and get(c, "model.net.adapter.exit_specific") is False),
+    ("no separate cls", lambda c: _is_met(c) and get(c, "model.net.adapter.separate_cls") is False),
+    ("1-bit", lambda c: get(c, "model.net.adapter.bits") == 1),
 ]
 
 
@@ -140,8 +142,9 @@ def load_run(path: Path) -> RunRecord:
     path = Path(path)
     try:
         summary = _load_json(path / SUMMARY_FILE)
-        config = _load_yaml(path / "config.yaml")
-    except (OSError, ValueError, yaml.YAMLError) as err:
+        # an earlier version's run folder: its config in today's keys
+        config = migrate(_load_yaml(path / "config.yaml"), str(path))
+    except (OSError, ValueError, yaml.YAMLError, CheckpointError) as err:
         raise ReportError(f"{path}: {err}") from err
     if not isinstance(config, dict) or not isinstance(summary, dict) or not summary.get("exits"):
         raise ReportError(f"{path}: config.yaml or summary.json is not a run's")

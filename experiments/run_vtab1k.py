@@ -67,7 +67,7 @@ examples:
   python experiments/run_vtab1k.py --seeds 0 1 2 --out outputs/vtab1k \\
       --extra data.root=/data/vtab-1k
   python experiments/run_vtab1k.py --tasks natural dmlab --tune-seeds 0 \\
-      --grid model.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3
+      --grid model.net.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3
   python experiments/report.py outputs/vtab1k --out experiments/results/vtab1k.md
 """
 )
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=V1,V2",
         help="a tune grid axis, repeatable (the grid is their product), e.g. "
-        "--grid model.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3",
+        "--grid model.net.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3",
     )
     parser.add_argument(
         "--stages",

@@ -69,8 +69,7 @@ def run(checkout: Path, out: Path) -> None:
     python(checkout, "-m", "met_lightning.predict", f"checkpoint={run_dir}", f"input={images}",
            "budget=0.5", f"output={work}/preds.csv")  # fmt: skip
     with open(work / "preds.csv") as f:
-        predicted = [{k: v for k, v in row.items() if k != "file"} | {"file": Path(row["file"]).name}
-                     for row in csv.DictReader(f)]  # fmt: skip
+        predicted = [{**row, "file": Path(row["file"]).name} for row in csv.DictReader(f)]
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(checkout)}
@@ -83,8 +82,9 @@ def run(checkout: Path, out: Path) -> None:
         wait_healthy(server, f"http://127.0.0.1:{port}", 120)
         served = []
         for f in sorted(images.glob("*.png")):
-            answer = httpx.post(f"http://127.0.0.1:{port}/predict",
-                                files={"file": (f.name, f.read_bytes())}, timeout=30).json()  # fmt: skip
+            upload = {"file": (f.name, f.read_bytes())}
+            url = f"http://127.0.0.1:{port}/predict"
+            answer = httpx.post(url, files=upload, timeout=30).json()
             answer.pop("batch_size", None)
             served.append({"file": f.name, **answer})
     finally:
@@ -129,12 +129,13 @@ def compare(before: Path, after: Path) -> int:
         print(f"| {key} | {size} | {len(y) if isinstance(y, list) else len(y)} | "
               f"{'yes' if same else 'NO'} |")  # fmt: skip
         if not same and isinstance(x, list):
-            for i, (u, v) in enumerate(zip(x, y)):
+            for i, (u, v) in enumerate(zip(x, y, strict=False)):
                 if u != v:
                     print(f"    first difference, row {i}:\n      {u}\n      {v}")
                     break
         elif not same:
-            print(f"    fields that differ: {sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))}")
+            fields = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+            print(f"    fields that differ: {fields}")
     return 1 if differs else 0
 
 

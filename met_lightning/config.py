@@ -1,7 +1,8 @@
-"""Validation of a composed config (the config files and their resolver: `paths`).
+"""Validation of a composed training config, before anything heavy (no weights, no data).
 
-`validate_config` runs before anything heavy (no weights, no data): unknown keys, wrong types and
-impossible values fail here with a message that names the key and the fix.
+Unknown keys, wrong types and impossible values fail here with a message that names the key and
+the fix. The `model` node is checked by its owners (`ModelConfig`, `AdapterConfig`, `check_exits`,
+`check_loss`); the other `_target_` groups against their targets' signatures (`check_targets`).
 """
 
 from __future__ import annotations
@@ -10,116 +11,43 @@ import difflib
 import inspect
 import types
 import typing
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
+from met_lightning.checkpoint.migrate import MOVED_KEYS, moved_key
 from met_lightning.errors import ConfigError
-from met_lightning.losses.graph import GRAPH_KINDS
-from met_lightning.models.backbone import describe_backbone
-from met_lightning.models.multi_exit_vit import (
-    check_adapter,
-    check_exits,
-    check_token_layout,
-    lora_scale_message,
-)
+from met_lightning.losses.multi_exit import check_loss
+from met_lightning.models.adapters import AdapterConfig
+from met_lightning.models.backbone import create_backbone, describe_backbone
+from met_lightning.models.multi_exit_vit import check_exits, check_token_layout
 from met_lightning.paths import check_writable
+from met_lightning.structured import target_config, typed
+from met_lightning.training.module import ModelConfig
 
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "ckpt_path", "test", "tags", "paths", "data", "backbone", "model",
     "optimizer", "scheduler", "trainer", "callbacks", "logger", "optimized_metric", "resume",
 }  # fmt: skip
-# Keys of the `model` node (conf/method/*.yaml) that are the method's switches, not arguments of
-# its LightningModule (`model._target_`): `model.net` reads them through ${..key} and `name` labels
-# the run; `train.instantiate_model` leaves them out of the module's instantiation.
-METHOD_KEYS = ("name", "exits", "finetune_backbone", "adapter", "token_layout")
+BackboneSchema = target_config(create_backbone, name="???")
 
 
-# ---------------------------------------------------------------------- schemas
-@dataclass
-class AdapterSchema:
-    kind: str = "e_adapter"
-    rank: int = 8
-    exit_specific: bool = True
-    separate_cls: bool = True
-    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
-    bits: int = 32
-    scale: float | None = None
-    alpha: float | None = None
+def moved_key_error(key: str) -> str | None:
+    """The error for a key under one that moved (`migrate.MOVED_KEYS`), naming its new spelling."""
+    new = moved_key(key)
+    return f"{key} moved to {new}: write that instead" if new else None
 
 
-@dataclass
-class LossSchema:
-    _target_: str = "met_lightning.losses.multi_exit.MultiExitLoss"
-    _partial_: bool = True
-    exit_weights: list[float] | None = None
-    graph: str = "label"
-    graph_weight: float = 0.1
-    teacher_knn: int = 4
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class ModelSchema:
-    _target_: str = "met_lightning.training.module.MultiExitClassifier"
-    name: str = "met"
-    exits: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
-    finetune_backbone: bool = False
-    adapter: AdapterSchema = field(default_factory=AdapterSchema)
-    token_layout: str = "auto"
-    # `_target_` nodes, checked against their targets' signatures (`check_targets`)
-    net: Any = None
-    loss: LossSchema = field(default_factory=LossSchema)
-    optimizer: Any = None
-    scheduler: Any = None
-    compile: bool = False
-    compile_mode: str | None = None
-
-
-@dataclass
-class BackboneSchema:
-    _target_: str = "met_lightning.models.backbone.create_backbone"
-    name: str = "vit_base_patch16_224.orig_in21k"
-    pretrained: bool = False
-    weights_file: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _schema_fields(schema: type, path: list[str]) -> list[str]:
-    """Field names of the (nested) dataclass that `path` points into."""
-    for part in path:
-        field_type = schema.__dataclass_fields__[part].type
-        schema = field_type if isinstance(field_type, type) else globals()[field_type]
-    return list(schema.__dataclass_fields__)
-
-
-def _typed(cfg: DictConfig, key: str, schema: type) -> DictConfig:
-    """cfg[key] resolved and merged into `schema`; unknown keys / wrong types raise ConfigError."""
-    try:
-        plain = OmegaConf.to_container(cfg[key], resolve=True)
-        return OmegaConf.merge(OmegaConf.structured(schema), plain)
-    except ConfigKeyError as err:
-        parts = str(err.full_key).split(".")
-        try:
-            valid = ", ".join(_schema_fields(schema, parts[:-1]))
-        except (KeyError, TypeError):
-            valid = ", ".join(_schema_fields(schema, []))
-        raise ConfigError(
-            f"{key}.{err.full_key}: unknown key (valid keys there: {valid})"
-        ) from None
-    except OmegaConfBaseException as err:
-        full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
-        msg = getattr(err, "msg", str(err)).splitlines()[0]
-        raise ConfigError(f"{full_key}: {msg}") from None
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+def check_moved_overrides(overrides: list[str]) -> None:
+    """ConfigError for a command-line override of a key that moved (`model.adapter.rank=4`)."""
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        message = moved_key_error(key.lstrip("+~")) if sep else None
+        if message:
+            raise ConfigError(message)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -129,38 +57,18 @@ def validate_config(cfg: DictConfig) -> None:
         not unknown,
         f"unknown top-level config key(s) {unknown}; valid keys: {sorted(TOP_LEVEL_KEYS)}",
     )
-    model = _typed(cfg, "model", ModelSchema)
-    backbone = _typed(cfg, "backbone", BackboneSchema)
-
-    adapter, loss = model.adapter, model.loss
-    check_adapter(**OmegaConf.to_container(adapter))  # AdapterSchema: check_adapter's arguments
-    check_token_layout(model.token_layout)
-    if adapter.kind == "lora" and adapter.scale is not None:  # LoRA's is alpha / rank
-        raise ConfigError(lora_scale_message(adapter.scale, adapter.rank))
-    _require(
-        loss.graph in GRAPH_KINDS,
-        f"model.loss.graph={loss.graph!r} must be one of {list(GRAPH_KINDS)}",
-    )
-    _require(
-        loss.graph_weight >= 0,
-        f"model.loss.graph_weight={loss.graph_weight} must be >= 0 (0 turns it off)",
-    )
-    _require(loss.teacher_knn >= 1, f"model.loss.teacher_knn={loss.teacher_knn} must be >= 1")
-    _require(
-        0.0 <= loss.label_smoothing < 1.0,
-        f"model.loss.label_smoothing={loss.label_smoothing} must be in [0, 1)",
-    )
-    if loss.exit_weights is not None:
-        weights = list(loss.exit_weights)
-        _require(
-            len(weights) == len(model.exits),
-            f"model.loss.exit_weights has {len(weights)} values for {len(model.exits)} exits "
-            f"(model.exits={list(model.exits)}); give one weight per exit or null",
-        )
-        _require(
-            all(w >= 0 for w in weights) and sum(weights) > 0,
-            f"model.loss.exit_weights={weights} must be >= 0 and not all 0",
-        )
+    for old in MOVED_KEYS:
+        if OmegaConf.select(cfg, old, default=None) is not None:  # a config file's old spelling
+            raise ConfigError(moved_key_error(old))
+    model = typed(cfg, "model", ModelConfig)
+    backbone = typed(cfg, "backbone", BackboneSchema)
+    net = model.net
+    AdapterConfig(**OmegaConf.to_container(net.adapter))
+    check_token_layout(net.token_layout)
+    spec = describe_backbone(backbone.name, OmegaConf.to_container(backbone.model_kwargs))
+    exits = check_exits(list(net.exits), spec.depth)
+    loss = OmegaConf.to_container(model.loss)
+    check_loss(len(exits), **{k: v for k, v in loss.items() if not k.startswith("_")})
 
     data = cfg.get("data") or {}
     for key in ("batch_size", "eval_batch_size"):
@@ -179,13 +87,16 @@ def validate_config(cfg: DictConfig) -> None:
     check_targets(cfg)  # data / trainer / optimizer / ... keys: unknown names, strings for numbers
     check_output_dir(cfg)
 
-    spec = describe_backbone(backbone.name, OmegaConf.to_container(backbone.model_kwargs))
-    check_exits(list(model.exits), spec.depth)
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 # ---------------------------------------------------------------------- instantiated groups
 # Config groups instantiated with Hydra: one `_target_` node (False) or a dict of them (True).
 TARGET_GROUPS = {
+    "model": False,
     "model.net": False,
     "model.loss": False,
     "data": False,
@@ -210,15 +121,11 @@ def check_targets(cfg: DictConfig) -> None:
         for name, item in items:
             if isinstance(item, DictConfig) and "_target_" in item:
                 check_target_node(item, group if name is None else f"{group}.{name}")
-    model = cfg.get("model")
-    if isinstance(model, DictConfig) and "_target_" in model:  # the LightningModule's own keys
-        check_target_node(model, "model", skip=METHOD_KEYS)
 
 
-def check_target_node(node: DictConfig, key: str, skip: tuple[str, ...] = ()) -> None:
+def check_target_node(node: DictConfig, key: str) -> None:
     """ConfigError for a key of `node` that its `_target_` does not take (unless it takes
-    **kwargs), or a string given for an argument that takes only numbers / booleans. Keys in
-    `skip` are not the target's (METHOD_KEYS of the `model` node)."""
+    **kwargs), or a string given for an argument that takes only numbers / booleans."""
     target = str(node["_target_"])
     try:
         obj = get_object(target)
@@ -235,7 +142,7 @@ def check_target_node(node: DictConfig, key: str, skip: tuple[str, ...] = ()) ->
     except OmegaConfBaseException:  # an interpolation Hydra reports when it instantiates
         return
     for name, value in values.items():
-        if name.startswith("_") or name in skip:
+        if name.startswith("_"):
             continue
         if name not in params:
             if open_kwargs:

@@ -34,7 +34,7 @@ from met_lightning.checkpoint import (
     save_trainable,
 )
 from met_lightning.cli import exit_on_user_error, hydra_app, user_error
-from met_lightning.config import METHOD_KEYS, validate_config
+from met_lightning.config import check_moved_overrides, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.training.budget_analysis import BudgetAnalysis
@@ -63,14 +63,12 @@ def instantiate_model(
     """The LightningModule of `model._target_` (conf/method/*.yaml) around `backbone`.
 
     `model.net` and `model.loss` are partials completed here: the network with the backbone and
-    the data's number of classes, the loss with the network's number of exits. The method's
-    switches (config.METHOD_KEYS), which `net` reads, are not arguments of the module.
+    the data's number of classes, the loss with the network's number of exits.
     """
     net = instantiate(model.net)(backbone=backbone, num_classes=num_classes)
     loss = instantiate(model.loss)(num_exits=net.num_exits)
-    plain = OmegaConf.to_container(model, resolve=True)
-    module = OmegaConf.create({k: v for k, v in plain.items() if k not in METHOD_KEYS})
-    return instantiate(module, net=net, loss=loss)
+    plain = OmegaConf.to_container(model, resolve=True)  # untyped: `net` becomes a module
+    return instantiate(plain, net=net, loss=loss)
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
@@ -299,6 +297,7 @@ def main() -> None:
     ENV_FILE = env_file()
     if ENV_FILE is not None:
         load_dotenv(ENV_FILE, override=False)
+    exit_on_user_error(lambda: check_moved_overrides(sys.argv[1:]))
     sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))
     hydra_app("train", _task)
 

@@ -37,7 +37,7 @@ TINY_BACKBONE = [
     *(f"backbone.model_kwargs.{k}={TINY_KWARGS[k]}" for k in ("embed_dim", "depth", "num_heads")),
 ]
 # ... and with two exits
-TINY_OVERRIDES = [*TINY_BACKBONE, "model.exits=[2,4]"]
+TINY_OVERRIDES = [*TINY_BACKBONE, "model.net.exits=[2,4]"]
 # the six methods of conf/method/
 METHODS = ["met", "linear_probe", "full_finetune", "adapter", "lora", "multi_exit_linear"]
 
@@ -113,8 +113,9 @@ def legacy_model_config(cfg: DictConfig) -> dict:
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     loss = {k: v for k, v in model["loss"].items() if not k.startswith("_")}
-    switches = ("exits", "finetune_backbone", "compile", "compile_mode", "adapter")
-    return {"name": model["name"]}, {**{k: model[k] for k in switches}, "loss": loss}
+    net = {k: model["net"][k] for k in ("exits", "finetune_backbone", "adapter")}
+    compiled = {k: model[k] for k in ("compile", "compile_mode")}
+    return {"name": model["name"]}, {**net, **compiled, "loss": loss}
 
 
 def run_cli(

@@ -27,7 +27,7 @@ def build_module(method: str, tmp_path: Path, *overrides: str) -> MultiExitClass
         "scheduler=none",
         f"method={method}",
         *TINY_BACKBONE,
-        f"model.exits={exits}",
+        f"model.net.exits={exits}",
         *overrides,
     )
     cfg = compose_config(list(overrides), tmp_path)

@@ -42,7 +42,8 @@ def test_curves_are_averaged_over_seeds_per_method(tmp_path):
         met = make_run(tmp_path / "met" / f"s{seed}", data="cifar100", task=None, seed=seed)
         _write_curve(met, [(4e9, 0.5 + 0.1 * seed), (16e9, 0.8)])
         probe = make_run(tmp_path / "lp" / f"s{seed}", data="cifar100", task=None, seed=seed)
-        _as_method(probe, "linear_probe", {"adapter": {"kind": "none"}}, [12], 1.0)
+        model = {"exits": [-1], "adapter": {"kind": "none", "exit_specific": False}}
+        _as_method(probe, "linear_probe", model, [12], 1.0)
         _write_curve(probe, [(16e9, 0.6), (16e9, 0.6)])
     curves = plot_budget_curves.mean_curves([tmp_path])
     assert set(curves) == {"met", "linear_probe"}

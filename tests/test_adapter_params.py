@@ -34,10 +34,9 @@ def test_trainable_count_matches_formula(rank, exits, sites, exit_specific, sepa
         tiny_backbone(),
         7,
         exits,
-        rank=rank,
-        exit_specific=exit_specific,
-        separate_cls=separate_cls,
-        sites=sites,
+        adapter=dict(
+            rank=rank, exit_specific=exit_specific, separate_cls=separate_cls, sites=sites
+        ),
     )
     trainable, total = count_parameters(net)
     d, depth = TINY_KWARGS["embed_dim"], TINY_KWARGS["depth"]

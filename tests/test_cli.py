@@ -37,7 +37,13 @@ def test_short_demo_run_writes_folder_checkpoint_and_table(tmp_path):
 
 def test_experiment_composition_and_overrides(tmp_path):
     result = run_task(
-        ["+experiment=demo", "model.exits=[4,12]", "model.adapter.rank=4", "logger=none", *SHORT],
+        [
+            "+experiment=demo",
+            "model.net.exits=[4,12]",
+            "model.net.adapter.rank=4",
+            "logger=none",
+            *SHORT,
+        ],
         tmp_path / "run",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,7 +79,7 @@ def test_multirun_sweep_gives_one_folder_and_one_wandb_run_per_job(tmp_path):
     result = run_cli(
         [
             "-m",
-            "model.adapter.rank=2,4",
+            "model.net.adapter.rank=2,4",
             "model.loss.graph_weight=0,0.5",
             "logger=wandb",
             "debug=fast",
@@ -89,8 +95,8 @@ def test_multirun_sweep_gives_one_folder_and_one_wandb_run_per_job(tmp_path):
     configs = [yaml.safe_load((p.parent / "config.yaml").read_text())["model"]
                for p in tmp_path.rglob("summary.json")]  # fmt: skip
     assert len(configs) == 4
-    combos = {(c["adapter"]["rank"], c["net"]["rank"], c["loss"]["graph_weight"]) for c in configs}
-    assert combos == {(2, 2, 0), (2, 2, 0.5), (4, 4, 0), (4, 4, 0.5)}
+    combos = {(c["net"]["adapter"]["rank"], c["loss"]["graph_weight"]) for c in configs}
+    assert combos == {(2, 0), (2, 0.5), (4, 0), (4, 0.5)}
     runs = {p.parent.name for p in tmp_path.rglob("offline-run-*/*.wandb")}
     assert len(runs) == 4  # each job is its own wandb run
 

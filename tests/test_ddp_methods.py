@@ -41,7 +41,15 @@ def test_ddp_full_finetune_trains_and_a_one_rank_divergence_stops_both(tmp_path)
               "+callbacks.poison.rank=1", "+callbacks.poison.batch=1"]  # fmt: skip
     ok, nan = run_side_by_side(
         [
-            ([*DDP, "method=full_finetune", "model.exits=[-1]", f"hydra.run.dir={runs['ok']}"], {}),
+            (
+                [
+                    *DDP,
+                    "method=full_finetune",
+                    "model.net.exits=[-1]",
+                    f"hydra.run.dir={runs['ok']}",
+                ],
+                {},
+            ),
             ([*DDP, *poison, f"hydra.run.dir={runs['nan']}"], with_repo_on_path()),
         ],  # fmt: skip
         cwd=tmp_path,

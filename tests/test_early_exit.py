@@ -154,8 +154,8 @@ def test_engine_extremes_equal_full_forward(net, images, full):
 
 
 def test_engine_without_separate_class_tokens():
-    net = trained_like(MultiExitViT(tiny_backbone(), 7, [2, 4], exit_specific=False,
-                                    separate_cls=False))  # fmt: skip
+    adapter = dict(exit_specific=False, separate_cls=False)
+    net = trained_like(MultiExitViT(tiny_backbone(), 7, [2, 4], adapter=adapter))
     images = torch.randn(40, 3, 32, 32)
     with torch.no_grad():
         full = net(images).logits

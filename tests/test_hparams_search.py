@@ -41,7 +41,7 @@ def test_config_composes_with_the_optuna_sweeper():
     params = [f"{k}={v}" for k, v in sweeper.params.items()]
     space, fixed = create_params_from_overrides(params)
     assert not fixed
-    rank = space["model.adapter.rank"]
+    rank = space["model.net.adapter.rank"]
     assert isinstance(rank, CategoricalDistribution) and list(rank.choices) == [2, 4, 8, 16]
     graph = space["model.loss.graph_weight"]
     assert isinstance(graph, LogUniformDistribution) and (graph.low, graph.high) == (0.01, 1.0)
@@ -66,7 +66,7 @@ def test_two_trial_sweep_on_a_budget_metric(tmp_path: Path):
     results = yaml.safe_load(results_file.read_text())
     assert results["name"] == "optuna"
     assert set(results["best_params"]) == {
-        "model.adapter.rank", "model.loss.graph_weight", "optimizer.lr"
+        "model.net.adapter.rank", "model.loss.graph_weight", "optimizer.lr"
     }  # fmt: skip
     # one run folder per trial, with the trial's values in its config; the best value is the best
     # trial's accuracy at the 75 % budget, as its budget.json has it

@@ -37,7 +37,7 @@ with open(os.environ["FAKE_CALLS"], "a") as f:
 if values["seed"] == os.environ.get("FAKE_FAIL_SEED"):
     sys.exit(3)
 run_dir = Path(values["hydra.run.dir"].strip("'\\""))
-rank = int(values.get("model.adapter.rank", 8))
+rank = int(values.get("model.net.adapter.rank", 8))
 acc = {{4: 0.70, 8: 0.75, 16: 0.72}}[rank] + 0.01 * int(values["seed"])
 (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -112,7 +112,7 @@ def test_dry_run_prints_tune_then_final_per_task_and_seed(tmp_path, capsys):
 def test_dry_run_grid_points_groups_and_stages(tmp_path, capsys):
     out = tmp_path / "o=ut"  # a character Hydra needs quoted
     argv = ["--dry-run", "--tasks", "specialized", "--seeds", "0", "--out", str(out)]
-    argv += ["--grid", "model.adapter.rank=4,8", "--grid", "model.loss.graph_weight=0.1,0.3"]
+    argv += ["--grid", "model.net.adapter.rank=4,8", "--grid", "model.loss.graph_weight=0.1,0.3"]
     assert run_vtab1k.main(argv) == 0
     text = capsys.readouterr().out
     cmds = commands(text)
@@ -125,7 +125,7 @@ def test_dry_run_grid_points_groups_and_stages(tmp_path, capsys):
         for name in ("rank-4_graph_weight-0.1", "rank-4_graph_weight-0.3",
                      "rank-8_graph_weight-0.1", "rank-8_graph_weight-0.3")
     ]  # fmt: skip
-    assert tune[1][6:8] == ["model.adapter.rank=4", "model.loss.graph_weight=0.3"]
+    assert tune[1][6:8] == ["model.net.adapter.rank=4", "model.loss.graph_weight=0.3"]
     # Hydra reads every tune override as a plain value (no accidental sweep)
     parser = OverridesParser.create()
     for command in tune:
@@ -135,7 +135,7 @@ def test_dry_run_grid_points_groups_and_stages(tmp_path, capsys):
     # final runs wait for the tune results
     final = [c for c in cmds if "data.split=final" in c]
     assert len(final) == len(tasks)
-    assert f"model.adapter.rank={run_vtab1k.PLACEHOLDER}" in final[0]
+    assert f"model.net.adapter.rank={run_vtab1k.PLACEHOLDER}" in final[0]
     assert "final runs wait for the tune stage" in text
     # --stages tune: no final commands
     assert run_vtab1k.main([*argv, "--stages", "tune"]) == 0
@@ -179,21 +179,21 @@ def _grid_fixture(out: Path) -> None:
 def test_tune_selection_picks_the_best_mean_val_accuracy(tmp_path, capsys, select_by, expected):
     out = tmp_path / "vtab"
     _grid_fixture(out)
-    points = launch.grid_points(launch.parse_grid(["model.adapter.rank=4,8"]))
+    points = launch.grid_points(launch.parse_grid(["model.net.adapter.rank=4,8"]))
     names = launch.point_names(points)
     best, rows = run_vtab1k.select_point(out, "cifar", points, names, [0, 1], select_by)
-    assert best == (("model.adapter.rank", expected),)
+    assert best == (("model.net.adapter.rank", expected),)
     if select_by == "last":
         assert [r["mean"] for r in rows] == pytest.approx([0.72, 0.73])
         assert rows[0]["scores"] == pytest.approx({0: 0.70, 1: 0.74})
     # the dry run now shows the final runs with the chosen value, and skips the finished tune runs
     argv = ["--dry-run", "--tasks", "cifar", "--seeds", "0", "1", "--out", str(out),
-            "--grid", "model.adapter.rank=4,8", "--select-by", select_by]  # fmt: skip
+            "--grid", "model.net.adapter.rank=4,8", "--select-by", select_by]  # fmt: skip
     assert run_vtab1k.main(argv) == 0
     text = capsys.readouterr().out
     cmds = commands(text)
     assert [c[5] for c in cmds] == ["data.split=final", "data.split=final"]
-    assert all(f"model.adapter.rank={expected}" in c for c in cmds)
+    assert all(f"model.net.adapter.rank={expected}" in c for c in cmds)
     assert f"rank-{expected}: " in text and "<- chosen" in text
 
 
@@ -202,10 +202,10 @@ def test_tune_selection_ties_and_missing_runs(tmp_path):
     base = out / "dmlab" / "tune" / "seed0"
     write_tune_run(base / "rank-4", (0.5, 0.6))
     write_tune_run(base / "rank-8", (0.5, 0.6))  # tie: the first grid point wins
-    points = launch.grid_points(launch.parse_grid(["model.adapter.rank=4,8,16"]))
+    points = launch.grid_points(launch.parse_grid(["model.net.adapter.rank=4,8,16"]))
     names = launch.point_names(points)
     best, rows = run_vtab1k.select_point(out, "dmlab", points, names, [0], "last")
-    assert best == (("model.adapter.rank", "4"),)
+    assert best == (("model.net.adapter.rank", "4"),)
     assert rows[2]["mean"] is None  # rank 16 has no finished run: not a candidate
     best, _ = run_vtab1k.select_point(out, "cifar", points, names, [0], "last")
     assert best is None
@@ -215,15 +215,15 @@ def test_launcher_runs_tune_selects_and_runs_final_then_resumes(tmp_path, fake_p
     out = tmp_path / "vtab"
     argv = ["--tasks", "cifar", "--seeds", "0", "1", "--out", str(out), "--python",
             str(fake_python)]  # fmt: skip
-    argv += ["--grid", "model.adapter.rank=4,8", "--delete-checkpoints"]
+    argv += ["--grid", "model.net.adapter.rank=4,8", "--delete-checkpoints"]
     assert run_vtab1k.main(argv) == 0
     ran = calls(tmp_path)
     assert len(ran) == 2 * 2 + 2
     finals = [c for c in ran if "data.split=final" in c]
     assert [c[1] for c in finals] == ["seed=0", "seed=1"]
-    assert all("model.adapter.rank=8" in c for c in finals)  # fake: rank 8 is the best
+    assert all("model.net.adapter.rank=8" in c for c in finals)  # fake: rank 8 is the best
     selection = json.loads((out / "cifar" / "tune" / "selection.json").read_text())
-    assert selection["chosen"] == ["model.adapter.rank=8"]
+    assert selection["chosen"] == ["model.net.adapter.rank=8"]
     assert selection["points"][1]["mean"] == pytest.approx(0.755)
     assert not (out / "cifar" / "final" / "seed0" / "checkpoints").exists()
     assert "6 run(s) finished now, 0 were finished already, 0 failed" in capsys.readouterr().out
@@ -262,10 +262,10 @@ def test_launcher_argument_errors(tmp_path, capsys):
         (["--tasks", "nope"], "unknown VTAB-1K task 'nope'"),
         (["--extra", "seed=3"], "the launcher sets seed itself"),
         (["--extra", "trainer"], "is not a Hydra override"),
-        (["--grid", "model.adapter.rank="], "non-empty values"),
+        (["--grid", "model.net.adapter.rank="], "non-empty values"),
         (["--grid", "data.split=tune,final"], "the launcher sets data.split itself"),
-        (["--extra", "model.adapter.rank=4,8"], "is a sweep: give its values with --grid"),
-        (["--grid", "model.exits=[3,6"], "is not a Hydra override"),
+        (["--extra", "model.net.adapter.rank=4,8"], "is a sweep: give its values with --grid"),
+        (["--grid", "model.net.exits=[3,6"], "is not a Hydra override"),
     ]:
         assert run_vtab1k.main(["--dry-run", "--out", str(tmp_path), *argv]) == 1
         assert message in capsys.readouterr().err
@@ -275,16 +275,16 @@ def test_launcher_argument_errors(tmp_path, capsys):
 
 
 def test_override_helpers():
-    assert launch.parse_grid(["model.exits=[3,6,9,12],[6,12]", "+x='a,b',c"]) == [
-        ("model.exits", ["[3,6,9,12]", "[6,12]"]),
+    assert launch.parse_grid(["model.net.exits=[3,6,9,12],[6,12]", "+x='a,b',c"]) == [
+        ("model.net.exits", ["[3,6,9,12]", "[6,12]"]),
         ("+x", ["'a,b'", "c"]),
     ]
     assert launch.hydra_value("out/vtab1k/cifar/tune/seed0") == "out/vtab1k/cifar/tune/seed0"
     assert launch.hydra_value("out/a,b") == "'out/a,b'"
-    points = launch.grid_points(launch.parse_grid(["model.exits=[3,6,9,12],[6,12]"]))
+    points = launch.grid_points(launch.parse_grid(["model.net.exits=[3,6,9,12],[6,12]"]))
     assert launch.point_names(points) == {
-        (("model.exits", "[3,6,9,12]"),): "exits-3_6_9_12",
-        (("model.exits", "[6,12]"),): "exits-6_12",
+        (("model.net.exits", "[3,6,9,12]"),): "exits-3_6_9_12",
+        (("model.net.exits", "[6,12]"),): "exits-6_12",
     }
     assert launch.grid_points([]) == [()]
 
@@ -301,18 +301,18 @@ def test_task_list_matches_the_package_and_configs():
 
 def test_tune_and_final_overrides_compose(tmp_path, capsys):
     argv = ["--dry-run", "--tasks", "dmlab", "--seeds", "3", "--out", str(tmp_path), "--grid",
-            "model.adapter.rank=4"]  # fmt: skip
+            "model.net.adapter.rank=4"]  # fmt: skip
     assert run_vtab1k.main(argv) == 0
     tune, final = commands(capsys.readouterr().out)
     cfg = compose_config(overrides_of(tune)[:-1], tmp_path)  # hydra.run.dir is Hydra's own
-    assert (cfg.data.task, cfg.data.split, cfg.seed, cfg.model.adapter.rank) == (
+    assert (cfg.data.task, cfg.data.split, cfg.seed, cfg.model.net.adapter.rank) == (
         "dmlab",
         "tune",
         3,
         4,
     )
     cfg = compose_config(overrides_of(final)[:-1], tmp_path)
-    assert (cfg.data.split, cfg.model.adapter.rank) == ("final", 4)  # one point: no choice
+    assert (cfg.data.split, cfg.model.net.adapter.rank) == ("final", 4)  # one point: no choice
 
 
 def test_cifar100_launcher_cli_dry_run(tmp_path):
@@ -352,7 +352,7 @@ def test_vtab_suite_end_to_end_on_a_tiny_model(tmp_path):
              "data.batch_size=4", "scheduler.warmup_epochs=0"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "experiments/run_vtab1k.py", "--tasks", "kitti", "--seeds", "0",
-         "--out", str(out), "--grid", "model.adapter.rank=2,4", "--extra", *extra],
+         "--out", str(out), "--grid", "model.net.adapter.rank=2,4", "--extra", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
@@ -360,7 +360,7 @@ def test_vtab_suite_end_to_end_on_a_tiny_model(tmp_path):
     assert "3 run(s) finished now" in result.stdout
     selection = json.loads((out / "kitti" / "tune" / "selection.json").read_text())
     config = yaml.safe_load((out / "kitti" / "final" / "seed0" / "config.yaml").read_text())
-    assert [f"model.adapter.rank={config['model']['adapter']['rank']}"] == selection["chosen"]
+    assert [f"model.net.adapter.rank={config['model']['adapter']['rank']}"] == selection["chosen"]
     assert config["data"]["split"] == "final" and config["data"]["task"] == "kitti"
     md = tmp_path / "report.md"
     result = subprocess.run(

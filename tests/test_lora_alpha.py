@@ -1,4 +1,4 @@
-"""LoRA's scale follows HF peft: `model.adapter.alpha` (peft's `lora_alpha`, default 8) and
+"""LoRA's scale follows HF peft: `model.net.adapter.alpha` (peft's `lora_alpha`, default 8) and
 B A x scaled by alpha / rank; run folders written before the key existed load unchanged; a
 backbone is LoRA-wrapped once."""
 
@@ -51,8 +51,8 @@ def _randomize_b(net: torch.nn.Module) -> None:
 def test_lora_delta_is_peft_alpha_over_r_times_b_a_x(rank, alpha):
     torch.manual_seed(0)
     net = MultiExitViT(
-        tiny_backbone(), C, exits=[-1], rank=rank, exit_specific=False, sites=["q", "v"],
-        adapter_kind="lora", alpha=alpha,
+        tiny_backbone(), C, exits=[-1],
+        adapter=dict(kind="lora", rank=rank, exit_specific=False, sites=["q", "v"], alpha=alpha),
     )  # fmt: skip
     _randomize_b(net)
     lora = net.backbone.blocks[0].attn.qkv
@@ -79,9 +79,9 @@ def _build(tmp_path, *overrides):
     "overrides, scale",
     [
         ([], 8 / 8),  # method=lora: rank 8, alpha 8 (peft's defaults)
-        (["model.adapter.rank=4"], 8 / 4),  # alpha stays 8: scale 2, as in peft
-        (["model.adapter.rank=4", "model.adapter.alpha=16"], 16 / 4),
-        (["model.adapter.rank=16", "model.adapter.alpha=null"], 8 / 16),  # null = peft's 8
+        (["model.net.adapter.rank=4"], 8 / 4),  # alpha stays 8: scale 2, as in peft
+        (["model.net.adapter.rank=4", "model.net.adapter.alpha=16"], 16 / 4),
+        (["model.net.adapter.rank=16", "model.net.adapter.alpha=null"], 8 / 16),  # null = peft's 8
     ],
 )
 def test_config_alpha_sets_the_scale(overrides, scale, tmp_path):
@@ -93,14 +93,20 @@ def test_config_alpha_sets_the_scale(overrides, scale, tmp_path):
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
-        (["model.adapter.scale=2"], ["model.adapter.scale", "model.adapter.alpha=16"]),
+        (["model.net.adapter.scale=2"], ["model.net.adapter.scale", "model.net.adapter.alpha=16"]),
         (
-            ["model.adapter.rank=4", "model.adapter.scale=0.5"],
-            ["model.adapter.scale", "model.adapter.alpha=2", "alpha / rank"],
+            ["model.net.adapter.rank=4", "model.net.adapter.scale=0.5"],
+            ["model.net.adapter.scale", "model.net.adapter.alpha=2", "alpha / rank"],
         ),
-        (["model.adapter.alpha=0"], ["model.adapter.alpha=0", "> 0"]),
-        (["method=met", "model.adapter.alpha=8"], ["model.adapter.alpha", "kind lora only"]),
-        (["method=adapter", "model.adapter.alpha=8"], ["model.adapter.alpha", "kind lora only"]),
+        (["model.net.adapter.alpha=0"], ["model.net.adapter.alpha=0", "> 0"]),
+        (
+            ["method=met", "model.net.adapter.alpha=8"],
+            ["model.net.adapter.alpha", "kind lora only"],
+        ),
+        (
+            ["method=adapter", "model.net.adapter.alpha=8"],
+            ["model.net.adapter.alpha", "kind lora only"],
+        ),
     ],
 )
 def test_alpha_and_scale_config_errors(overrides, fragments, tmp_path):
@@ -111,7 +117,7 @@ def test_alpha_and_scale_config_errors(overrides, fragments, tmp_path):
 
 
 def _legacy_config(cfg, scale):
-    """The config a run folder written before model.adapter.alpha records: no `alpha` key (and
+    """The config a run folder written before model.net.adapter.alpha records: no `alpha` key (and
     the `model` node of switches of that time)."""
     method, model = legacy_model_config(cfg)
     del model["adapter"]["alpha"]
@@ -125,17 +131,17 @@ def _legacy_config(cfg, scale):
 
 @pytest.mark.parametrize("scale", [1.0, None, 0.3])  # old lora.yaml, met.yaml + kind=lora, custom
 def test_old_run_folders_keep_their_scale(scale, tmp_path):
-    """Before `alpha`, LoRA multiplied B A x by model.adapter.scale (null: 1) whatever the rank:
+    """Before `alpha`, LoRA multiplied B A x by model.net.adapter.scale (null: 1) whatever the rank:
     a trainable file without `alpha` rebuilds that network and predicts the same logits."""
-    cfg, _ = _build(tmp_path, "model.adapter.rank=3", "model.exits=[-1]")
+    cfg, _ = _build(tmp_path, "model.net.adapter.rank=3", "model.net.exits=[-1]")
     config = _legacy_config(cfg, scale)
     old_scale = 1.0 if scale is None else scale
     torch.manual_seed(0)
-    # what the old code built: the multiplier itself
-    trained = MultiExitViT(
-        tiny_backbone(), C, exits=[-1], rank=3, exit_specific=False, sites=["q", "v"],
-        adapter_kind="lora", scale=old_scale,
-    )  # fmt: skip
+    # what the old code built: B A x multiplied by the scale itself
+    adapter = dict(kind="lora", rank=3, exit_specific=False, sites=["q", "v"])
+    trained = MultiExitViT(tiny_backbone(), C, exits=[-1], adapter=adapter)
+    for module in _lora_modules(trained):
+        module.scale = old_scale
     _randomize_b(trained)
     trained.eval()
     save_trainable(trained, tmp_path / "trainable.safetensors", config)
@@ -148,11 +154,9 @@ def test_old_run_folders_keep_their_scale(scale, tmp_path):
 
 
 def test_scale_and_alpha_together_are_rejected_in_python():
-    with pytest.raises(ConfigError, match="model.adapter.alpha"):
-        MultiExitViT(
-            tiny_backbone(), C, exits=[-1], rank=4, exit_specific=False, sites=["q"],
-            adapter_kind="lora", alpha=8.0, scale=1.0,
-        )  # fmt: skip
+    with pytest.raises(ConfigError, match="model.net.adapter.alpha"):
+        adapter = dict(kind="lora", rank=4, exit_specific=False, sites=["q"], alpha=8.0, scale=1.0)
+        MultiExitViT(tiny_backbone(), C, exits=[-1], adapter=adapter)
 
 
 # ---------------------------------------------------------------------- wrapping twice
@@ -167,7 +171,7 @@ def test_add_lora_twice_is_a_clear_error():
 
 def test_second_lora_network_on_one_backbone_is_a_clear_error():
     backbone = tiny_backbone()
-    kwargs = dict(exits=[-1], rank=4, exit_specific=False, sites=["q"], adapter_kind="lora")
+    kwargs = dict(exits=[-1], adapter=dict(kind="lora", rank=4, exit_specific=False, sites=["q"]))
     MultiExitViT(backbone, C, **kwargs)
     with pytest.raises(ValueError, match="fresh backbone"):
         MultiExitViT(backbone, C, **kwargs)

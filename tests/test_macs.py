@@ -33,10 +33,12 @@ def test_matches_flop_counter(exits, separate_cls, sites, kind):
         backbone,
         10,
         exits,
-        exit_specific=separate_cls and kind == "e_adapter",
-        separate_cls=separate_cls,
-        sites=sites,
-        adapter_kind=kind,
+        adapter=dict(
+            kind=kind,
+            exit_specific=separate_cls and kind == "e_adapter",
+            separate_cls=separate_cls,
+            sites=sites,
+        ),
     ).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

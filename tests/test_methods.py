@@ -52,7 +52,7 @@ def expected_trainable(method: str, r: int = 8) -> int:
 def build(method: str, tmp_path, *overrides: str):
     exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
     cfg = compose_config(
-        [f"method={method}", *TINY_BACKBONE, f"model.exits={exits}", *overrides], tmp_path
+        [f"method={method}", *TINY_BACKBONE, f"model.net.exits={exits}", *overrides], tmp_path
     )
     validate_config(cfg)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_model_node_instantiates_the_module_train_builds(method, tmp_path):
     from met_lightning.train import instantiate_model
 
     exits = "[1,2,3,4]" if method in ("met", "multi_exit_linear") else "[-1]"
-    cfg = compose_config([f"method={method}", *TINY_BACKBONE, f"model.exits={exits}"], tmp_path)
+    cfg = compose_config([f"method={method}", *TINY_BACKBONE, f"model.net.exits={exits}"], tmp_path)
     validate_config(cfg)
     module = instantiate_model(cfg.model, tiny_backbone(), C)
     assert isinstance(module, MultiExitClassifier) and isinstance(module.net, MultiExitViT)
@@ -118,7 +118,7 @@ def test_scheduler_none_trains_at_a_constant_rate(tmp_path):
     it): no scheduler."""
     from met_lightning.train import instantiate_model
 
-    cfg = compose_config(["scheduler=none", *TINY_BACKBONE, "model.exits=[2,4]"], tmp_path)
+    cfg = compose_config(["scheduler=none", *TINY_BACKBONE, "model.net.exits=[2,4]"], tmp_path)
     validate_config(cfg)
     module = instantiate_model(cfg.model, tiny_backbone(), C)
     assert module.scheduler_factory is None
@@ -242,7 +242,7 @@ def test_pack_unpack_round_trip_and_size():
 
 @pytest.mark.parametrize("method", ["met", "adapter"])
 def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tmp_path):
-    cfg, net = build(method, tmp_path, "model.adapter.bits=1")
+    cfg, net = build(method, tmp_path, "model.net.adapter.bits=1")
     binary = binary_weights(net)
     assert len(binary) == 2 * DEPTH * (2 if method == "met" else 1)  # down + up per adapter
     loss = instantiate(cfg.model.loss)(num_exits=net.num_exits)
@@ -279,7 +279,7 @@ def test_one_bit_trained_layers_two_values_each_and_export_round_trip(method, tm
 
 def test_one_bit_storage_is_about_a_32nd_of_the_adapter_weights(tmp_path):
     _, full = build("met", tmp_path)
-    _, one_bit = build("met", tmp_path, "model.adapter.bits=1")
+    _, one_bit = build("met", tmp_path, "model.net.adapter.bits=1")
     weights = sum(m.weight.numel() for m in binary_weights(one_bit).values())
     layers = len(binary_weights(one_bit))
     saved = storage_bytes(full) - storage_bytes(one_bit)
@@ -302,16 +302,28 @@ def _plain(node):
 @pytest.mark.parametrize(
     "overrides, key, fragment",
     [
-        (["model.adapter.kind=prompt"], "model.adapter.kind", "must be one of"),
-        (["method=lora", "model.adapter.sites=[attn]"], "model.adapter.sites", "q', 'k', 'v"),
-        (["method=adapter", "model.adapter.sites=[attn]"], "model.adapter.sites", "['mlp']"),
-        (["method=linear_probe", "model.adapter.sites=[mlp]"], "model.adapter.sites", "sites=[]"),
-        (["method=lora", "model.adapter.bits=1"], "model.adapter.bits=1", "bits=32"),
-        (["model.adapter.bits=4"], "model.adapter.bits=4", "[1, 32]"),
-        (["model.adapter.scale=0.5"], "model.adapter.scale", "adaptformer only"),
-        (["method=adapter", "model.adapter.exit_specific=true"], "exit_specific", "e_adapter"),
-        (["model.exits=[-13]"], "model.exits", "-1..-12"),
-        (["model.exits=[3,-1,-1]"], "model.exits", "duplicate"),
+        (["model.net.adapter.kind=prompt"], "model.net.adapter.kind", "must be one of"),
+        (
+            ["method=lora", "model.net.adapter.sites=[attn]"],
+            "model.net.adapter.sites",
+            "q', 'k', 'v",
+        ),
+        (
+            ["method=adapter", "model.net.adapter.sites=[attn]"],
+            "model.net.adapter.sites",
+            "['mlp']",
+        ),
+        (
+            ["method=linear_probe", "model.net.adapter.sites=[mlp]"],
+            "model.net.adapter.sites",
+            "sites=[]",
+        ),
+        (["method=lora", "model.net.adapter.bits=1"], "model.net.adapter.bits=1", "bits=32"),
+        (["model.net.adapter.bits=4"], "model.net.adapter.bits=4", "[1, 32]"),
+        (["model.net.adapter.scale=0.5"], "model.net.adapter.scale", "adaptformer only"),
+        (["method=adapter", "model.net.adapter.exit_specific=true"], "exit_specific", "e_adapter"),
+        (["model.net.exits=[-13]"], "model.net.exits", "-1..-12"),
+        (["model.net.exits=[3,-1,-1]"], "model.net.exits", "duplicate"),
     ],
 )
 def test_method_config_errors_name_the_key(overrides, key, fragment, tmp_path):
@@ -321,15 +333,18 @@ def test_method_config_errors_name_the_key(overrides, key, fragment, tmp_path):
 
 
 def test_negative_exits_count_from_the_end(tmp_path):
-    _, net = build("met", tmp_path, "model.exits=[2,-1]")
+    _, net = build("met", tmp_path, "model.net.exits=[2,-1]")
     assert net.exits == (2, 4)
 
 
 def test_ablation_switches_build_what_they_say(tmp_path):
-    _, shared = build("met", tmp_path, "model.adapter.exit_specific=false")
+    _, shared = build("met", tmp_path, "model.net.adapter.exit_specific=false")
     assert all(a.gamma.shape[0] == 1 for a in shared.adapters["attn"])
     _, no_cls = build(
-        "met", tmp_path, "model.adapter.exit_specific=false", "model.adapter.separate_cls=false"
+        "met",
+        tmp_path,
+        "model.net.adapter.exit_specific=false",
+        "model.net.adapter.separate_cls=false",
     )
     assert no_cls.num_early_tokens(0) == 0 and isinstance(no_cls.adapters["mlp"][0], EAdapter)
     cfg, _ = build("met", tmp_path, "model.loss.graph_weight=0")
@@ -341,7 +356,10 @@ def test_ablation_switches_build_what_they_say(tmp_path):
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.parametrize(
     "method, overrides",
-    [("lora", ["model.exits=[-1]"]), ("met", ["model.exits=[2,4]", "model.adapter.bits=1"])],
+    [
+        ("lora", ["model.net.exits=[-1]"]),
+        ("met", ["model.net.exits=[2,4]", "model.net.adapter.bits=1"]),
+    ],
 )
 def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, overrides, tmp_path):
     """A `python -m met_lightning method=...` run (in-process): the exported trainable.safetensors
@@ -352,7 +370,7 @@ def test_cli_run_exports_weights_that_reproduce_its_test_logits(method, override
     from met_lightning.inference.logit_store import LogitStore
     from tests.helpers import TINY_OVERRIDES, run_folder, run_task
 
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith("model.exits")]
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("model.net.exits")]
     args = ["debug=fast", f"method={method}", *tiny, *overrides]
     result = run_task(args, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -379,8 +397,8 @@ def test_early_exit_engine_works_for_every_adapter_kind(kind, sites):
     from met_lightning.inference.budget import SplitScores, calibrate_thresholds, simulate_exits
     from met_lightning.inference.engine import EarlyExitEngine
 
-    net = MultiExitViT(tiny_backbone(), C, [1, 2, 4], exit_specific=False, sites=sites,
-                       adapter_kind=kind).eval()  # fmt: skip
+    adapter = dict(kind=kind, exit_specific=False, sites=sites)
+    net = MultiExitViT(tiny_backbone(), C, [1, 2, 4], adapter=adapter).eval()
     for p in net.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)

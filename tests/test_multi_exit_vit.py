@@ -21,7 +21,7 @@ def randomize_adapters(net: MultiExitViT) -> None:
 def test_main_path_equals_timm_forward_at_init(exits, separate_cls, reg_tokens):
     backbone = tiny_backbone(reg_tokens=reg_tokens)
     net = MultiExitViT(
-        backbone, 10, exits, exit_specific=separate_cls, separate_cls=separate_cls
+        backbone, 10, exits, adapter=dict(exit_specific=separate_cls, separate_cls=separate_cls)
     ).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -106,9 +106,7 @@ def test_variants_train(exit_specific, separate_cls, sites):
         tiny_backbone(),
         3,
         [2, 4],
-        exit_specific=exit_specific,
-        separate_cls=separate_cls,
-        sites=sites,
+        adapter=dict(exit_specific=exit_specific, separate_cls=separate_cls, sites=sites),
     ).train()
     labels = torch.arange(24) % 3
     images = 2 * torch.randn(3, 3, 32, 32)[labels] + 0.1 * torch.randn(24, 3, 32, 32)

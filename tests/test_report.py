@@ -190,13 +190,15 @@ def _row(text: str, startswith: str) -> list[str]:
 
 
 def test_method_label_from_config_switches():
-    base = {"method": {"name": "met"}, "model": {"adapter": {"exit_specific": True,
-            "separate_cls": True}, "loss": {"graph_weight": 0.1, "graph": "label"}}}  # fmt: skip
+    def node(adapter: dict, loss: dict, name: str = "met") -> dict:  # load_run's (today's) shape
+        return {"model": {"name": name, "net": {"adapter": adapter}, "loss": loss}}
+
+    base = node({"exit_specific": True, "separate_cls": True},
+                {"graph_weight": 0.1, "graph": "label"})  # fmt: skip
     assert method_label(base, {"method": "met"}) == "met"
-    no_graph = {**base, "model": {**base["model"], "loss": {"graph_weight": 0.0}}}
+    no_graph = {"model": {**base["model"], "loss": {"graph_weight": 0.0}}}
     assert method_label(no_graph) == "met (no graph)"
-    shared = {**base, "model": {"adapter": {"exit_specific": False, "separate_cls": False},
-                                "loss": {"graph_weight": 0}}}  # fmt: skip
+    shared = node({"exit_specific": False, "separate_cls": False}, {"graph_weight": 0})
     assert method_label(shared) == "met (no graph, shared γ, no separate cls)"
     # a method without MET's keys (issue 5's baselines) gets its choice name only
     assert method_label({"method": {"name": "lp"}}, {"method": "linear_probe"}) == "linear_probe"
@@ -206,8 +208,11 @@ def test_method_label_from_config_switches():
     assert method_label({"model": {**base["model"], "name": "met", "loss": {"graph_weight": 0}}}
                         ) == "met (no graph)"  # fmt: skip
     # the rule list is the extension point
-    rules = [*report.METHOD_RULES, ("rank 4", lambda c: report.get(c, "model.adapter.rank") == 4)]
-    cfg = {**base, "model": {**base["model"], "adapter": {"rank": 4}}}
+    rules = [
+        *report.METHOD_RULES,
+        ("rank 4", lambda c: report.get(c, "model.net.adapter.rank") == 4),
+    ]
+    cfg = node({"rank": 4}, base["model"]["loss"])
     assert method_label(cfg, rules=rules) == "met (rank 4)"
 
 
@@ -396,8 +401,9 @@ def test_methods_compare_in_one_table_by_exit_block(tmp_path):
 
 
 def test_runs_of_the_model_node_layout_vary_by_their_switches_only(tmp_path):
-    """config.yaml since the `model` node names its `_target_`s: model.name is the method, and
-    the node's copies (model.net.*, model.optimizer.*) do not make variants of their own."""
+    """config.yaml since the `model` node names its `_target_`s (here the one that mirrored the
+    switches into model.net, read in today's shape): model.name is the method, and the node's
+    copies (model.optimizer.*) do not make variants of their own."""
     from experiments.report_load import assign_variants, load_run
 
     runs = []

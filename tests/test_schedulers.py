@@ -61,7 +61,7 @@ class _RecordLR(L.Callback):
 
 def test_warmup_kept_with_max_epochs_minus_one_and_max_steps(tmp_path):
     """4 batches per epoch, warm-up 1 epoch: steps 0-3 warm up although max_epochs is -1."""
-    cfg = compose_config(["method=linear_probe", *TINY_OVERRIDES, "model.exits=[-1]"], tmp_path)
+    cfg = compose_config(["method=linear_probe", *TINY_OVERRIDES, "model.net.exits=[-1]"], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
     net = instantiate(cfg.model.net)(backbone=tiny_backbone(), num_classes=10)

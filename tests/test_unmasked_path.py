@@ -59,16 +59,16 @@ def masked_reference(net: MultiExitViT, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([h(f) for h, f in zip(net.heads, features, strict=True)], dim=1)
 
 
-VARIANTS = {
+VARIANTS = {  # name -> MultiExitViT's adapter fields, or exits / reg_tokens
     "e_adapter": dict(),
     "shared_gamma": dict(exit_specific=False),
     "no_separate_cls": dict(exit_specific=False, separate_cls=False),
     "attn_site": dict(sites=["attn"]),
     "mlp_site": dict(sites=["mlp"]),
     "binary": dict(bits=1),
-    "adaptformer": dict(adapter_kind="adaptformer", exit_specific=False, sites=["mlp"]),
-    "lora": dict(adapter_kind="lora", exit_specific=False, sites=["q", "v"]),
-    "none": dict(adapter_kind="none", exit_specific=False, sites=[]),
+    "adaptformer": dict(kind="adaptformer", exit_specific=False, sites=["mlp"]),
+    "lora": dict(kind="lora", exit_specific=False, sites=["q", "v"]),
+    "none": dict(kind="none", exit_specific=False, sites=[]),
     "registers": dict(reg_tokens=2),
     "two_exits": dict(exits=[2, 4]),
 }
@@ -78,12 +78,13 @@ LAYOUTS = ["streams", "joint"]
 
 
 def build(variant: str, token_layout: str = "streams") -> MultiExitViT:
-    kwargs = dict(VARIANTS[variant], token_layout=token_layout)
-    reg = kwargs.pop("reg_tokens", 0)
-    exits = kwargs.pop("exits", [1, 2, 3, 4])
+    adapter = dict(VARIANTS[variant])
+    reg = adapter.pop("reg_tokens", 0)
+    exits = adapter.pop("exits", [1, 2, 3, 4])
     torch.manual_seed(0)
     # non-trivial trainable weights (zero-initialized up-projections would hide adapters)
-    return trained_like(MultiExitViT(tiny_backbone(reg_tokens=reg), 7, exits, **kwargs), 0.3)
+    net = MultiExitViT(tiny_backbone(reg_tokens=reg), 7, exits, adapter, token_layout=token_layout)
+    return trained_like(net, 0.3)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -158,7 +159,7 @@ def test_auto_layout_is_streams_on_cuda_only_and_checked():
     assert net.runs_joint(torch.zeros(1, device="meta"))  # not CUDA
     net.token_layout = "streams"
     assert not net.runs_joint(torch.zeros(1))
-    with pytest.raises(ConfigError, match=r"model.token_layout='mask' must be one of"):
+    with pytest.raises(ConfigError, match=r"model.net.token_layout='mask' must be one of"):
         net.token_layout = "mask"
 
 

@@ -1,13 +1,18 @@
 """Old run folders through one door: what an earlier met_lightning recorded, in today's shape.
 
 Both records of a run folder are read through `migrate`: the rebuild config of
-trainable.safetensors (`trainable.read_trainable`) and config.yaml (`resume=`), so that the
-network, its builders and the config checks know today's shape only. Earlier shapes:
+trainable.safetensors (`trainable.read_trainable`) and config.yaml (`resume=`); the overrides a
+run recorded through `migrate_override`. The network, its builders and the config checks know
+today's shape only. Earlier shapes of the `model` node:
 
-- a top-level `method: {name}` and a `model` of switches only (before the node named its
-  `_target_`s) become the node of conf/method/met.yaml. A LoRA adapter without `alpha` (older
-  still) multiplied B A x by `scale` (null: 1) whatever the rank: MultiExitViT's `scale`, exactly;
-- the budget callback's `_target_` from before it moved to `training/`.
+- a top-level `method: {name}` and a `model` of switches only (exits, finetune_backbone,
+  token_layout, adapter, loss, compile): before the node named its `_target_`s;
+- those switches at the top of the `model` node and mirrored, flat, into `model.net` (`rank`,
+  `adapter_kind`, ...): before they moved into `model.net` and `model.net.adapter`.
+
+A LoRA adapter recorded with `scale` multiplied B A x by it (null: 1, when there was no `alpha`
+yet) whatever the rank: it becomes `alpha = scale x rank`, the same multiplier alpha / rank.
+Also the budget callback's `_target_` from before it moved to `training/`.
 """
 
 from __future__ import annotations
@@ -20,14 +25,33 @@ from met_lightning.errors import CheckpointError
 MODULE = "met_lightning.training.module.MultiExitClassifier"
 NETWORK = "met_lightning.models.multi_exit_vit.MultiExitViT"
 LOSS = "met_lightning.losses.multi_exit.MultiExitLoss"
-# MultiExitViT's arguments that are adapter switches of the same name (conf/method/met.yaml `net`)
-ADAPTER_ARGUMENTS = ("rank", "exit_specific", "separate_cls", "sites", "bits", "scale", "alpha")
+# keys of the `model` node that moved into `model.net` (the old spelling -> today's)
+MOVED_KEYS = {
+    f"model.{key}": f"model.net.{key}"
+    for key in ("exits", "adapter", "finetune_backbone", "token_layout")
+}
 # callback `_target_`s that moved: the recorded one -> today's
 MOVED_TARGETS = {
     "met_lightning.inference.callback.BudgetAnalysis": (
         "met_lightning.training.budget_analysis.BudgetAnalysis"
     ),
 }
+
+
+def moved_key(key: str) -> str | None:
+    """Today's spelling of `key` if it lies under a key that moved (`MOVED_KEYS`), else None."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(f"{old}."):
+            return new + key[len(old) :]
+    return None
+
+
+def migrate_override(override: str) -> str:
+    """A recorded command-line override (`model.adapter.rank=4`) in today's spelling."""
+    key, sep, value = override.partition("=")
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
+    new = moved_key(key.lstrip("+~")) if sep else None
+    return f"{prefix}{new}={value}" if new else override
 
 
 def migrate(record: dict[str, Any], source: str) -> dict[str, Any]:
@@ -38,9 +62,11 @@ def migrate(record: dict[str, Any], source: str) -> dict[str, Any]:
         return record  # not ours: the caller's checks name it
     migrated = copy.deepcopy(record)
     model = migrated.get("model")
-    if "method" in migrated and isinstance(model, dict) and not {"net", "_target_"} & set(model):
-        migrated["model"] = _model_node(model, migrated.pop("method"), source)
-        if "optimizer" in migrated:  # a config.yaml: the groups the node reads (${optimizer})
+    targetless = "method" in migrated and not {"net", "_target_"} & set(model or {})
+    if isinstance(model, dict) and ("adapter" in model or targetless):  # switches on top
+        method = migrated.pop("method", None)
+        migrated["model"] = _model_node(model, method, source)
+        if not {"net", "_target_"} & set(model) and "optimizer" in migrated:  # a config.yaml
             migrated["model"]["optimizer"] = migrated["optimizer"]
             migrated["model"]["scheduler"] = migrated.get("scheduler")
     for callback in (migrated.get("callbacks") or {}).values():
@@ -50,30 +76,39 @@ def migrate(record: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _model_node(model: dict[str, Any], method: Any, source: str) -> dict[str, Any]:
-    """Today's `model` node of a `model` of switches written before the node named targets."""
+    """Today's `model` node of one whose switches (exits, adapter, ...) sit at its top."""
     try:
         recorded = model["adapter"]
         adapter = {"kind": "e_adapter", "bits": 32, "scale": None, "alpha": None, **recorded}
-        if adapter["kind"] == "lora" and "alpha" not in recorded and adapter["scale"] is None:
-            adapter["scale"] = 1.0
-        switches = {
+        if adapter["kind"] == "lora" and (adapter["scale"] is not None or "alpha" not in recorded):
+            multiplier = 1.0 if adapter["scale"] is None else float(adapter["scale"])
+            adapter.update(alpha=multiplier * int(adapter["rank"]), scale=None)
+        net = {
+            "_target_": NETWORK,
+            "_partial_": True,
             "exits": model["exits"],
+            "adapter": adapter,
             "finetune_backbone": model.get("finetune_backbone", False),
             "token_layout": model.get("token_layout", "auto"),
         }
-        arguments = {"adapter_kind": adapter["kind"], **{k: adapter[k] for k in ADAPTER_ARGUMENTS}}
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"{source}: its recorded config does not build a network ({type(err).__name__}: "
-            f"{err}, in a `model` node written before the node named its targets)"
+            f"{err}, in a `model` node written before model.net held the adapter)"
         ) from None
+    name = method.get("name") if isinstance(method, dict) else model.get("name")
+    node = {k: v for k, v in model.items() if k not in ("net", *_switches())}
+    node.setdefault("_target_", MODULE)
+    loss = {k: v for k, v in (model.get("loss") or {}).items() if not k.startswith("_")}
     return {
-        "_target_": MODULE,
-        "name": method.get("name") if isinstance(method, dict) else None,
-        **switches,
-        "adapter": adapter,
-        "net": {"_target_": NETWORK, "_partial_": True, **switches, **arguments},
-        "loss": {"_target_": LOSS, "_partial_": True, **(model.get("loss") or {})},
+        **node,
+        "name": name,
+        "net": net,
+        "loss": {"_target_": LOSS, "_partial_": True, **loss},
         "compile": model.get("compile", False),
         "compile_mode": model.get("compile_mode"),
     }
+
+
+def _switches() -> tuple[str, ...]:
+    return tuple(key.split(".", 1)[1] for key in MOVED_KEYS) + ("name",)

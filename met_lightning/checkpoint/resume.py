@@ -41,7 +41,7 @@ from met_lightning.checkpoint.lightning_io import (
     outside_paths,
     reroot,
 )
-from met_lightning.checkpoint.migrate import migrate
+from met_lightning.checkpoint.migrate import migrate, migrate_override
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.paths import config_dir
 
@@ -119,6 +119,7 @@ def saved_overrides(run_dir: Path) -> list[str]:
         raise CheckpointError(f"resume={run_dir}: {saved} cannot be read ({err})") from None
     if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
         raise CheckpointError(f"resume={run_dir}: {saved} is not a list of overrides")
+    recorded = [migrate_override(text) for text in recorded]  # an earlier version's spelling
     conf = Path(config_dir())
     parser = OverridesParser.create()
     for text in recorded:

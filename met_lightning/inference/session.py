@@ -24,7 +24,6 @@ from omegaconf import MISSING, OmegaConf
 
 from met_lightning.builders import meta_network
 from met_lightning.checkpoint import load_trainable, read_trainable
-from met_lightning.config import _typed
 from met_lightning.data.base import InputSpec
 from met_lightning.data.transforms import eval_transform
 from met_lightning.errors import CheckpointError, ConfigError
@@ -42,6 +41,7 @@ from met_lightning.inference.engine import (
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
 from met_lightning.inference.logit_store import LogitStore, recorded_precision
 from met_lightning.macs import ExitCosts, format_macs, model_exit_costs
+from met_lightning.structured import typed as _typed
 
 log = logging.getLogger(__name__)
 

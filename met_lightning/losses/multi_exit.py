@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from met_lightning.losses.graph import GraphRegularizer
+from met_lightning.errors import ConfigError
+from met_lightning.losses.graph import GRAPH_KINDS, GraphRegularizer
+from met_lightning.structured import target_config
 
 
 @dataclass
@@ -17,6 +19,35 @@ class LossParts:
     total: torch.Tensor  # scalar
     ce: torch.Tensor  # [K] cross-entropy of each exit
     graph: torch.Tensor  # [K-1] G_k of each early exit (zeros when off)
+
+
+def check_loss(
+    num_exits: int,
+    exit_weights: Sequence[float] | None,
+    graph: str,
+    graph_weight: float,
+    teacher_knn: int,
+    label_smoothing: float,
+) -> None:
+    """ConfigError naming the `model.loss` key of an impossible value."""
+    if graph not in GRAPH_KINDS:
+        raise ConfigError(f"model.loss.graph={graph!r} must be one of {list(GRAPH_KINDS)}")
+    if not graph_weight >= 0:
+        raise ConfigError(f"model.loss.graph_weight={graph_weight} must be >= 0 (0 turns it off)")
+    if teacher_knn < 1:
+        raise ConfigError(f"model.loss.teacher_knn={teacher_knn} must be >= 1")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
+    if exit_weights is None:
+        return
+    weights = list(exit_weights)
+    if len(weights) != num_exits:
+        raise ConfigError(
+            f"model.loss.exit_weights has {len(weights)} values for {num_exits} exits "
+            "(model.net.exits); give one weight per exit or null"
+        )
+    if not (all(w >= 0 for w in weights) and sum(weights) > 0):
+        raise ConfigError(f"model.loss.exit_weights={weights} must be >= 0 and not all 0")
 
 
 class MultiExitLoss(nn.Module):
@@ -32,9 +63,8 @@ class MultiExitLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        check_loss(num_exits, exit_weights, graph, graph_weight, teacher_knn, label_smoothing)
         weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
-        if len(weights) != num_exits:
-            raise ValueError(f"{len(weights)} exit weights for {num_exits} exits")
         self.register_buffer("exit_weights", torch.tensor(weights), persistent=False)
         self.graph_weight = float(graph_weight)
         self.graph = GraphRegularizer(graph, teacher_knn)
@@ -68,3 +98,7 @@ class MultiExitLoss(nn.Module):
             graph = torch.stack([self.graph(features[:, k], edges) for k in range(num_exits - 1)])
             total = total + self.graph_weight * graph.sum()
         return LossParts(total=total, ce=ce.detach(), graph=graph.detach())
+
+
+# model.loss: MultiExitLoss's arguments and defaults; train() adds the number of exits
+LossConfig = target_config(MultiExitLoss, partial=True, skip=("num_exits",))

@@ -7,10 +7,112 @@ up-projection (the adapter starts as a no-op) and optional 1-bit projections (`b
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from met_lightning.models.binary import QuantLinear
+from met_lightning.errors import ConfigError
+from met_lightning.models.binary import BITS, QuantLinear
+from met_lightning.models.lora import LORA_SITES
+
+KEY = "model.net.adapter"
+# kind -> the sites it can use
+ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
+    "e_adapter": ("attn", "mlp"),  # MET: before attention / MLP, shared W, per-exit gamma
+    "adaptformer": ("mlp",),  # parallel to the MLP
+    "lora": LORA_SITES,  # slices of the fused qkv projection
+    "none": (),  # heads only (linear probe, multi-exit linear, full fine-tuning)
+}
+ADAPTFORMER_SCALE = 0.1  # AdaptFormer's s when `scale` is null
+LORA_ALPHA = 8.0  # HF peft's default lora_alpha, when `alpha` is null
+
+
+@dataclass
+class AdapterConfig:
+    """The parameter-efficient modules of a `MultiExitViT` (`model.net.adapter`), checked when
+    made: the one home of these defaults and checks (the config, the network and checkpoints).
+
+    kind: e_adapter (MET) | adaptformer | lora | none (heads only).
+    rank: bottleneck width r of the shared W_down / W_up (LoRA: the rank of B A).
+    exit_specific: one diagonal gamma_k per exit (false: one gamma shared by all exits).
+    separate_cls: a class-token stream per exit (false: every exit reads the main one).
+    sites: e_adapter: attn, mlp | adaptformer: mlp | lora: q, k, v | none: [].
+    bits: 32 | 1 (1-bit W_down / W_up: mu + 0.6745 sigma sign, packed export).
+    scale: AdaptFormer's s (null: 0.1).
+    alpha: LoRA's alpha: B A x is scaled by alpha / rank, HF peft's lora_alpha / r (null: 8).
+    """
+
+    kind: str = "e_adapter"
+    rank: int = 8
+    exit_specific: bool = True
+    separate_cls: bool = True
+    sites: list[str] = field(default_factory=lambda: list(ADAPTER_KINDS["e_adapter"]))
+    bits: int = 32
+    scale: float | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        self.sites = list(self.sites)
+        kind, sites = self.kind, self.sites
+        if kind not in ADAPTER_KINDS:
+            raise ConfigError(f"{KEY}.kind={kind!r} must be one of {list(ADAPTER_KINDS)}")
+        valid = ADAPTER_KINDS[kind]
+        if any(s not in valid for s in sites) or len(set(sites)) != len(sites):
+            raise ConfigError(
+                f"{KEY}.sites={sites}: with {KEY}.kind={kind} each site must be one of "
+                f"{list(valid)}, listed once" + (f" (use {KEY}.sites=[])" if kind == "none" else "")
+            )
+        if kind != "none" and not (isinstance(self.rank, int) and self.rank > 0):
+            raise ConfigError(f"{KEY}.rank={self.rank} must be a positive integer (default 8)")
+        if self.exit_specific and kind != "e_adapter":
+            raise ConfigError(
+                f"{KEY}.exit_specific=true needs {KEY}.kind=e_adapter (got {kind}); set "
+                f"{KEY}.exit_specific=false"
+            )
+        if self.exit_specific and not self.separate_cls:
+            raise ConfigError(
+                f"{KEY}.exit_specific=true needs {KEY}.separate_cls=true: without separate class "
+                "tokens every exit reads the same token, so there is nothing to scale per exit. "
+                f"Set {KEY}.exit_specific=false or {KEY}.separate_cls=true."
+            )
+        if self.bits not in BITS:
+            raise ConfigError(f"{KEY}.bits={self.bits} must be one of {list(BITS)}")
+        if self.bits == 1 and kind not in ("e_adapter", "adaptformer"):
+            raise ConfigError(
+                f"{KEY}.bits=1 quantizes bottleneck adapters (kind e_adapter or adaptformer), "
+                f"not kind={kind}; set {KEY}.bits=32"
+            )
+        if self.scale is not None and kind == "lora":
+            raise ConfigError(
+                f"{KEY}.scale={self.scale} does not apply to kind lora: LoRA scales B A x by "
+                f"{KEY}.alpha / rank (HF peft's lora_alpha / r, alpha default {LORA_ALPHA:g}); "
+                f"set {KEY}.alpha={float(self.scale) * self.rank:g} (= scale x rank "
+                f"{self.rank}) and {KEY}.scale=null"
+            )
+        if self.scale is not None and kind != "adaptformer":
+            raise ConfigError(
+                f"{KEY}.scale={self.scale} is AdaptFormer's s and applies to kind adaptformer "
+                f"only (kind={kind}); set {KEY}.scale=null"
+            )
+        if self.alpha is not None and kind != "lora":
+            raise ConfigError(
+                f"{KEY}.alpha={self.alpha} is LoRA's alpha and applies to kind lora only "
+                f"(kind={kind}); set {KEY}.alpha=null"
+            )
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(
+                f"{KEY}.alpha={self.alpha} must be > 0: LoRA scales B A x by alpha / rank "
+                f"(null = peft's default {LORA_ALPHA:g})"
+            )
+
+    @property
+    def multiplier(self) -> float:
+        """What the adapter's output is scaled by: AdaptFormer's s, LoRA's alpha / rank."""
+        if self.kind == "lora":
+            return (LORA_ALPHA if self.alpha is None else float(self.alpha)) / self.rank
+        return ADAPTFORMER_SCALE if self.scale is None else float(self.scale)
 
 
 class _Bottleneck(nn.Module):

@@ -5,7 +5,7 @@ the query and value projections only; `LoRAQKV` wraps the fused layer and adds
 `scale * B_s A_s x` to the output slice of each chosen site `s` in {q, k, v}, where `A_s` [r, d]
 starts Kaiming-uniform and `B_s` [d, r] at zero (so the wrapped layer starts unchanged).
 `scale` is the multiplier itself; `MultiExitViT` passes HF peft's `lora_alpha / r`
-(`model.adapter.alpha / model.adapter.rank`). Trainable parameters per site: `2 d r`.
+(`model.net.adapter.alpha / model.net.adapter.rank`). Trainable parameters per site: `2 d r`.
 """
 
 from __future__ import annotations

@@ -24,43 +24,24 @@ two streams.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from met_lightning.errors import ConfigError
-from met_lightning.models.adapters import EAdapter, ParallelAdapter
+from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter
 from met_lightning.models.backbone import spec_of
-from met_lightning.models.binary import BITS
 from met_lightning.models.blocks import StreamBlock
-from met_lightning.models.lora import LORA_SITES, add_lora
+from met_lightning.models.lora import add_lora
+from met_lightning.structured import target_config
 
-ADAPTER_SITES = ("attn", "mlp")
-# model.adapter.kind -> the sites it can use (model.adapter.sites)
-ADAPTER_KINDS: dict[str, tuple[str, ...]] = {
-    "e_adapter": ADAPTER_SITES,  # MET: before attention / MLP, shared W, per-exit gamma
-    "adaptformer": ("mlp",),  # parallel to the MLP
-    "lora": LORA_SITES,  # slices of the fused qkv projection
-    "none": (),  # heads only (linear probe, multi-exit linear, full fine-tuning)
-}
 # timm ViT modules after the last block: MultiExitViT reads the class token through its own norms
 UNUSED_BACKBONE_PARTS = ("norm", "fc_norm", "attn_pool", "head_drop", "head")
 # how a stage runs the main and early streams (module docstring); auto: streams on CUDA only
 TOKEN_LAYOUTS = ("auto", "streams", "joint")
-# model.adapter.scale when null (AdaptFormer's s)
-DEFAULT_SCALE = {"adaptformer": 0.1}
-# model.adapter.alpha when null: HF peft's default `lora_alpha` (LoraConfig); LoRA's B A x is
-# scaled by alpha / rank, peft's `lora_alpha / r`
-DEFAULT_LORA_ALPHA = 8.0
-
-
-def lora_scale(rank: int, alpha: float | None = None) -> float:
-    """LoRA's multiplier of `B A x`: alpha / rank, as HF peft's `lora_alpha / r` (None: 8)."""
-    return (DEFAULT_LORA_ALPHA if alpha is None else float(alpha)) / int(rank)
 
 
 class StreamState(NamedTuple):
@@ -75,7 +56,7 @@ class MultiExitOutput(NamedTuple):
     features: torch.Tensor  # [B, K, d]: input of each head (after LN_k)
 
 
-def check_exits(exits: Sequence[int], depth: int, key: str = "model.exits") -> tuple[int, ...]:
+def check_exits(exits: Sequence[int], depth: int, key: str = "model.net.exits") -> tuple[int, ...]:
     """Validate exit blocks and return them 1-based: non-empty, strictly increasing, in 1..depth,
     the last one = depth. Negative values count from the end as in Python: -1 is the last block.
     """
@@ -98,101 +79,23 @@ def check_exits(exits: Sequence[int], depth: int, key: str = "model.exits") -> t
     return exits
 
 
-def check_adapter(
-    kind: str = "e_adapter",
-    rank: int = 8,
-    exit_specific: bool = True,
-    separate_cls: bool = True,
-    sites: Sequence[str] = ADAPTER_SITES,
-    bits: int = 32,
-    scale: float | None = None,
-    alpha: float | None = None,
-) -> None:
-    """Validate the adapter switches (keys under model.adapter).
-
-    `scale` with kind lora (the multiplier of B A x itself) is allowed here, not together with
-    `alpha`; `config.validate_config` rejects it in a config (LoRA's configs give alpha).
-    """
-    if kind not in ADAPTER_KINDS:
-        raise ConfigError(f"model.adapter.kind={kind!r} must be one of {list(ADAPTER_KINDS)}")
-    valid_sites = ADAPTER_KINDS[kind]
-    unknown = [s for s in sites if s not in valid_sites]
-    if unknown or len(set(sites)) != len(sites):
-        raise ConfigError(
-            f"model.adapter.sites={list(sites)}: with model.adapter.kind={kind} each site must be "
-            f"one of {list(valid_sites)}, listed once"
-            + (" (use model.adapter.sites=[])" if kind == "none" else "")
-        )
-    if kind != "none" and int(rank) <= 0:
-        raise ConfigError(f"model.adapter.rank={rank} must be a positive integer (default 8)")
-    if exit_specific and kind != "e_adapter":
-        raise ConfigError(
-            f"model.adapter.exit_specific=true needs model.adapter.kind=e_adapter (got {kind}); "
-            "set model.adapter.exit_specific=false"
-        )
-    if exit_specific and not separate_cls:
-        raise ConfigError(
-            "model.adapter.exit_specific=true needs model.adapter.separate_cls=true: without "
-            "separate class tokens every exit reads the same token, so there is nothing to scale "
-            "per exit. Set model.adapter.exit_specific=false or model.adapter.separate_cls=true."
-        )
-    if bits not in BITS:
-        raise ConfigError(f"model.adapter.bits={bits} must be one of {list(BITS)}")
-    if bits == 1 and kind not in ("e_adapter", "adaptformer"):
-        raise ConfigError(
-            f"model.adapter.bits=1 quantizes bottleneck adapters (kind e_adapter or adaptformer), "
-            f"not kind={kind}; set model.adapter.bits=32"
-        )
-    if scale is not None and kind not in ("adaptformer", "lora"):
-        raise ConfigError(
-            f"model.adapter.scale={scale} is AdaptFormer's s and applies to kind adaptformer only "
-            f"(kind={kind}); set model.adapter.scale=null"
-        )
-    if alpha is not None and kind != "lora":
-        raise ConfigError(
-            f"model.adapter.alpha={alpha} is LoRA's alpha and applies to kind lora only "
-            f"(kind={kind}); set model.adapter.alpha=null"
-        )
-    if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0):
-        raise ConfigError(
-            f"model.adapter.alpha={alpha} must be > 0: LoRA scales B A x by alpha / rank "
-            f"(null = peft's default {DEFAULT_LORA_ALPHA:g})"
-        )
-    if kind == "lora" and scale is not None and alpha is not None:
-        raise ConfigError(lora_scale_message(scale, rank))
-
-
 def check_token_layout(layout: str) -> str:
-    """`layout` if it is one of TOKEN_LAYOUTS (model.token_layout), else a ConfigError."""
+    """`layout` if it is one of TOKEN_LAYOUTS (model.net.token_layout), else a ConfigError."""
     if layout not in TOKEN_LAYOUTS:
         raise ConfigError(
-            f"model.token_layout={layout!r} must be one of {list(TOKEN_LAYOUTS)} (auto: "
+            f"model.net.token_layout={layout!r} must be one of {list(TOKEN_LAYOUTS)} (auto: "
             "streams on CUDA, joint elsewhere; all give the same numbers)"
         )
     return layout
 
 
-def lora_scale_message(scale: float, rank: int) -> str:
-    """The error for model.adapter.scale with kind lora: use alpha = scale x rank instead."""
-    return (
-        f"model.adapter.scale={scale} does not apply to kind lora: LoRA scales B A x by "
-        "model.adapter.alpha / rank (HF peft's lora_alpha / r, alpha default "
-        f"{DEFAULT_LORA_ALPHA:g}); set model.adapter.alpha={float(scale) * int(rank):g} "
-        f"(= scale x rank {rank}) and model.adapter.scale=null"
-    )
-
-
 class MultiExitViT(nn.Module):
     """Frozen timm ViT + adapters + ``LN_k -> Linear`` head after each exit block.
 
-    `adapter_kind` picks the parameter-efficient module: ``e_adapter`` (MET), ``adaptformer``,
-    ``lora`` or ``none``; with one exit and no adapter this is a linear probe, and
-    `finetune_backbone=True` trains the whole backbone too (full fine-tuning).
-
-    `scale`: AdaptFormer's s (None: 0.1). `alpha`: LoRA's alpha, its `B A x` is scaled by
-    alpha / rank as in HF peft (None: peft's default 8). With kind lora, `scale` instead of
-    `alpha` gives the multiplier itself (what `checkpoint.migrate` makes of a run folder written
-    before model.adapter.alpha existed).
+    `adapter` (an `AdapterConfig` or its fields) picks the parameter-efficient modules: MET's
+    E-adapters, AdaptFormer, LoRA or none; with one exit and no adapter this is a linear probe,
+    and `finetune_backbone=True` trains the whole backbone too (full fine-tuning). The defaults
+    here are the `model.net` node's (`NetConfig`).
 
     Stage API: `stage` is the one sequence that `forward`, the early-exit engine (eager and CUDA
     graphs) and the ONNX stage graphs run, exit by exit::
@@ -209,30 +112,24 @@ class MultiExitViT(nn.Module):
         self,
         backbone: VisionTransformer,
         num_classes: int,
-        exits: Sequence[int],
-        rank: int = 8,
-        exit_specific: bool = True,
-        separate_cls: bool = True,
-        sites: Sequence[str] = ADAPTER_SITES,
-        adapter_kind: str = "e_adapter",
-        bits: int = 32,
-        scale: float | None = None,
+        exits: Sequence[int] = (3, 6, 9, 12),
+        adapter: AdapterConfig | Mapping[str, Any] | None = None,
         finetune_backbone: bool = False,
-        alpha: float | None = None,
         token_layout: str = "auto",
     ) -> None:
         super().__init__()
+        if not isinstance(adapter, AdapterConfig):
+            adapter = AdapterConfig(**(adapter or {}))
         self.spec = spec_of(backbone)
         self.exits = check_exits(exits, self.spec.depth)
-        check_adapter(adapter_kind, rank, exit_specific, separate_cls, sites, bits, scale, alpha)
+        self.adapter = adapter
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.num_exits = len(self.exits)
-        self.separate_cls = bool(separate_cls)
-        self.exit_specific = bool(exit_specific)
-        self.adapter_kind = adapter_kind
-        self.rank = int(rank) if adapter_kind != "none" else 0
-        self.sites = tuple(sites)
+        self.separate_cls = bool(adapter.separate_cls)
+        self.exit_specific = bool(adapter.exit_specific)
+        self.rank = adapter.rank if adapter.kind != "none" else 0
+        self.sites = tuple(adapter.sites)
         self.finetune_backbone = bool(finetune_backbone)
         self.token_layout = token_layout  # checked by the property setter
         for i, blk in enumerate(backbone.blocks):  # same parts and names, one more entry point
@@ -246,30 +143,26 @@ class MultiExitViT(nn.Module):
                 if isinstance(part, nn.Module):
                     part.requires_grad_(False)
 
-        dim, depth, k = self.spec.embed_dim, self.spec.depth, self.num_exits
-        if scale is not None:
-            scale = float(scale)
-        elif adapter_kind == "lora":
-            scale = lora_scale(rank, alpha)
-        else:
-            scale = DEFAULT_SCALE.get(adapter_kind)
+        dim, depth, k, rank, bits = (
+            self.spec.embed_dim, self.spec.depth, self.num_exits, adapter.rank, adapter.bits
+        )  # fmt: skip
         # E-adapters, keyed by site, run before the sub-layer; AdaptFormer's run beside the MLP
         self.adapters = nn.ModuleDict()
         self.parallel_adapters: nn.ModuleList | None = None
-        if adapter_kind == "e_adapter":
-            num_gammas = k if exit_specific else 1
+        if adapter.kind == "e_adapter":
+            num_gammas = k if adapter.exit_specific else 1
             self.adapters.update(
                 {
                     s: nn.ModuleList(EAdapter(dim, rank, num_gammas, bits) for _ in range(depth))
-                    for s in sites
+                    for s in adapter.sites
                 }  # fmt: skip
             )
-        elif adapter_kind == "adaptformer" and sites:
+        elif adapter.kind == "adaptformer" and adapter.sites:
             self.parallel_adapters = nn.ModuleList(
-                ParallelAdapter(dim, rank, scale, bits) for _ in range(depth)
+                ParallelAdapter(dim, rank, adapter.multiplier, bits) for _ in range(depth)
             )
-        elif adapter_kind == "lora" and sites:
-            add_lora(backbone.blocks, rank, sites, scale)
+        elif adapter.kind == "lora" and adapter.sites:
+            add_lora(backbone.blocks, rank, adapter.sites, adapter.multiplier)
         self.norms = nn.ModuleList(copy.deepcopy(backbone.norm) for _ in range(k))
         for param in self.norms.parameters():
             param.requires_grad_(True)
@@ -437,3 +330,9 @@ class MultiExitViT(nn.Module):
             features.append(feature)
             logits.append(logit)
         return MultiExitOutput(torch.stack(logits, dim=1), torch.stack(features, dim=1))
+
+
+# model.net: MultiExitViT's arguments and defaults; train() adds the backbone and num_classes
+NetConfig = target_config(
+    MultiExitViT, partial=True, skip=("backbone", "num_classes"), adapter=AdapterConfig
+)

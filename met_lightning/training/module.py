@@ -11,12 +11,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from met_lightning.errors import CheckpointError, TrainingDivergedError
-from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.losses.multi_exit import LossConfig, MultiExitLoss
+from met_lightning.models.multi_exit_vit import NetConfig
+from met_lightning.structured import target_config
 from met_lightning.training.loggers import flush_csv
 
 STAGES = ("train", "val", "test")
@@ -62,7 +65,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 class MultiExitClassifier(L.LightningModule):
     """Logs `stage/acc_exit{k}` for every exit and `stage/acc` for the last one.
 
-    The `model` config node (conf/method/*.yaml): `net` (a MultiExitViT), `loss`, `optimizer` and
+    The `model` config node (conf/method/*.yaml, `ModelConfig`) holds exactly these arguments:
+    `name` (the method's label in summary.json and the reports), `net` (a MultiExitViT), `loss`,
+    `optimizer` and
     `scheduler` (partials completed in `configure_optimizers`; a scheduler that is None or a config
     without `_target_`, as `scheduler=none` gives: a constant learning rate), `compile` /
     `compile_mode` (torch.compile the network and the loss, `compile_network`).
@@ -78,8 +83,10 @@ class MultiExitClassifier(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        name: str = "met",
     ) -> None:
         super().__init__()
+        self.name = name
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -392,3 +399,15 @@ class MultiExitClassifier(L.LightningModule):
             # `estimated_stepping_batches` or at the first epoch): the resumed epoch draws its
             # data order from these states, as the uninterrupted run did
             set_rng_states(resume["rng"])
+
+
+# the `model` node: MultiExitClassifier's arguments; the method files (conf/method/*.yaml) start
+# from `method=base` and override what they change. train() completes `net` and `loss`.
+ModelConfig = target_config(
+    MultiExitClassifier,
+    net=NetConfig,
+    loss=LossConfig,
+    optimizer="${optimizer}",
+    scheduler="${scheduler}",
+)
+ConfigStore.instance().store(group="method", name="base", package="model", node=ModelConfig)

@@ -62,8 +62,8 @@ SCENARIOS = {
     # ------------------------------------------------------------------ config (the key errors
     # of validate_config: tests/test_config.py)
     "unknown-key": train(
-        "model.adapter.rnk=4",
-        expect=("Could not override 'model.adapter.rnk'", "not in struct"),
+        "model.net.adapter.rnk=4",
+        expect=("Could not override 'model.net.adapter.rnk'", "Key 'rnk' not in 'AdapterConfig'"),
         main=True,  # Hydra's own error, exit code 1
     ),
     # ------------------------------------------------------------------ data
@@ -333,8 +333,8 @@ def test_hydra_full_error_shows_the_traceback(tmp_path, monkeypatch):
     """HYDRA_FULL_ERROR=1: the same user error raised (Hydra prints its traceback), for a bug
     report."""
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    cfg = compose_config([*FAST, "model.adapter.rank=0"], tmp_path)
-    with pytest.raises(ConfigError, match=r"model\.adapter\.rank=0 must be a positive integer"):
+    cfg = compose_config([*FAST, "model.net.adapter.rank=0"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.net\.adapter\.rank=0 must be a positive"):
         train_entry._task(cfg)
 
 

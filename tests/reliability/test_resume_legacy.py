@@ -58,6 +58,6 @@ def test_a_legacy_run_folder_resumes(legacy_run):
 
 def test_a_changed_switch_is_still_named(legacy_run):
     folder, _ = legacy_run
-    cfg = compose_config([*ARGS, f"resume={folder}", "model.adapter.rank=4"], folder)
-    with pytest.raises(ConfigError, match=r"model.adapter.rank: 8 -> 4"):
+    cfg = compose_config([*ARGS, f"resume={folder}", "model.net.adapter.rank=4"], folder)
+    with pytest.raises(ConfigError, match=r"model.net.adapter.rank: 8 -> 4"):
         train(cfg)

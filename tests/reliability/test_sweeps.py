@@ -12,7 +12,7 @@ MESSAGE = "optimized_metric='nope' is not among this run's metrics"
 
 
 def test_missing_optimized_metric_fails_the_job_not_the_sweep(tmp_path):
-    args = ["-m", "model.adapter.rank=2,4", "+optimized_metric=nope", "debug=fast",
+    args = ["-m", "model.net.adapter.rank=2,4", "+optimized_metric=nope", "debug=fast",
             *TINY_OVERRIDES, "callbacks.budget_analysis=null",
             f"paths.log_dir={tmp_path}"]  # fmt: skip
     result = run_cli(args, cwd=tmp_path, OMP_NUM_THREADS="1")

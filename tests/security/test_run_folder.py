@@ -146,7 +146,7 @@ def resume_argv_exit(run: Path) -> None:
 
 def test_resume_still_applies_plain_and_group_overrides(tmp_path):
     (tmp_path / ".hydra").mkdir()
-    saved = ["+experiment=demo", "debug=fast", "model.exits=[2,4]", "~callbacks.progress_bar",
+    saved = ["+experiment=demo", "debug=fast", "model.net.exits=[2,4]", "~callbacks.progress_bar",
              "paths.log_dir=/tmp/some folder", "backbone.model_kwargs={depth: 4}",
              "++backbone.model_kwargs={img_size: 64}"]  # fmt: skip
     (tmp_path / ".hydra" / "overrides.yaml").write_text(json.dumps(saved))
@@ -208,7 +208,7 @@ def test_recorded_model_kwargs_cannot_reach_timms_downloads(
 # ---------------------------------------------------------------------- item 4
 def test_recorded_sizes_are_checked_against_the_header_before_building(tiny_run, tmp_path):
     def huge(config):
-        config["model"]["net"]["rank"] = 400_000
+        config["model"]["net"]["adapter"]["rank"] = 400_000
         return config
 
     run = with_config(tiny_run, tmp_path / "run", huge)
