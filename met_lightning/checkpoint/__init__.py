@@ -1,11 +1,5 @@
-"""Checkpoints: what a run saves, how it is loaded back, checked, and resumed.
-
-- `save_trainable` / `load_trainable` / `verify`: trainable tensors + rebuild config in
-  safetensors (`trainable.py`, on `tagged.py`, `packing.py`, `fingerprint.py`);
-- `SafeCheckpointIO`, `load_lightning_checkpoint`, `checkpoint_progress`: Lightning's `.ckpt`
-  written atomically, read weights-only (`lightning_io.py`);
-- `resume_argv`, `resume_checkpoint`, `remove_stale_files`, `checkpoint_folders`: `resume=RUN_DIR`.
-"""
+"""Checkpoints: trainable-only safetensors (`trainable.py`), Lightning's `.ckpt` written atomically
+and read weights-only (`lightning_io.py`), and `resume=RUN_DIR` (`resume.py`)."""
 
 from met_lightning.checkpoint.fingerprint import KEY as FINGERPRINT_KEY
 from met_lightning.checkpoint.fingerprint import backbone_fingerprint

@@ -1,12 +1,9 @@
 """Lightning checkpoints written atomically and read without unpickling arbitrary objects.
 
-Lightning's `TorchCheckpointIO` stages a file in the temp folder and moves it, which across file
-systems is a copy that a crash can leave truncated; here it is written next to the target and
-renamed (`met_lightning.atomic`). Loading is always `weights_only=True`: never code from the file.
-
-A checkpoint is data that may come from someone else, and Lightning deletes the files its
-ModelCheckpoint state names (the "old best"): `SafeCheckpointIO(confine=FOLDERS)` keeps only the
-restored paths that resolve into the run's checkpoint folders and removes only files there.
+Written next to the target and renamed (Lightning's move from the temp folder is a copy across
+file systems, which a crash can leave truncated); loaded `weights_only=True`: never code from the
+file. A checkpoint may come from someone else and Lightning deletes the files its state names:
+`confine` keeps those paths inside the run's checkpoint folders.
 """
 
 from __future__ import annotations
@@ -127,13 +124,8 @@ def confined(callbacks: Any, folders: Sequence[str]) -> Any:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic `.ckpt` writes and weights-only loading.
-
-    `relocate=(old, new)`: a loaded checkpoint's callback paths under `old` are re-rooted into
-    `new` (a moved or copied run folder, `checkpoint.resume`). `confine`: the run's checkpoint
-    folders; loaded callback states keep only paths inside them (`confined`), and only regular
-    files inside them are ever removed.
-    """
+    """Atomic `.ckpt` writes and weights-only loading; `relocate=(old, new)` re-roots loaded
+    callback paths (a moved run folder), `confine` keeps them in the run's checkpoint folders."""
 
     def __init__(
         self, relocate: tuple[str, str] | None = None, confine: Sequence[str] | None = None

@@ -280,26 +280,20 @@ def _paths(value: Any) -> set[str]:
 def _writer_running(pid: int) -> bool:
     """Whether process `pid` (not this one, which has written nothing in the run folder yet) may
     still be writing."""
-    if pid == os.getpid():
-        return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only whether it exists
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        pass
-    return True
+        return True
+    return pid != os.getpid()
 
 
 def remove_stale_files(point: ResumePoint) -> list[Path]:
-    """Remove what a killed run left in RUN_DIR that the run resumed from `point` never uses;
-    returns the removed files. Never a checkpoint the resumed run still needs:
-    - a `.ckpt` in a ModelCheckpoint folder inside RUN_DIR, unknown to the restored callback
-      state and of a larger global step than `point` (written after last.ckpt, e.g. the epoch's
-      new best before the kill): else it would stay next to its rewritten copy (`-v1.ckpt`);
-      files the state knows, files up to the resume step and unreadable files are kept;
-    - an atomic writer's temporary file (`.NAME.RANDOM.PID.tmp`) whose process is gone.
-    """
+    """Remove (and return) what a killed run left in RUN_DIR that the resumed run never uses:
+    atomic writers' `*.tmp` files whose process is gone, and `.ckpt`s in its checkpoint folders
+    the restored callback state does not know, written after `point` (e.g. the new best of the
+    epoch whose last.ckpt the kill prevented: it would stay next to its rewritten `-v1` copy)."""
     run_dir = Path(point.run_dir)
     removed = []
     for path in sorted(run_dir.rglob("*.tmp")):

@@ -122,11 +122,8 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
 class AtomicExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer, but metrics.csv is rewritten whole, atomically, and the rows of an
-    existing one are kept (Lightning's appends in place and deletes an existing file).
-
-    Lightning saves after every logging call: the file is rewritten at most every `MIN_INTERVAL`
-    seconds, and on `flush()` (before every checkpoint, at every epoch start, at the end).
-    """
+    existing one are kept (Lightning's appends in place and deletes an existing file). It is
+    flushed before every checkpoint, at every epoch start and at the end."""
 
     MIN_INTERVAL = 2.0
 
@@ -151,20 +148,18 @@ class AtomicExperimentWriter(ExperimentWriter):
             self._write()
         return before - len(self.rows)
 
-    def save(self) -> None:
+    def save(self, now: bool = False) -> None:
+        """Keep the rows logged; write metrics.csv if `now` or MIN_INTERVAL s after the last."""
         if self.metrics:
             self._record_new_keys()
             self.rows.extend(row for row in self.metrics if _row_key(row) not in self._loaded)
             self.metrics = []
             self._pending = True
-        if self._pending and time.monotonic() - self._written_at >= self.MIN_INTERVAL:
+        if self._pending and (now or time.monotonic() - self._written_at >= self.MIN_INTERVAL):
             self._write()
 
     def flush(self) -> None:
-        """Write what was logged so far now."""
-        self.save()
-        if self._pending:
-            self._write()
+        self.save(now=True)
 
     def _write(self) -> None:
         self._pending = False
