@@ -1,8 +1,7 @@
 """The identity of a frozen backbone: its timm name and a SHA-256 over its weights.
 
-A trainable-only checkpoint is only meaningful on the exact backbone it was trained on. Training
-records `backbone_fingerprint` of the freshly built backbone (before any method wraps or changes
-it); `verify_backbone` recomputes it when the checkpoint is loaded and refuses a mismatch.
+Training records the fingerprint of the freshly built backbone; `verify_backbone` recomputes it
+when a trainable-only checkpoint is loaded and refuses another backbone.
 """
 
 from __future__ import annotations
@@ -39,16 +38,10 @@ def backbone_fingerprint(backbone: nn.Module, name: str) -> dict[str, str]:
 
 
 def verify_backbone(
-    backbone: nn.Module,
-    config: dict[str, Any],
-    path: str | Path,
-    weights_file: str | None = None,
+    backbone: nn.Module, config: dict[str, Any], path: str | Path, weights_file: str | None = None
 ) -> None:
-    """Check that `backbone` (just built from a checkpoint's config) is the one it was trained on.
-
-    CheckpointError naming both identities and the fix on a mismatch; a warning if the checkpoint
-    records no fingerprint (written before met_lightning recorded one).
-    """
+    """CheckpointError naming both identities and the fix unless `backbone` (just built from a
+    checkpoint's config) is the one it was trained on; a warning if none is recorded (older)."""
     recorded = config.get(KEY) or {}
     backbone_cfg = config.get("backbone") or {}
     name = str(backbone_cfg.get("name", "?"))
@@ -64,11 +57,8 @@ def verify_backbone(
     if now == {"name": str(recorded.get("name")), "sha256": recorded["sha256"]}:
         return
     source = weights_file or backbone_cfg.get("weights_file")
-    if source:
-        built = f"weights file {source}"
-    elif backbone_cfg.get("pretrained"):
-        built = "hub weights"
-    else:
+    built = f"weights file {source}" if source else "hub weights"
+    if not source and not backbone_cfg.get("pretrained"):
         built = f"random weights, seed {config.get('seed')}"
     raise CheckpointError(
         f"checkpoint {str(path)!r} is for another backbone: it was trained on "

@@ -1,20 +1,9 @@
 """Lightning checkpoints written atomically and read without unpickling arbitrary objects.
 
-Lightning's own `TorchCheckpointIO` writes through an fsspec transaction, which on a local disk
-stages the file in the system temp folder and then `shutil.move`s it: across file systems that is
-a copy onto the final name, so a crash can leave a truncated `last.ckpt`. Here the checkpoint goes
-to a temporary name next to the target and is renamed over it (`met_lightning.atomic`).
-
-Loading always uses `torch.load(..., weights_only=True)`: tensors and plain Python values only,
-never code from the file. Our checkpoints hold nothing else (see `MultiExitClassifier`).
-
-`SafeCheckpointIO(relocate=(old, new))` re-roots the absolute paths that Lightning's callbacks
-(ModelCheckpoint) restore, for a run folder that was moved or copied (`checkpoint.resume`).
-
-A checkpoint is data that may come from someone else: the paths its ModelCheckpoint state names
-are files Lightning later deletes (the "old best"). `SafeCheckpointIO(confine=FOLDERS)` drops
-every restored path that does not resolve (symlinks and `..` followed) into one of the run's
-checkpoint folders, and removes only regular files inside them.
+Written next to the target and renamed (Lightning's move from the temp folder is a copy across
+file systems, which a crash can leave truncated); loaded `weights_only=True`: never code from the
+file. A checkpoint may come from someone else and Lightning deletes the files its state names:
+`confine` keeps those paths inside the run's checkpoint folders.
 """
 
 from __future__ import annotations
@@ -39,6 +28,8 @@ log = logging.getLogger(__name__)
 # ModelCheckpoint's state entries that name files it may later delete (besides `best_k_models`'s
 # keys); its `dirpath` is only compared with the callback's own, never used as a path
 DELETABLE_PATHS = ("best_model_path", "last_model_path", "kth_best_model_path")
+# what torch.load raises on a file that is not a whole checkpoint
+CORRUPT = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)
 
 
 def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -48,17 +39,16 @@ def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> di
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (pickle.UnpicklingError, *CORRUPT) as err:
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        if isinstance(err, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds objects other than tensors and plain values; it "
+                f"is not loaded, since that would run code from the file ({reason}). Use a "
+                "checkpoint written by met_lightning, or start a fresh run"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds objects other than tensors and plain values; it is "
-            f"not loaded, since that would run code from the file ({reason[:200]}). Use a "
-            "checkpoint written by met_lightning, or start a fresh run"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({reason[:200]}); use another "
+            f"checkpoint {str(path)!r} is corrupt or truncated ({reason}); use another "
             "checkpoint (ckpt_path=...) or start a fresh run"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -69,8 +59,8 @@ def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> di
 
 
 def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
-    """(epoch, global step) a Lightning checkpoint was written at, its tensors memory-mapped, not
-    read; None if it is not a readable checkpoint (-1 for a missing field)."""
+    """(epoch, global step) of a Lightning checkpoint, tensors memory-mapped, not read; None if
+    it is not a readable checkpoint (-1 for a missing field)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", -1))
@@ -78,19 +68,17 @@ def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-def reroot(value: Any, old: str, new: str) -> Any:
-    """`value` with every string that is folder `old` or a path inside it moved into `new`.
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Recurses into dict keys and values, lists and tuples (ModelCheckpoint's `best_k_models` is a
-    dict keyed by path); other values are returned as they are. `old` and `new`: absolute paths.
-    """
+
+def reroot(value: Any, old: str, new: str) -> Any:
+    """`value` (dict keys and values, lists, tuples, recursively) with every string that is the
+    absolute folder `old` or a path inside it moved into `new`."""
     old, new = old.rstrip(os.sep) or os.sep, new.rstrip(os.sep) or os.sep
     if isinstance(value, str):
-        if value == old:
-            return new
-        if value.startswith(old.rstrip(os.sep) + os.sep):
-            return os.path.join(new, value[len(old) :].lstrip(os.sep))
-        return value
+        rest = value[len(old) :].lstrip(os.sep)
+        return (os.path.join(new, rest) if rest else new) if _within(value, old) else value
     if isinstance(value, dict):
         return {reroot(k, old, new): reroot(v, old, new) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -100,25 +88,19 @@ def reroot(value: Any, old: str, new: str) -> Any:
 
 def inside(path: str | Path, folders: Sequence[str]) -> bool:
     """Whether `path`, resolved (symlinks, `..`), is one of `folders` (resolved) or in one."""
-    real = os.path.realpath(path)
-    for folder in folders:
-        folder = os.path.realpath(folder)
-        if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    return any(_within(os.path.realpath(path), os.path.realpath(f)) for f in folders)
 
 
 def outside_paths(callbacks: Any, folders: Sequence[str]) -> list[str]:
-    """The files that the ModelCheckpoint states in `callbacks` (a checkpoint's `callbacks`
-    entry) name and that lie outside every one of `folders`: Lightning would delete them."""
+    """The files the ModelCheckpoint states in a checkpoint's `callbacks` name outside every one
+    of `folders`: Lightning would delete them."""
     found: list[str] = []
-    for state in (callbacks or {}).values() if isinstance(callbacks, dict) else ():
-        if not isinstance(state, dict):
-            continue
-        named = [state.get(key) for key in DELETABLE_PATHS]
-        best_k = state.get("best_k_models")
-        named += list(best_k) if isinstance(best_k, dict) else []
-        found += [p for p in named if isinstance(p, str) and p and not inside(p, folders)]
+    for state in callbacks.values() if isinstance(callbacks, dict) else ():
+        if isinstance(state, dict):
+            best_k = state.get("best_k_models")
+            named = [state.get(key) for key in DELETABLE_PATHS]
+            named += list(best_k) if isinstance(best_k, dict) else []
+            found += [p for p in named if isinstance(p, str) and p and not inside(p, folders)]
     return found
 
 
@@ -142,14 +124,8 @@ def confined(callbacks: Any, folders: Sequence[str]) -> Any:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic `.ckpt` writes (temporary name + rename) and weights-only loading.
-
-    `relocate=(old, new)`: loaded checkpoints get their callback states' paths under folder `old`
-    re-rooted into `new` (`reroot`), so that ModelCheckpoint restores its best / last / top-k
-    files and its `dirpath` in a moved or copied run folder instead of the original one.
-    `confine`: the run's checkpoint folders; a loaded callback state keeps only the paths inside
-    them (`confined`), and only regular files inside them are ever removed.
-    """
+    """Atomic `.ckpt` writes and weights-only loading; `relocate=(old, new)` re-roots loaded
+    callback paths (a moved run folder), `confine` keeps them in the run's checkpoint folders."""
 
     def __init__(
         self, relocate: tuple[str, str] | None = None, confine: Sequence[str] | None = None
@@ -166,8 +142,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialize fully before touching the file system
         with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
+            tmp.write_bytes(buffer.getbuffer())
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
@@ -186,8 +161,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if self.confine is not None and not inside(path, self.confine):
             log.warning("not removing %s: outside the run's checkpoint folders", path)
-            return
-        if path.is_symlink() or path.is_file():
+        elif path.is_symlink() or path.is_file():
             path.unlink()
         elif path.exists():
             log.warning("not removing %s: not a checkpoint file", path)

@@ -1,8 +1,7 @@
 """The trainable state as stored: 1-bit weights packed 8 signs per byte, every other tensor as is.
 
-A 1-bit weight (`models.binary.BinaryParts`: mean, std, where it is >= its mean) is stored as
-three tensors, `NAME.signs` (uint8 [ceil(n/8)]), `NAME.mu` and `NAME.sigma` (fp32 [1]); loading
-rebuilds the same `BinaryParts`, so the loaded layer computes bit-identical outputs.
+A 1-bit weight (`models.binary.BinaryParts`) is stored as `NAME.signs` (uint8 [ceil(n/8)]),
+`NAME.mu` and `NAME.sigma` (fp32 [1]); loading rebuilds the same, bit-identical `BinaryParts`.
 """
 
 from __future__ import annotations
@@ -65,8 +64,7 @@ def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the tensors `export_state` stores, without computing them (a network on
-    the meta device gives them at no cost)."""
+    """{name: shape} of the tensors `export_state` stores, not computed (works on meta device)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, param, layer in _trainable(net):
         if layer is None:
@@ -77,11 +75,10 @@ def export_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_shapes(net: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """CheckpointError naming `source` unless the stored tensor `shapes` (name -> shape, e.g. from
-    a safetensors header) are exactly those `export_state` of `net` (e.g. on the meta device)
-    would store: a recorded config that does not fit its tensors fails before anything is built.
-    """
+def check_shapes(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming `source` unless `tensors` have exactly the names and shapes that
+    `export_state(net)` (`net` e.g. on the meta device) would store."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     expected = export_shapes(net)
     if set(shapes) != set(expected):
         missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -100,7 +97,7 @@ def check_shapes(net: nn.Module, shapes: dict[str, tuple[int, ...]], source: str
 
 def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load `export_state` tensors into `net`; CheckpointError naming `source` if they differ."""
-    check_shapes(net, {name: tuple(t.shape) for name, t in tensors.items()}, source)
+    check_shapes(net, tensors, source)
     plain = {}
     for name, param, layer in _trainable(net):
         if layer is not None:
@@ -111,8 +108,7 @@ def load_export(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -
 
 
 def storage_bytes(net: nn.Module) -> int:
-    """Bytes of the trainable state as `export_state` stores it: a 1-bit weight is its packed
-    signs plus fp32 mu and sigma, every other tensor its own bytes (computed, nothing copied)."""
+    """Bytes of the trainable state as `export_state` stores it (computed, nothing copied)."""
     return sum(
         (math.ceil(p.numel() / 8) + 8) if layer is not None else p.numel() * p.element_size()
         for _, p, layer in _trainable(net)

@@ -1,24 +1,13 @@
 """Resume a stopped run in its own folder: `python -m met_lightning resume=RUN_DIR`.
 
-`resume_argv` (before Hydra parses the command line) puts the run's own overrides (its
-`.hydra/overrides.yaml`) in front of the user's and points Hydra's run folder at RUN_DIR, so that
-one override composes the run's config again. `resume_checkpoint` (in `train`) checks that the
-composed config is the run's `config.yaml` and returns RUN_DIR/checkpoints/last.ckpt.
+`resume_argv` (before Hydra parses argv) puts the run's `.hydra/overrides.yaml` before the user's
+overrides and points Hydra's run folder at RUN_DIR; `resume_checkpoint` (in `train`) checks the
+composed config is the run's `config.yaml` and returns RUN_DIR/checkpoints/last.ckpt, with the
+callback state's absolute paths re-rooted into RUN_DIR if the folder was moved or copied.
 
-A copied or moved run folder resumes as itself: Lightning's ModelCheckpoint state holds absolute
-paths (`dirpath`, `best_model_path`, `best_k_models`, ...), which `relocate` re-roots from the
-folder the checkpoint was written in into RUN_DIR when the checkpoint is loaded (SafeCheckpointIO).
-
-A run folder is data that may come from someone else, so what it holds never chooses code to run
-or deletes outside it: `saved_overrides` applies only overrides that select a config file this
-package ships or set a plain value of an existing key (no `_target_`-like key, no dict with one,
-no interpolation, no `hydra.*` key), and `resume_checkpoint` refuses a last.ckpt whose callback
-state names files outside the run's checkpoint folders (Lightning deletes its "old best").
-
-`remove_stale_files` makes a killed folder look like the uninterrupted run's at the resume point:
-a checkpoint written after last.ckpt (e.g. the new best of the epoch whose last.ckpt the kill
-prevented) is from the lost future, unknown to the restored callback state; it is removed, as are
-the atomic writer's leftover `*.tmp` files.
+A run folder is data that may come from someone else: it never chooses code to run (only
+overrides that select a shipped config file or set a plain value are applied) and never makes
+Lightning delete outside it (callback paths must lie in the run's checkpoint folders).
 """
 
 from __future__ import annotations
@@ -52,6 +41,8 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 TMP_FILE = re.compile(r"\..+\.(\d+)\.tmp")
 # keys that may differ between the run's config.yaml and the resumed one
 IGNORED = ("resume",)
+# a config option a group override may select: conf/<group>/<option>.yaml
+OPTION = re.compile(r"[A-Za-z0-9_][\w-]*(/[A-Za-z0-9_][\w-]*)*")
 
 
 def override_key(override: str) -> str:
@@ -65,8 +56,16 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-# a config option a group override may select: conf/<group>/<option>.yaml
-OPTION = re.compile(r"[A-Za-z0-9_][\w-]*(/[A-Za-z0-9_][\w-]*)*")
+def _plain(item: Any) -> bool:
+    """Whether `item` is plain data: no interpolation, no `_`-key (`_target_`, ...) anywhere."""
+    if isinstance(item, dict):
+        named_code = any(not isinstance(k, str) or k.startswith("_") for k in item)
+        return not named_code and _plain(list(item.values()))
+    if isinstance(item, list):
+        return all(_plain(v) for v in item)
+    if isinstance(item, str):
+        return "${" not in item
+    return item is None or isinstance(item, (bool, int, float))
 
 
 def _refusal(override: Override, conf: Path) -> str | None:
@@ -90,27 +89,12 @@ def _refusal(override: Override, conf: Path) -> str | None:
         return "a key that names code (_target_, _partial_, ...)"
     if override.type is OverrideType.ADD:  # `++key=value` may override an existing key
         return "a key that is not in the config (+)"
-
-    def plain(item: Any) -> bool:
-        if isinstance(item, dict):
-            return all(isinstance(k, str) and not k.startswith("_") and plain(v)
-                       for k, v in item.items())  # fmt: skip
-        if isinstance(item, list):
-            return all(plain(v) for v in item)
-        return (
-            item is None
-            or isinstance(item, (bool, int, float))
-            or (isinstance(item, str) and "${" not in item)
-        )
-
-    return None if plain(value) else "an interpolation or a node that names code"
+    return None if _plain(value) else "an interpolation or a node that names code"
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
-    """The task overrides a run recorded (RUN_DIR/.hydra/overrides.yaml), each checked.
-
-    The folder is data: an override that could choose code to run or read outside the config
-    (`_refusal`) raises a CheckpointError naming it, before anything is composed.
+    """The task overrides RUN_DIR/.hydra/overrides.yaml records; CheckpointError naming one that
+    could choose code to run or read outside the config (`_refusal`), before anything is composed.
     """
     saved = run_dir / ".hydra" / "overrides.yaml"
     try:
@@ -137,15 +121,10 @@ def saved_overrides(run_dir: Path) -> list[str]:
 
 
 def resume_argv(argv: list[str]) -> list[str]:
-    """`argv` with, for `resume=RUN_DIR`, the run's overrides first and `hydra.run.dir=RUN_DIR`.
-
-    Overrides the user gives again replace the run's (and `train` then reports the difference).
-    """
-    given = [i for i, arg in enumerate(argv) if i > 0 and arg.startswith("resume=")]
-    if not given:
-        return argv
-    index = given[-1]
-    run_dir = argv[index].split("=", 1)[1].strip("'\"")
+    """`argv` with, for `resume=RUN_DIR`, the run's overrides first and `hydra.run.dir=RUN_DIR`;
+    overrides the user gives again replace the run's (`train` reports the difference)."""
+    index = max((i for i, a in enumerate(argv) if i > 0 and a.startswith("resume=")), default=0)
+    run_dir = argv[index].split("=", 1)[1].strip("'\"") if index else ""
     if run_dir in ("", "null"):
         return argv
     saved = Path(run_dir) / ".hydra" / "overrides.yaml"
@@ -187,11 +166,10 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     new_dir = str(now.get("paths", {}).get("output_dir", ""))
     before = {k: reroot(v, old_dir, new_dir) if old_dir else v for k, v in _flatten(saved).items()}
     after = _flatten(now)
-    keys = sorted(set(before) | set(after))
     missing = "<absent>"
     return [
         f"{k}: {before.get(k, missing)!r} -> {after.get(k, missing)!r}"
-        for k in keys
+        for k in sorted(set(before) | set(after))
         if k.split(".")[0] not in IGNORED and before.get(k, missing) != after.get(k, missing)
     ]
 
@@ -213,40 +191,30 @@ class ResumePoint:
 
 
 def written_in(checkpoint: dict[str, Any], fallback: str) -> str:
-    """The run folder a run's checkpoints/last.ckpt was written in.
-
-    ModelCheckpoint records the path of the file it writes in its state before writing it, so
-    last.ckpt names itself (<run folder>/checkpoints/last.ckpt); `fallback` if none does.
-    """
+    """The run folder a last.ckpt was written in (ModelCheckpoint's state names the file it is
+    written to, so last.ckpt names itself); `fallback` if none does."""
     for state in (checkpoint.get("callbacks") or {}).values():
-        if not isinstance(state, dict):
-            continue
         for key in ("best_model_path", "last_model_path"):
-            path = state.get(key)
+            path = state.get(key) if isinstance(state, dict) else None
             if isinstance(path, str) and PurePath(path).parts[-2:] == LAST_CHECKPOINT.parts:
                 return str(PurePath(path).parent.parent)
     return fallback
 
 
 def checkpoint_folders(cfg: DictConfig) -> list[str]:
-    """The run's checkpoint folders (resolved): the `dirpath` of every ModelCheckpoint in
-    `cfg.callbacks`, and RUN_DIR/checkpoints. The only places a checkpoint's state may name."""
-    run_dir = Path(str(cfg.paths.output_dir))
-    folders = {os.path.realpath(run_dir / LAST_CHECKPOINT.parent)}
+    """The run's checkpoint folders (resolved), the only places a checkpoint's state may name:
+    RUN_DIR/checkpoints and the `dirpath` of every ModelCheckpoint in `cfg.callbacks`."""
+    folders = {os.path.realpath(Path(str(cfg.paths.output_dir)) / LAST_CHECKPOINT.parent)}
     for callback in (cfg.get("callbacks") or {}).values():
-        if isinstance(callback, DictConfig) and str(callback.get("_target_", "")).endswith(
-            "ModelCheckpoint"
-        ):
-            if callback.get("dirpath"):
-                folders.add(os.path.realpath(str(callback.dirpath)))
+        target = str(callback.get("_target_", "")) if isinstance(callback, DictConfig) else ""
+        if target.endswith("ModelCheckpoint") and callback.get("dirpath"):
+            folders.add(os.path.realpath(str(callback.dirpath)))
     return sorted(folders)
 
 
 def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
-    """RUN_DIR's last.ckpt (`ResumePoint`), after checking the config is the run's own.
-
-    CheckpointError if the checkpoint is missing, corrupt or unsafe; ConfigError if the composed
-    config differs from the run's config.yaml or the run folder is not RUN_DIR.
+    """RUN_DIR's last.ckpt, after checking the config is the run's own: CheckpointError if it is
+    missing, corrupt or unsafe; ConfigError if the config differs or the run folder is not RUN_DIR.
     """
     run_dir = Path(str(cfg.resume))
     output_dir = Path(str(cfg.paths.output_dir))
@@ -304,39 +272,29 @@ def _paths(value: Any) -> set[str]:
     if isinstance(value, str):
         return {os.path.realpath(value)} if value else set()
     if isinstance(value, dict):
-        return set().union(*(_paths(k) | _paths(v) for k, v in value.items()))
+        return _paths(list(value)) | _paths(list(value.values()))
     if isinstance(value, (list, tuple)):
-        return set().union(*(_paths(v) for v in value))
+        return set().union(*map(_paths, value))
     return set()
 
 
 def _writer_running(pid: int) -> bool:
-    """Whether process `pid` (another one than this) is alive and may still be writing."""
-    if pid == os.getpid():  # this process has not written anything in the run folder yet
-        return False
+    """Whether process `pid` (not this one, which has written nothing in the run folder yet) may
+    still be writing."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only whether it exists
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
-    return True
+    return pid != os.getpid()
 
 
 def remove_stale_files(point: ResumePoint) -> list[Path]:
-    """Remove what a killed run left in RUN_DIR that the run resumed from `point` never uses.
-
-    The rule, which can never remove a checkpoint the resumed run still needs:
-    - a `.ckpt` in a ModelCheckpoint folder inside RUN_DIR whose global step is larger than the
-      resume checkpoint's was written after it (e.g. the epoch's new best, written before the kill
-      stopped its last.ckpt). The restored callback state cannot know it, so the resumed run never
-      loads, keeps or deletes it: it would stay next to its rewritten copy (`epoch_001.ckpt` and
-      `epoch_001-v1.ckpt`). Files the state knows, and every file written at or before the resume
-      step (e.g. every epoch of a `save_top_k: -1` callback), are kept; unreadable files too;
-    - a temporary file of the atomic writer (`.NAME.RANDOM.PID.tmp`, `met_lightning.atomic`)
-      anywhere in RUN_DIR whose writing process is no longer running.
-    Returns the removed files.
-    """
+    """Remove (and return) what a killed run left in RUN_DIR that the resumed run never uses:
+    atomic writers' `*.tmp` files whose process is gone, and `.ckpt`s in its checkpoint folders
+    the restored callback state does not know, written after `point` (e.g. the new best of the
+    epoch whose last.ckpt the kill prevented: it would stay next to its rewritten `-v1` copy)."""
     run_dir = Path(point.run_dir)
     removed = []
     for path in sorted(run_dir.rglob("*.tmp")):

@@ -1,8 +1,5 @@
-"""Our safetensors files: tensors plus string metadata whose `format` key names what the file is.
-
-The trainable checkpoint (`trainable.safetensors`) and the logit store (`logits.safetensors`)
-are such files; reading one checks that it exists, parses and carries the expected format.
-"""
+"""Our safetensors files (`trainable.safetensors`, `logits.safetensors`): tensors plus string
+metadata whose `format` key names what the file is."""
 
 from __future__ import annotations
 
@@ -34,11 +31,8 @@ def read_tagged(
     missing_hint: str = "",
     tensors: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of one of our safetensors files (`path` or `path/filename`); with
-    `tensors=False` only the header is read (tensors: {}).
-
-    CheckpointError naming the file if it is missing, corrupt, or not of format `fmt`.
-    """
+    """(tensors, metadata) of one of our files (`path` or `path/filename`), only the header with
+    `tensors=False` (tensors: {}); CheckpointError if missing, corrupt, or not of format `fmt`."""
     path = Path(path)
     if path.is_dir():
         path = path / filename

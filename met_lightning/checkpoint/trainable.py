@@ -1,13 +1,10 @@
 """Trainable-only checkpoints: the adapters and heads in safetensors, plus the config to rebuild.
 
-Like HF peft's `save_pretrained`: the frozen backbone is not stored; `load_trainable` rebuilds it
-from the recorded `backbone` config, checks it is the one trained on (`fingerprint`) and loads the
-trainable tensors (`packing`) on top. `verify` runs the same checks without building the network.
-
-The file may come from someone else: its metadata is plain JSON, never resolved (an interpolation
-is refused), checked field by field (`check_recorded`), and the network it describes is first
-built on the meta device and compared with the stored tensors' shapes, so that a config that
-does not fit its tensors fails before any weight is allocated.
+The frozen backbone is not stored (like peft's `save_pretrained`): `load_trainable` rebuilds it
+from the recorded config, checks its `fingerprint` and loads the trainable tensors on top.
+The file may come from someone else: its JSON metadata is never resolved, checked field by field
+(`check_recorded`), and its network is built on the meta device and compared with the tensors'
+shapes before any weight is allocated.
 """
 
 from __future__ import annotations
@@ -32,25 +29,19 @@ FILENAME = "trainable.safetensors"
 
 
 def save_trainable(
-    net: nn.Module,
-    path: str | Path,
-    config: dict[str, Any],
-    weights: dict[str, Any] | None = None,
+    net: nn.Module, path: str | Path, config: dict[str, Any], weights: dict | None = None
 ) -> Path:
-    """Write the trainable tensors (`packing.export_state`) and `config` (JSON in the metadata)
-    atomically; `weights` (which epoch / checkpoint they are, see `train.exported_weights`) goes
-    to the metadata key `weights` as JSON."""
+    """Write the trainable tensors (1-bit weights packed) and, as JSON metadata, `config` and
+    `weights` (which epoch / checkpoint they are, `train.exported_weights`), atomically."""
     metadata = {"config": json.dumps(config, sort_keys=True)}
     if weights is not None:
         metadata["weights"] = json.dumps(weights, sort_keys=True)
-    # 1-bit adapter weights packed 8 signs per byte
     return write_tagged(path, export_state(net), FORMAT, metadata)
 
 
 def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, config) of a trainable checkpoint, its config in today's shape (`migrate`: one
-    written by an earlier version too); a clear error if missing, not ours, or its recorded
-    config is malformed (`check_recorded`)."""
+    """(tensors, config in today's shape: `migrate`) of a trainable checkpoint; CheckpointError if
+    it is missing, not ours, or its recorded config is malformed (`check_recorded`)."""
     tensors, metadata = read_tagged(path, FILENAME, FORMAT, "checkpoint")
     try:
         config = json.loads(metadata["config"])
@@ -64,8 +55,7 @@ def read_trainable(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _interpolations(value: Any, key: str = "") -> list[str]:
-    """Keys of `value` (nested dicts / lists) whose key or string holds an OmegaConf
-    interpolation."""
+    """Keys of `value` (nested dicts / lists) whose key or string holds an interpolation."""
     if isinstance(value, str):
         return [key or "(top)"] if "${" in value else []
     if isinstance(value, list):
@@ -80,10 +70,8 @@ def _interpolations(value: Any, key: str = "") -> list[str]:
 
 
 def check_recorded(config: Any, source: str) -> None:
-    """CheckpointError naming `source` and the key unless the recorded rebuild config has the
-    shape met_lightning writes: mappings where expected, `num_classes` a positive integer,
-    `class_names` null or one string per class, an input spec, no interpolation anywhere (the
-    values are data and never resolved; only the key is named, never its value)."""
+    """CheckpointError naming `source` and the key (never its value) unless the recorded config
+    has the shape met_lightning writes, with no interpolation anywhere (it is never resolved)."""
 
     def fail(problem: str) -> None:
         raise CheckpointError(
@@ -103,12 +91,8 @@ def check_recorded(config: Any, source: str) -> None:
     if type(num_classes) is not int or num_classes < 1:
         fail(f"has num_classes={str(num_classes)[:40]!r}, not a positive integer")
     names = config.get("class_names")
-    if names is not None and (
-        not isinstance(names, list)
-        or len(names) != num_classes
-        or not all(isinstance(n, str) for n in names)
-    ):
-        count = len(names) if isinstance(names, list) else type(names).__name__
+    count = len(names) if isinstance(names, list) else type(names).__name__
+    if names is not None and (count != num_classes or not all(isinstance(n, str) for n in names)):
         fail(f"has class_names ({count}) that are not {num_classes} strings, one per class")
     try:
         InputSpec.of(config["input_spec"])
@@ -119,20 +103,19 @@ def check_recorded(config: Any, source: str) -> None:
 
 
 def network_plan(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Build the recorded network on the meta device (no memory) and check that it is the
-    network of the stored tensors and of the recorded input size; CheckpointError naming
-    `source` otherwise. Runs before anything is allocated (`load_trainable`, `verify`)."""
+    """CheckpointError naming `source` unless the recorded network, built on the meta device (no
+    memory), fits the stored tensors and the recorded input size."""
     try:
         net = meta_network(config)
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint {source!r}: {err}") from None
     except (MetError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-        reason = str(err).splitlines()[0][:300] if str(err) else ""
+        reason = (str(err).splitlines() or [""])[0][:300]
         raise CheckpointError(
             f"checkpoint {source!r}: its recorded config does not build a network "
             f"({type(err).__name__}: {reason})"
         ) from None
-    check_shapes(net, {name: tuple(t.shape) for name, t in tensors.items()}, source)
+    check_shapes(net, tensors, source)
     built = tuple(InputSpec.from_timm(net.backbone).input_size)
     recorded = tuple(InputSpec.of(config["input_spec"]).input_size)
     if built != recorded:
@@ -142,10 +125,11 @@ def network_plan(config: dict[str, Any], tensors: dict[str, torch.Tensor], sourc
         )
 
 
-def _verified_backbone(
-    config: dict[str, Any], path: str | Path, weights_file: str | None
-) -> nn.Module:
-    """The frozen backbone `config` records, checked against its recorded fingerprint."""
+def _checked(path: str | Path, weights_file: str | None) -> tuple[dict, dict, nn.Module]:
+    """(tensors, config, frozen backbone) of a trainable checkpoint after every check: file,
+    format, recorded config, tensor shapes (before any weight is allocated), fingerprint."""
+    tensors, config = read_trainable(path)
+    network_plan(config, tensors, str(path))
     backbone_cfg = dict(config["backbone"])
     if weights_file is not None:
         backbone_cfg["weights_file"] = weights_file
@@ -154,30 +138,18 @@ def _verified_backbone(
         torch.manual_seed(int(config.get("seed", 0)))
         backbone = build_backbone(backbone_cfg)
     verify_backbone(backbone, config, path, weights_file)  # the backbone it was trained on
-    return backbone
+    return tensors, config, backbone
 
 
 def verify(path: str | Path, weights_file: str | None = None) -> dict[str, Any]:
-    """Check a trainable checkpoint as `load_trainable` does, without building the network.
-
-    The file exists, is safetensors of our format with a rebuild config, and the backbone that
-    config builds now (with `weights_file` if given) has the recorded weights hash. Returns the
-    config; CheckpointError naming the file and the fix otherwise.
-    """
-    tensors, config = read_trainable(path)
-    network_plan(config, tensors, str(path))
-    _verified_backbone(config, path, weights_file)
-    return config
+    """The config of a trainable checkpoint after `load_trainable`'s checks, network not built."""
+    return _checked(path, weights_file)[1]
 
 
 def load_trainable(path: str | Path, weights_file: str | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the network of a trainable checkpoint (backbone from its recorded config).
-
-    `weights_file` overrides the recorded backbone weights file (e.g. after moving it).
-    """
-    tensors, config = read_trainable(path)
-    network_plan(config, tensors, str(path))  # before any weight is allocated
-    backbone = _verified_backbone(config, path, weights_file)
+    """(network, config) of a trainable checkpoint, in eval mode; `weights_file` overrides the
+    recorded backbone weights file (e.g. after moving it)."""
+    tensors, config, backbone = _checked(path, weights_file)
     net = rebuild_network(config, backbone)
     load_export(net, tensors, str(path))
     return net.eval(), config

@@ -1,11 +1,9 @@
 """Lightning callback: after testing, store every exit's logits and run the budget analysis.
 
-`train()` runs `trainer.validate` and then `trainer.test` with the best checkpoint; this callback
-collects the logits of both passes (not of the validation inside `fit`), writes the logit store,
-calibrates thresholds on val, evaluates the budget curve on test, writes the CSV / PNG / JSON and
-logs them to the active loggers (a table and an image on wandb). Under DDP the logits of all
-processes are gathered and the analysis runs on rank 0. The store records the trainer's
-precision (`LogitStore.precision`), which predict then runs the engine in.
+It collects the logits of `train()`'s `trainer.validate` and `trainer.test` (not of the
+validation inside `fit`), gathered from all DDP processes, writes the logit store (with the
+trainer's precision, which predict runs in), calibrates thresholds on val, evaluates them on test
+and writes / logs the results (a table and an image on wandb) on rank 0.
 """
 
 from __future__ import annotations
@@ -31,20 +29,15 @@ from met_lightning.macs import model_exit_costs
 log = logging.getLogger(__name__)
 
 
-def _dataset_size(loaders: Any) -> int:
-    loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-    return len(loader.dataset)
+# the passes whose logits are collected: not the validation inside `fit`
+SPLITS = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
 
 class BudgetAnalysis(L.Callback):
-    """Budget analysis of the tested model; `report` holds the result after `trainer.test`.
+    """Budget analysis of the tested model into `output_dir`; `report` holds it after testing.
 
-    Args:
-        output_dir: the run folder (files: logits.safetensors, budget_curve.csv/png, budget.json).
-        confidence: max_softmax | margin | neg_entropy.
-        budgets: budgets to choose thresholds for on val: fractions of the full cost in (0, 1]
-            or MACs per image.
-        p_values: the MSDNet sweep (default: 40 values in (0, 2]).
+    `budgets`: to choose thresholds for on val, fractions of the full cost in (0, 1] or MACs per
+    image; `p_values`: the MSDNet sweep (default: 40 values in (0, 2]).
     """
 
     def __init__(
@@ -65,32 +58,22 @@ class BudgetAnalysis(L.Callback):
         self.report: BudgetReport | None = None
         self.metrics: dict[str, float] = {}  # budget/* scalars, also returned by train()
 
-    # ------------------------------------------------------------------ collect
-    def _collect(self, split: str, outputs: Any) -> None:
-        if isinstance(outputs, dict) and "logits" in outputs:
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        split = SPLITS.get(trainer.state.fn)
+        if split is not None:
+            self._batches[split] = []
+            loaders = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
+            loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+            self._sizes[split] = len(loader.dataset)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, *args: Any) -> None:
+        split = SPLITS.get(trainer.state.fn)
+        if split is not None and isinstance(outputs, dict) and "logits" in outputs:
             self._batches[split].append((outputs["logits"].detach().cpu(), outputs["labels"].cpu()))
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self._batches["val"] = []
-            self._sizes["val"] = _dataset_size(trainer.val_dataloaders)
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
 
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self._collect("val", outputs)
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batches["test"] = []
-        self._sizes["test"] = _dataset_size(trainer.test_dataloaders)
-
-    def on_test_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        self._collect("test", outputs)
-
-    # ------------------------------------------------------------------ analyze
     def _gathered(self, pl_module: L.LightningModule, split: str) -> SplitLogits:
         """This split's logits of every process, in dataset order, without DDP's padding."""
         data = concat_batches(self._batches[split])
@@ -115,21 +98,18 @@ class BudgetAnalysis(L.Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self._analyze(trainer, pl_module, splits)
+            net = pl_module.net
+            precision = str(trainer.precision)  # the precision validate / test ran in
+            store = LogitStore(splits, tuple(net.exits), model_exit_costs(net).to_exit, precision)
+            store.save(self.output_dir / FILENAME)
+            self.report = analyze(store, self.confidence, self.budgets, self.p_values)
+            files = write_report(self.report, self.output_dir)
+            self._log(trainer, self.report, files)
+            log.info("budget analysis: %s", ", ".join(str(p) for p in files.values()))
         except Exception as err:  # the trained model and its summary must still be saved
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             rank_zero_warn(f"budget analysis failed, the run goes on without it: {err!r}")
-
-    def _analyze(self, trainer: L.Trainer, pl_module: L.LightningModule, splits) -> None:
-        net = pl_module.net
-        precision = str(trainer.precision)  # the precision validate / test ran in
-        store = LogitStore(splits, tuple(net.exits), model_exit_costs(net).to_exit, precision)
-        store.save(self.output_dir / FILENAME)
-        self.report = analyze(store, self.confidence, self.budgets, self.p_values)
-        files = write_report(self.report, self.output_dir)
-        self._log(trainer, self.report, files)
-        log.info("budget analysis: %s", ", ".join(str(p) for p in files.values()))
 
     def _log(self, trainer: L.Trainer, report: BudgetReport, files: dict[str, Path]) -> None:
         metrics = {}

@@ -1,11 +1,8 @@
 """Experiment loggers from the `logger` config group, with a wandb that can never stop a run.
 
-wandb: with no API key it logs offline (sync later with `wandb sync`); with a key but no network
-it logs offline too; if it still cannot start, the run goes on with its local logs. Each call is
-one warning, never an exception.
-
-`CSVLogger`: Lightning's, except that metrics.csv and hparams.yaml are written atomically
-(temporary file + rename) and that an existing metrics.csv is continued, not deleted (resume).
+wandb logs offline without an API key or network; if it still cannot start, the run goes on with
+its local logs: one warning each, never an exception. `CSVLogger` writes metrics.csv atomically
+and continues an existing one (resume) instead of deleting it.
 """
 
 from __future__ import annotations
@@ -34,10 +31,6 @@ from met_lightning.atomic import atomic_path, write_text
 log = logging.getLogger(__name__)
 
 WANDB_HOST = "https://api.wandb.ai"
-
-
-def _is_wandb(item: DictConfig) -> bool:
-    return str(item.get("_target_", "")).endswith("WandbLogger")
 
 
 def wandb_api_key() -> str | None:
@@ -107,14 +100,12 @@ def make_wandb(item: DictConfig) -> WandbLogger | None:
 
 def build_loggers(group: DictConfig | None) -> list[Logger]:
     """Instantiate every `_target_` entry of the `logger` group (wandb through `make_wandb`)."""
-    loggers: list[Any] = []
-    for item in (group or {}).values():
-        if not item or "_target_" not in item:
-            continue
-        logger = make_wandb(item) if _is_wandb(item) else instantiate(item)
-        if logger is not None:
-            loggers.append(logger)
-    return loggers
+    items = [item for item in (group or {}).values() if item and "_target_" in item]
+    loggers = [
+        make_wandb(i) if str(i["_target_"]).endswith("WandbLogger") else instantiate(i)
+        for i in items
+    ]
+    return [logger for logger in loggers if logger is not None]
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
@@ -130,14 +121,9 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
 
 class AtomicExperimentWriter(ExperimentWriter):
-    """Lightning's CSV writer, but metrics.csv is rewritten whole, atomically.
-
-    Lightning's appends to the file in place (and rewrites it in place when new columns appear),
-    and deletes an existing metrics.csv when it starts. This one keeps the rows already there
-    (a resumed run goes on with them) and never leaves a half-written file. Lightning saves after
-    every logging call; the file is rewritten at most every `MIN_INTERVAL` seconds, and always on
-    `flush()` (before every checkpoint, at every epoch start, at the end of a run).
-    """
+    """Lightning's CSV writer, but metrics.csv is rewritten whole, atomically, and the rows of an
+    existing one are kept (Lightning's appends in place and deletes an existing file). It is
+    flushed before every checkpoint, at every epoch start and at the end."""
 
     MIN_INTERVAL = 2.0
 
@@ -162,20 +148,18 @@ class AtomicExperimentWriter(ExperimentWriter):
             self._write()
         return before - len(self.rows)
 
-    def save(self) -> None:
+    def save(self, now: bool = False) -> None:
+        """Keep the rows logged; write metrics.csv if `now` or MIN_INTERVAL s after the last."""
         if self.metrics:
             self._record_new_keys()
             self.rows.extend(row for row in self.metrics if _row_key(row) not in self._loaded)
             self.metrics = []
             self._pending = True
-        if self._pending and time.monotonic() - self._written_at >= self.MIN_INTERVAL:
+        if self._pending and (now or time.monotonic() - self._written_at >= self.MIN_INTERVAL):
             self._write()
 
     def flush(self) -> None:
-        """Write what was logged so far now."""
-        self.save()
-        if self._pending:
-            self._write()
+        self.save(now=True)
 
     def _write(self) -> None:
         self._pending = False

@@ -14,8 +14,8 @@ NO_DECAY_NAMES = frozenset({"gamma", "pos_embed", "cls_token", "reg_token"})
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Whether `param` is exempt from weight decay: 1-D or scalar (norm weights and biases,
-    biases, LayerScale), or named in NO_DECAY_NAMES."""
+    """Whether `param` gets no weight decay: 1-D or scalar (norms, biases, LayerScale) or named
+    in NO_DECAY_NAMES."""
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
@@ -23,12 +23,9 @@ def param_groups(
     params: Iterable[tuple[str, nn.Parameter]] | Iterable[nn.Parameter],
     decay_norm_bias: bool = False,
 ) -> list[dict[str, Any]]:
-    """Named parameters -> optimizer groups: "decay" (the optimizer's weight decay) and
-    "no_decay" (weight_decay 0, see `no_decay`); one group "all" when `decay_norm_bias`.
-
-    Unnamed parameters are grouped by shape only (ndim <= 1: no decay). Empty groups are left
-    out. The group names are what Lightning's LearningRateMonitor logs (lr-AdamW/decay ...).
-    """
+    """(Named) parameters -> non-empty groups "decay" and "no_decay" (weight_decay 0, `no_decay`;
+    unnamed ones by shape only), or one group "all" when `decay_norm_bias`. LearningRateMonitor
+    logs the group names (lr-AdamW/decay ...)."""
     named = [item if isinstance(item, tuple) else ("", item) for item in params]
     if decay_norm_bias:
         return [{"params": [p for _, p in named], "name": "all"}]
@@ -40,12 +37,8 @@ def param_groups(
 
 
 class AdamW(torch.optim.AdamW):
-    """`torch.optim.AdamW` over `param_groups(params, decay_norm_bias)`.
-
-    `params`: (name, parameter) pairs (what MultiExitClassifier.configure_optimizers passes), or
-    parameters / groups as for torch.optim.AdamW (then passed through unchanged).
-    `decay_norm_bias`: false (default) exempts norms, biases and γ from `weight_decay`.
-    """
+    """`torch.optim.AdamW` over `param_groups(params, decay_norm_bias)` for (name, parameter)
+    pairs or parameters; groups (dicts) are passed through unchanged."""
 
     def __init__(
         self,

@@ -24,11 +24,8 @@ def cosine_with_warmup(
     total_steps = max(int(total_steps), 1)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup >= total_steps:
-        log.warning(
-            "scheduler.warmup_epochs=%s covers the whole run (%d steps): using no warm-up",
-            warmup_epochs,
-            total_steps,
-        )
+        msg = "scheduler.warmup_epochs=%s covers the whole run (%d steps): using no warm-up"
+        log.warning(msg, warmup_epochs, total_steps)
         warmup = 0
     lrs = {group["lr"] for group in optimizer.param_groups}
     if min_lr_ratio and len(lrs) > 1:  # torch's eta_min is one number for every group

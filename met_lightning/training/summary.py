@@ -49,13 +49,14 @@ def budget_table(budget: Mapping[str, Any]) -> Table:
         title=f"Early exit: thresholds on {budget['confidence']} calibrated on "
         f"{budget['calibration_split']}, measured on {budget['evaluation_split']}",
         title_justify="left",
+        caption="keep X %: the cheapest point of the budget curve with X % of the last exit's "
+        "accuracy; budget X %: the thresholds with the best val accuracy within X % of the full "
+        "MACs",
+        caption_justify="left",
     )
     table.add_column("setting")
-    table.add_column("acc (%)", justify="right")
-    table.add_column("mean MACs", justify="right")
-    table.add_column("of last exit", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("share per exit (%)", justify="right")
+    for name in ("acc (%)", "mean MACs", "of last exit", "speed-up", "share per exit (%)"):
+        table.add_column(name, justify="right")
     for row in budget["points"]:
         table.add_row(
             row["setting"],
@@ -65,11 +66,6 @@ def budget_table(budget: Mapping[str, Any]) -> Table:
             f"{row['speedup']:.2f}x",
             "/".join(f"{100 * s:.0f}" for s in row["shares"]),
         )
-    table.caption = (
-        "keep X %: the cheapest point of the budget curve with X % of the last exit's accuracy; "
-        "budget X %: the thresholds with the best val accuracy within X % of the full MACs"
-    )
-    table.caption_justify = "left"
     return table
 
 
@@ -105,12 +101,18 @@ def run_summary(  # noqa: ANN001 - net is a MultiExitViT
 
 
 def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("exit", justify="right")
-    table.add_column("after block", justify="right")
-    table.add_column(f"{summary['split']} acc (%)", justify="right")
-    table.add_column("MACs to exit", justify="right")
-    table.add_column("of last exit", justify="right")
+    trainable, total = summary["params_trainable"], summary["params_total"]
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=f"trainable parameters: {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f} %), stored in {summary['storage_kb']:,.1f} KB; "
+        f"plain frozen backbone: {format_macs(summary['backbone_macs'])} per image",
+        caption_justify="left",
+    )
+    header = ["exit", "after block", f"{summary['split']} acc (%)", "MACs to exit", "of last exit"]
+    for name in header:
+        table.add_column(name, justify="right")
     for row in summary["exits"]:
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}"
         table.add_row(
@@ -120,13 +122,6 @@ def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Tab
             format_macs(row["macs"]),
             f"{100 * row['macs_fraction']:.0f} %",
         )
-    trainable, total = summary["params_trainable"], summary["params_total"]
-    table.caption = (
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f} %), "
-        f"stored in {summary['storage_kb']:,.1f} KB; "
-        f"plain frozen backbone: {format_macs(summary['backbone_macs'])} per image"
-    )
-    table.caption_justify = "left"
     return table
 
 
@@ -149,11 +144,8 @@ def report_summary(  # noqa: ANN001 - net is a MultiExitViT
     method: str = "met",
     weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Print the summary tables and write them to `output_dir/summary.json`.
-
-    `weights`: which weights were evaluated and exported (`train.exported_weights`: the best
-    checkpoint's file, epoch and global step, or the last epoch's), under the key `weights`.
-    """
+    """Print the summary tables and write them to `output_dir/summary.json`, with `weights` (the
+    evaluated and exported ones, `train.exported_weights`) under the key `weights`."""
     summary = {"method": method, **run_summary(net, metrics, budget)}
     if weights is not None:
         summary["weights"] = dict(weights)
