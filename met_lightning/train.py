@@ -38,6 +38,7 @@ from met_lightning.config import check_moved_overrides, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.training.budget_analysis import BudgetAnalysis
+from met_lightning.training.cluster import check_world_size, resume_requeued
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.summary import report_summary
 
@@ -117,6 +118,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ENV_FILE is not None:
         log.info("environment variables loaded from %s (set ones win)", ENV_FILE)
     validate_config(cfg)
+    check_world_size(cfg)
+    resume_requeued(cfg)  # a requeued Slurm job goes on from its last.ckpt
     output_dir = Path(cfg.paths.output_dir)
     resumed_step, relocate = None, None
     if cfg.get("resume"):  # before config.yaml is written: it is compared with the run's own
