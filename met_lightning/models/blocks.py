@@ -24,6 +24,7 @@ and values in place, as strided views of the qkv projection.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,19 @@ from torch import nn
 
 # An adapter applied to a stream before a sub-layer: (tokens [B, n, d], stream) -> tokens
 StreamAdapter = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class BlockAdapters(NamedTuple):
+    """What a method adds to one block: `attn(tokens, stream)` / `mlp` rewrite a stream ("main",
+    "early" or "joint") before the attention / MLP (E-adapters); `parallel(tokens)` is added
+    beside the MLP (AdaptFormer)."""
+
+    attn: StreamAdapter | None = None
+    mlp: StreamAdapter | None = None
+    parallel: nn.Module | None = None
+
+
+NO_ADAPTERS = BlockAdapters()
 
 
 class StreamBlock(Block):
@@ -123,18 +137,10 @@ class StreamBlock(Block):
         return out + own_p * (v_e - v[:, :, :1])
 
     def forward_streams(
-        self,
-        x: torch.Tensor,
-        e: torch.Tensor | None,
-        adapt_attn: StreamAdapter | None = None,
-        adapt_mlp: StreamAdapter | None = None,
-        parallel: nn.Module | None = None,
+        self, x: torch.Tensor, e: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block on main tokens x [B, T, d] and early tokens e [B, E, d] (or None).
-
-        `adapt_attn(tokens, stream)` / `adapt_mlp` rewrite a stream ("main" | "early") before the
-        attention / MLP (E-adapters); `parallel(tokens)` is added beside the MLP (AdaptFormer).
-        """
+        """One block on main tokens x [B, T, d] and early tokens e [B, E, d] (or None)."""
+        adapt_attn, adapt_mlp, parallel = adapters
         if adapt_attn is not None:
             x = adapt_attn(x, "main")
             e = adapt_attn(e, "early") if e is not None else None
@@ -155,16 +161,12 @@ class StreamBlock(Block):
         return x, e
 
     def forward_joint(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        adapt_attn: StreamAdapter | None = None,
-        adapt_mlp: StreamAdapter | None = None,
-        parallel: nn.Module | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
     ) -> torch.Tensor:
         """One block on the joint sequence x [B, E + T, d] = [early, main] with the boolean
         attention mask [E + T, E + T] (True: may attend; None without early tokens). The same
         numbers as `forward_streams`; the adapters are called with stream "joint"."""
+        adapt_attn, adapt_mlp, parallel = adapters
         if adapt_attn is not None:
             x = adapt_attn(x, "joint")
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask)))

@@ -34,7 +34,7 @@ from torch import nn
 from met_lightning.errors import ConfigError
 from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter
 from met_lightning.models.backbone import spec_of
-from met_lightning.models.blocks import StreamBlock
+from met_lightning.models.blocks import BlockAdapters, StreamAdapter, StreamBlock
 from met_lightning.models.lora import add_lora
 from met_lightning.structured import target_config
 
@@ -256,24 +256,25 @@ class MultiExitViT(nn.Module):
             self._gamma_index_cache[key] = index
         return index
 
-    def _stream_adapter(
-        self, site: str, block: int, stage: int, joint_rows: int | torch.Tensor | None = None
-    ):
-        if site not in self.adapters:
-            return None
-        adapter = self.adapters[site][block]
+    def block_adapters(
+        self, block: int, stage: int, joint_rows: int | torch.Tensor | None = None
+    ) -> BlockAdapters:
+        """The adapters of `block` in exit stage `stage` (`joint_rows`: `gamma_index`'s)."""
         main_rows, early_rows = self.gamma_rows(stage)
+        rows = {"main": main_rows, "early": early_rows, "joint": joint_rows}
 
-        def adapt(tokens: torch.Tensor, stream: str) -> torch.Tensor:
-            rows = {"main": main_rows, "early": early_rows, "joint": joint_rows}[stream]
-            return adapter(tokens, rows)
+        def site(name: str) -> StreamAdapter | None:
+            if name not in self.adapters:
+                return None
+            adapter = self.adapters[name][block]
+            return lambda tokens, stream: adapter(tokens, rows[stream])
 
-        return adapt
+        parallel = self.parallel_adapters
+        return BlockAdapters(site("attn"), site("mlp"), parallel[block] if parallel else None)
 
     def run_stage(self, stage: int, state: StreamState) -> StreamState:
         """Run the blocks of exit stage `stage` on both streams (in `token_layout`)."""
         x, e = state
-        parallel = self.parallel_adapters
         blocks = self.stage_blocks(stage)
         if e is not None and self.runs_joint(x):
             n_early = e.shape[1]
@@ -282,21 +283,11 @@ class MultiExitViT(nn.Module):
             rows = self.gamma_index(stage, xs.shape[1], xs.device)
             for i in blocks:
                 xs = self.backbone.blocks[i].forward_joint(
-                    xs,
-                    mask,
-                    self._stream_adapter("attn", i, stage, rows),
-                    self._stream_adapter("mlp", i, stage, rows),
-                    parallel[i] if parallel is not None else None,
+                    xs, mask, self.block_adapters(i, stage, rows)
                 )
             return StreamState(xs[:, n_early:], xs[:, :n_early])
         for i in blocks:
-            x, e = self.backbone.blocks[i].forward_streams(
-                x,
-                e,
-                self._stream_adapter("attn", i, stage),
-                self._stream_adapter("mlp", i, stage),
-                parallel[i] if parallel is not None else None,
-            )
+            x, e = self.backbone.blocks[i].forward_streams(x, e, self.block_adapters(i, stage))
         return StreamState(x, e)
 
     def exit_features(self, stage: int, state: StreamState) -> torch.Tensor:
