@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,15 +93,11 @@ def glyph_tensors(n: int, seed: int, spec: InputSpec) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class predictions of `model` in eval mode."""
-    model.eval()
-    return torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)])
-
-
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of `x` that `model` classifies as `y`."""
-    return (predict(model, x) == y).float().mean().item()
+    """Fraction of `x` that `model`, in eval mode, classifies as `y`."""
+    model.eval()
+    predicted = torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)])
+    return (predicted == y).float().mean().item()
 
 
 def warmup_cosine(total_steps: int) -> Callable[[int], float]:
@@ -237,12 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_glyphs_seen": args.epochs * args.train_size,
         "val_size": VAL_SIZE,
         "backbone": {"name": name, "model_kwargs": model_kwargs, "parameters": n_params},
-        "input": {
-            "input_size": list(spec.input_size),
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "interpolation": spec.interpolation,
-        },
+        "input": asdict(spec),
         "optimizer": {
             "name": "AdamW",
             "lr": LR,
