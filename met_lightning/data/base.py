@@ -25,10 +25,9 @@ from met_lightning.spec import InputSpec
 
 def check_pin_memory(value: bool | str) -> bool | str:
     """`data.pin_memory`: "auto" (pin when the trainer runs on a GPU), true or false."""
-    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
-        return {"auto": "auto", "true": True, "false": False}[value.lower()]
-    if isinstance(value, bool):
-        return value
+    choices = {"auto": "auto", "true": True, "false": False}
+    if isinstance(value, bool | str) and str(value).lower() in choices:
+        return choices[str(value).lower()]
     raise ConfigError(
         f"data.pin_memory={value!r} must be auto (pin host memory when the trainer uses a GPU), "
         "true or false"
@@ -51,11 +50,8 @@ def check_fractions(val: float, test: float, test_may_be_0: bool = False) -> tup
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
     """Common options: `input_spec` (an InputSpec or its fields), `num_classes`, `batch_size`,
-    `eval_batch_size`, `num_workers`, `pin_memory` (auto | true | false), `seed`.
-
-    Subclasses set `normalize` / `augment` (and `value_max` / `resize_mode`), from which setup
-    builds `batch_transform`.
-    """
+    `eval_batch_size`, `num_workers`, `pin_memory` (auto | true | false), `seed`. Subclasses set
+    `normalize` / `augment` / `value_max` / `resize_mode` for the `batch_transform` of setup."""
 
     normalize: str = "backbone"
     augment: bool = False
@@ -87,9 +83,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.pin_memory = check_pin_memory(pin_memory)
         self.seed = int(seed)
         self.input_spec = InputSpec.of(input_spec)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set = self.val_set = self.test_set = None  # Datasets, made at setup
         self.batch_transform: BatchTransform | None = None  # made at setup
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -134,7 +128,6 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             pin_memory=self.pins_memory(),
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
             collate_fn=ImageCollate(transform.size, transform.mode, transform.value_max),
         )
 

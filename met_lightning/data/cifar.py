@@ -205,8 +205,8 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, li
 
 
 class TensorImageDataset(LabelledImages):
-    """(uint8 image [C, h, w], label) from in-memory tensors, through `transform` if given (a
-    uint8 -> uint8 colour conversion; resizing and normalization happen batched on the device)."""
+    """(uint8 image [C, h, w], label) from in-memory tensors, through a uint8 -> uint8 `transform`
+    if given."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:  # noqa: ANN001
         self.images = images
@@ -217,14 +217,14 @@ class TensorImageDataset(LabelledImages):
         return self.images[index]
 
 
-def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Sorted (train, val) indices: `val_size` images, stratified by class, fixed by `seed`."""
     index = np.arange(len(labels))
     try:
         train, val = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
     except ValueError:  # a class too small to stratify (only in tiny subsets): plain random
         train, val = train_test_split(index, test_size=val_size, random_state=seed)
-    return np.sort(train), np.sort(val)
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
 class Cifar100DataModule(ImageClassificationDataModule):
@@ -249,6 +249,7 @@ class Cifar100DataModule(ImageClassificationDataModule):
             raise ConfigError(f"data.val_size={val_size} must be a positive number of images")
         self.root = Path(root).expanduser()
         self.folder = self.root / FOLDER
+        self.archive = self.root / Path(urlparse(CIFAR100_URL).path).name
         self.download = bool(download)
         self.val_size = int(val_size)
         self.normalize = check_normalize(normalize)
@@ -263,10 +264,6 @@ class Cifar100DataModule(ImageClassificationDataModule):
             f"{self.folder}/{{{','.join(FILES)}}} (data.root={self.root} is the folder that "
             f"holds {FOLDER}/)"
         )
-
-    @property
-    def archive(self) -> Path:
-        return self.root / Path(urlparse(CIFAR100_URL).path).name
 
     def _how(self) -> str:
         return (
@@ -336,10 +333,7 @@ class Cifar100DataModule(ImageClassificationDataModule):
                 f"data.val_size={self.val_size} must be smaller than the {len(train_labels)} "
                 "training images"
             )
-        train_idx, val_idx = (
-            torch.from_numpy(i)
-            for i in split_train_val(train_labels.numpy(), self.val_size, self.seed)
-        )
+        train_idx, val_idx = split_train_val(train_labels.numpy(), self.val_size, self.seed)
         grey = v2.Grayscale(1) if self.input_spec.input_size[0] == 1 else None  # 1-channel backbone
         return (
             TensorImageDataset(train_images[train_idx], train_labels[train_idx], grey),

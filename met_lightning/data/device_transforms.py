@@ -70,16 +70,10 @@ def crop_draws(batch: int, generator: torch.Generator, device: torch.device) -> 
 
 
 def sample_crops(
-    batch: int,
-    height: int,
-    width: int,
-    generator: torch.Generator,
-    device: torch.device,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`crops_from_draws` of `crop_draws`: per-sample boxes and flips on `device`."""
-    return crops_from_draws(crop_draws(batch, generator, device), height, width, scale, ratio)
+    batch: int, height: int, width: int, generator: torch.Generator, device: torch.device, **kwargs
+) -> tuple[torch.Tensor, ...]:
+    """`crops_from_draws` (its `scale`, `ratio` keywords) of `crop_draws` on `device`."""
+    return crops_from_draws(crop_draws(batch, generator, device), height, width, **kwargs)
 
 
 def crops_from_draws(

@@ -29,12 +29,8 @@ def stratified_split(
 
 
 class DigitsDataModule(ImageClassificationDataModule):
-    """1797 images, 10 classes; resized to the backbone's input and repeated over 3 channels.
-
-    The images are kept in memory as stored: uint8 [N, 1, 8, 8] with values 0..16 (`value_max`);
-    the batched device transform scales, resizes (bicubic for a bicubic backbone, else bilinear,
-    antialiased) and normalizes them exactly as `lowres.lowres_to_tensor` does.
-    """
+    """1797 images, 10 classes, kept as stored: uint8 [N, 1, 8, 8] with values 0..16; the device
+    transform scales, resizes and normalizes them exactly as `lowres.lowres_to_tensor` does."""
 
     value_max = LOWRES_MAX
 

@@ -5,11 +5,10 @@
     <root>/val/<class>/*.jpg         (split per class into train / val / test by
     <root>/test/<class>/*.jpg         data.val_fraction / data.test_fraction, fixed by data.seed)
 
-In the split layout `train` is required and at least one of `val` / `test`: without `test`, the
-val images also test; without `val`, a stratified `val_fraction` of train validates. The classes
-are the sorted sub-folder names of `train` (of `root` in the single layout); a class folder in
-val / test that train lacks is an error. Images are found recursively in each class folder
-(extensions in `IMAGE_EXTENSIONS`, any case; hidden files are ignored).
+The split layout needs `train` and `val` and / or `test` (without `test`, val also tests; without
+`val`, a stratified `val_fraction` of train validates). The classes are the sorted sub-folders of
+`train` (of `root`); val / test may not add any. Images are found recursively (extensions in
+`IMAGE_EXTENSIONS`, any case; hidden files ignored).
 """
 
 from __future__ import annotations
@@ -34,11 +33,7 @@ log = logging.getLogger(__name__)
 
 def class_folders(folder: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders of `folder`."""
-    return sorted(
-        entry.name
-        for entry in folder.iterdir()
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
 
 
 def image_files(folder: Path) -> list[Path]:

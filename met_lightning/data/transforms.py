@@ -89,9 +89,8 @@ def _high_bit_to_8bit(image: Image.Image) -> np.ndarray:
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """The image as 8-bit `L` (grey) or `RGB` (colour), by the rule of the module docstring:
-    high bit depths scaled by value, alpha composited over white. ValueError for `I` / `F`
-    values out of their range."""
+    """The image as 8-bit `L` or `RGB` by the rule of the module docstring (ValueError for `I` /
+    `F` values out of their range)."""
     if image.mode in (*SIXTEEN_BIT_MODES, "F"):
         return Image.fromarray(_high_bit_to_8bit(image))
     if image.mode == "1":

@@ -28,28 +28,17 @@ class VtabTask:
 
 
 VTAB_TASKS: dict[str, VtabTask] = {
-    t.name: t
-    for t in (
-        VtabTask("cifar", 100, "natural"),
-        VtabTask("caltech101", 102, "natural"),
-        VtabTask("dtd", 47, "natural"),
-        VtabTask("oxford_flowers102", 102, "natural"),
-        VtabTask("oxford_iiit_pet", 37, "natural"),
-        VtabTask("svhn", 10, "natural"),
-        VtabTask("sun397", 397, "natural"),
-        VtabTask("patch_camelyon", 2, "specialized"),
-        VtabTask("eurosat", 10, "specialized"),
-        VtabTask("resisc45", 45, "specialized"),
-        VtabTask("diabetic_retinopathy", 5, "specialized"),
-        VtabTask("clevr_count", 8, "structured"),
-        VtabTask("clevr_dist", 6, "structured"),
-        VtabTask("dmlab", 6, "structured"),
-        VtabTask("kitti", 4, "structured"),
-        VtabTask("dsprites_loc", 16, "structured"),
-        VtabTask("dsprites_ori", 16, "structured"),
-        VtabTask("smallnorb_azi", 18, "structured"),
-        VtabTask("smallnorb_ele", 9, "structured"),
+    name: VtabTask(name, num_classes, group)
+    for group, tasks in (
+        ("natural", {"cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102}),
+        ("natural", {"oxford_iiit_pet": 37, "svhn": 10, "sun397": 397}),
+        ("specialized", {"patch_camelyon": 2, "eurosat": 10, "resisc45": 45}),
+        ("specialized", {"diabetic_retinopathy": 5}),
+        ("structured", {"clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4}),
+        ("structured", {"dsprites_loc": 16, "dsprites_ori": 16}),
+        ("structured", {"smallnorb_azi": 18, "smallnorb_ele": 9}),
     )
+    for name, num_classes in tasks.items()
 }
 
 # List files of (train, val, test) for each `data.split`.
@@ -95,11 +84,9 @@ def read_list_file(path: Path, num_classes: int) -> list[Sample]:
 class Vtab1kDataModule(ImageClassificationDataModule):
     """One VTAB-1K task from its list files.
 
-    `split`:
-      - `tune`: train on train800, validate on val200, test on val200 (hyper-parameter search);
-      - `final`: train on train800val200, validate on val200, test on test.txt. The validation set
-        is then part of the training set: val metrics are optimistic and only monitor training.
-        This is what the literature (VPT, NOAH, MET) reports: final numbers are on test.txt.
+    `split`: `tune` trains on train800, validates and tests on val200 (hyper-parameter search);
+    `final` trains on train800val200, validates on val200 (part of train: monitoring only) and
+    tests on test.txt, as the literature (VPT, NOAH, MET) reports.
 
     No augmentation by default (the VTAB-1K recipe: resize only). `check_files` reads the list
     files of `split` and checks labels and images (`images.check_images`, `skip_bad_images`).

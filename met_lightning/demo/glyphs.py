@@ -61,14 +61,13 @@ def font_dir() -> Path:
 @cache
 def fonts_for(char: str) -> tuple[str, ...]:
     """Font files of `FONT_FILES` that have a glyph for `char` which draws something."""
-    found = []
-    for name in FONT_FILES:
-        path = font_dir() / name
-        if not path.is_file() or ord(char) not in _codepoints(path):
-            continue
-        if _font(name, FONT_SIZES[0]).getmask(char).getbbox() is not None:
-            found.append(name)
-    return tuple(found)
+    return tuple(
+        name
+        for name in FONT_FILES
+        if (font_dir() / name).is_file()
+        and ord(char) in _codepoints(font_dir() / name)
+        and _font(name, FONT_SIZES[0]).getmask(char).getbbox() is not None
+    )
 
 
 @cache
@@ -157,21 +156,17 @@ def render_glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n, dtype=np.int64) % len(SOURCE_CLASSES))
     form_u, font_u = rng.random(n), rng.random(n)
-    sizes = rng.integers(*FONT_SIZES, size=n, endpoint=True)
-    strokes = rng.uniform(0.0, MAX_STROKE, n)
-    angles = rng.uniform(-MAX_ROTATION, MAX_ROTATION, n)
-    shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n)
-    aspects = np.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT, n))
+    # As Python lists: numpy scalars slow down the per-glyph arithmetic.
+    sizes = rng.integers(*FONT_SIZES, size=n, endpoint=True).tolist()
+    strokes = rng.uniform(0.0, MAX_STROKE, n).tolist()
+    angles = rng.uniform(-MAX_ROTATION, MAX_ROTATION, n).tolist()
+    shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n).tolist()
+    aspects = np.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT, n)).tolist()
     # optdigits glyphs fill the bitmap's height and are about 3/4 as wide; wide letters fit width.
-    max_heights = BITMAP - rng.integers(0, 2, size=n, endpoint=True)
-    max_widths = rng.integers(24, BITMAP, size=n, endpoint=True)
-    y_fracs = rng.random(n)
-    x_shifts = rng.integers(-2, 2, size=n, endpoint=True)
-    # Python scalars: numpy scalars slow down the per-glyph arithmetic.
-    sizes, strokes, max_heights, max_widths, x_shifts = (
-        v.tolist() for v in (sizes, strokes, max_heights, max_widths, x_shifts)
-    )
-    angles, shears, aspects, y_fracs = (v.tolist() for v in (angles, shears, aspects, y_fracs))
+    max_heights = (BITMAP - rng.integers(0, 2, size=n, endpoint=True)).tolist()
+    max_widths = rng.integers(24, BITMAP, size=n, endpoint=True).tolist()
+    y_fracs = rng.random(n).tolist()
+    x_shifts = rng.integers(-2, 2, size=n, endpoint=True).tolist()
 
     images = np.empty((n, BITMAP // BLOCK, BITMAP // BLOCK), dtype=np.uint8)
     for i, label in enumerate(labels):

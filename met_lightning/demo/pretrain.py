@@ -2,11 +2,10 @@
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
 
-The architecture is the one of `conf/backbone/demo_vit.yaml`. Every epoch renders `N` fresh
-glyphs (`met_lightning.demo.glyphs`, no digits), so the model never sees a glyph twice. The
-backbone is saved without its classifier head as fp16 safetensors, next to a JSON record of the
-run and of a transfer check: a logistic-regression probe on the frozen class token of
-scikit-learn's digits, for these weights and for random ones.
+The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh glyphs per epoch
+(`met_lightning.demo.glyphs`, no digits). The backbone is saved without its head as fp16
+safetensors, next to a JSON record of the run and of a transfer check (a logistic-regression
+probe of scikit-learn's digits on the frozen class token, vs random weights).
 """
 
 from __future__ import annotations
