@@ -1,10 +1,9 @@
 """Write files atomically: to a temporary name in the same folder, then rename over the target.
 
 A crash mid-write leaves the old file (or none) and a stray `.NAME.RANDOM.PID.tmp` (the PID lets
-`checkpoint.resume` remove it once its writer is dead), never a truncated file that later loads
-as valid. The temporary file is created exclusively under an unpredictable name, and the rename
-replaces a symlink at the target rather than writing through it, so a link planted in the folder
-never redirects a write.
+`checkpoint.resume` remove it once its writer is dead), never a truncated file. The temporary is
+created exclusively under an unpredictable name and the rename replaces a symlink at the target,
+so a link planted in the folder never redirects a write.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _create_temporary(path: Path) -> Path:
-    """An empty new file `.NAME.RANDOM.PID.tmp` beside `path`, created exclusively (O_EXCL: a
-    planted file or symlink of that name is an error, never followed); mode 0o666 less umask."""
+    """A new empty `.NAME.RANDOM.PID.tmp` beside `path` (O_EXCL: a planted link is not followed)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.{os.getpid()}.tmp")

@@ -51,17 +51,11 @@ def exit_costs(
     num_sites: int = 0,
     separate_cls: bool = True,
 ) -> ExitCosts:
-    """MACs per image to reach each exit of a MultiExitViT with this configuration.
-
-    An image that leaves at exit k has also evaluated heads 1..k-1, so those are included.
-    """
+    """MACs per image to reach each exit of a MultiExitViT (heads 1..k-1 included at exit k)."""
     base_tokens = spec.num_prefix_tokens + spec.num_patches
-    num_exits = len(exits)
-    total = patch_embed_macs(spec)
-    to_exit = []
-    prev = 0
+    total, prev, to_exit = patch_embed_macs(spec), 0, []
     for stage, block in enumerate(exits):
-        early = num_exits - 1 - stage if separate_cls else 0
+        early = len(exits) - 1 - stage if separate_cls else 0
         per_block = block_macs(spec, base_tokens + early, adapter_rank, num_sites)
         total += (block - prev) * per_block + spec.embed_dim * num_classes
         to_exit.append(total)
@@ -72,13 +66,9 @@ def exit_costs(
 
 def model_exit_costs(model) -> ExitCosts:  # noqa: ANN001 - MultiExitViT, avoids an import cycle
     """`exit_costs` for a built MultiExitViT."""
+    # (spec, exits, num_classes, adapter_rank, num_sites, separate_cls)
     return exit_costs(
-        model.spec,
-        model.exits,
-        model.num_classes,
-        adapter_rank=model.rank,
-        num_sites=len(model.sites),
-        separate_cls=model.separate_cls,
+        model.spec, model.exits, model.num_classes, model.rank, len(model.sites), model.separate_cls
     )
 
 

@@ -22,11 +22,8 @@ class InputSpec:
 
     @classmethod
     def from_timm(cls, model) -> InputSpec:  # noqa: ANN001 - a timm model
-        """Normalization from a timm model's pretrained config, size from its patch embedding.
-
-        The pretrained config keeps the default input size (224) when `img_size` is overridden,
-        so the size is read from the model itself.
-        """
+        """Normalization from a timm model's pretrained config; size from its patch embedding
+        (the pretrained config keeps 224 when `img_size` is overridden)."""
         cfg = resolve_data_config({}, model=model)
         patch_embed = model.patch_embed
         size = (patch_embed.proj.in_channels, *patch_embed.img_size)
@@ -34,17 +31,14 @@ class InputSpec:
 
     @classmethod
     def from_backbone_config(cls, backbone_cfg: Mapping[str, Any]) -> InputSpec:
-        """The spec of the backbone that the `backbone` config (name, model_kwargs) builds, read
-        before it is built: a meta-device probe, no weights, no download. The weights (hub or
-        weights_file) do not change it: timm's pretrained config of `name` gives the
-        normalization either way."""
+        """The spec of the backbone a `backbone` config (name, model_kwargs) builds, before it is
+        built: a meta-device probe, no weights, no download (the weights do not change it)."""
         kwargs = backbone_cfg.get("model_kwargs") or {}
         return cls.from_timm(meta_backbone(str(backbone_cfg["name"]), dict(kwargs)))
 
     @classmethod
     def of(cls, value: InputSpec | Mapping[str, Any]) -> InputSpec:
-        """`value` as an InputSpec: itself, or one from its fields (e.g. the `input_spec` a
-        trainable checkpoint records, or the config Hydra makes of an InputSpec argument)."""
+        """`value` as an InputSpec: itself, or one from its fields (a checkpoint's, Hydra's)."""
         if isinstance(value, InputSpec):
             return value
         return cls(

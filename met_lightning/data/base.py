@@ -1,13 +1,9 @@
-"""Base LightningDataModule shared by every image-classification dataset of the project.
+"""Base LightningDataModule of every image-classification dataset of the project.
 
-A subclass implements `_build_splits()` (train / val / test datasets for `self.input_spec`);
-the base validates the common options, takes the backbone's input specification at construction
-(`InputSpec.from_backbone_config`: known before the backbone is built), and makes the dataloaders.
-
-Data path: the datasets yield uint8 images [C, h, w] at their stored size; the dataloaders collate
-them as uint8 batches (`device_transforms.ImageCollate`) and `on_after_batch_transfer` turns each
-batch, on the trainer's device, into the backbone's normalized float input [B, C, H, W]
-(`device_transforms.BatchTransform`: resize, augmentation of the training split, normalization).
+A subclass implements `_build_splits()` (train / val / test datasets). The datasets yield uint8
+images [C, h, w] at their stored size, collated as uint8 batches (`device_transforms.ImageCollate`);
+`on_after_batch_transfer` turns each batch, on the trainer's device, into the backbone's normalized
+float input [B, C, H, W] (`device_transforms.BatchTransform`).
 """
 
 from __future__ import annotations
@@ -29,24 +25,33 @@ from met_lightning.spec import InputSpec
 
 def check_pin_memory(value: bool | str) -> bool | str:
     """`data.pin_memory`: "auto" (pin when the trainer runs on a GPU), true or false."""
-    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
-        return {"auto": "auto", "true": True, "false": False}[value.lower()]
-    if isinstance(value, bool):
-        return value
+    choices = {"auto": "auto", "true": True, "false": False}
+    if isinstance(value, bool | str) and str(value).lower() in choices:
+        return choices[str(value).lower()]
     raise ConfigError(
         f"data.pin_memory={value!r} must be auto (pin host memory when the trainer uses a GPU), "
         "true or false"
     )
 
 
-class ImageClassificationDataModule(L.LightningDataModule, ABC):
-    """Common options: `input_spec` (what the backbone expects: size, normalization; an InputSpec
-    or its fields), `num_classes`, `batch_size`, `eval_batch_size`, `num_workers`, `pin_memory`
-    (auto | true | false), `seed`.
+def check_fractions(val: float, test: float, test_may_be_0: bool = False) -> tuple[float, float]:
+    """`data.val_fraction` in (0, 1) and `data.test_fraction` in (0, 1) (or [0, 1)) as floats,
+    leaving at least 10 % to train on; else a ConfigError naming the key."""
+    for key, value, low in (("val", val, "("), ("test", test, "[" if test_may_be_0 else "(")):
+        if not (0.0 <= float(value) < 1.0 and (low == "[" or float(value) > 0.0)):
+            raise ConfigError(f"data.{key}_fraction={value} must be in {low}0, 1)")
+    if val + test >= 0.9:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = {val + test} leaves too little to train "
+            "on; keep their sum below 0.9"
+        )
+    return float(val), float(test)
 
-    Subclasses set `normalize` / `augment` (and `value_max` / `resize_mode` when their images are
-    not 8-bit or need another resize); `batch_transform` is built from them at setup.
-    """
+
+class ImageClassificationDataModule(L.LightningDataModule, ABC):
+    """Common options: `input_spec` (an InputSpec or its fields), `num_classes`, `batch_size`,
+    `eval_batch_size`, `num_workers`, `pin_memory` (auto | true | false), `seed`. Subclasses set
+    `normalize` / `augment` / `value_max` / `resize_mode` for the `batch_transform` of setup."""
 
     normalize: str = "backbone"
     augment: bool = False
@@ -78,17 +83,13 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.pin_memory = check_pin_memory(pin_memory)
         self.seed = int(seed)
         self.input_spec = InputSpec.of(input_spec)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set = self.val_set = self.test_set = None  # Datasets, made at setup
         self.batch_transform: BatchTransform | None = None  # made at setup
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def check_files(self) -> None:
-        """Cheap checks of the data on disk (folders, list files, labels, image headers), run by
-        `build_datamodule` before the backbone is built; a DataError names what is wrong.
-
-        A subclass that reads files overrides it and keeps what it read for `setup`."""
+        """Cheap checks of the data on disk, run before the backbone is built (DataError); a
+        subclass that reads files overrides it and keeps what it read for `setup`."""
 
     @abstractmethod
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
@@ -98,20 +99,13 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         if self.train_set is not None:
             return
         self.train_set, self.val_set, self.test_set = self._build_splits()
-        self.batch_transform = self._make_batch_transform()
-
-    def _make_batch_transform(self) -> BatchTransform:
-        return BatchTransform(
+        self.batch_transform = BatchTransform(
             self.input_spec,
             self.normalize,
             self.augment,
             value_max=self.value_max,
             mode=self.resize_mode,
         )
-
-    def _collate(self) -> ImageCollate:
-        spec = self.batch_transform
-        return ImageCollate(spec.size, spec.mode, spec.value_max)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -125,7 +119,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         trainer = getattr(self, "trainer", None)
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        transform = self.batch_transform
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -133,11 +128,9 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             pin_memory=self.pins_memory(),
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            collate_fn=self._collate(),
+            collate_fn=ImageCollate(transform.size, transform.mode, transform.value_max),
         )
 
-    # ------------------------------------------------------------------ on the device
     def train_generator(self, device: torch.device, epoch: int, batch_idx: int) -> torch.Generator:
         """The DataModule's generator on `device`, seeded for one training batch from
         (data.seed, global rank, epoch, batch index): the draws survive a resume."""
@@ -151,12 +144,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         return generator
 
     def prepare_batch(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """uint8 images [B, C, h, w] from a dataloader -> the backbone's float input [B, C, H, W].
-
-        Eval (`train=False`) equals the per-image `eval_transform`. In training with `augment`, the
-        crops and flips are drawn from `train_generator` for the trainer's current epoch and batch
-        (epoch 0, batch 0 outside a Trainer).
-        """
+        """uint8 images [B, C, h, w] -> the backbone's float input [B, C, H, W]; in training with
+        `augment`, crops and flips from `train_generator` for the trainer's epoch and batch."""
         if self.batch_transform is None:
             raise RuntimeError("call setup() before preparing batches")
         if not (train and self.batch_transform.augment):
@@ -200,12 +189,10 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         return self._loader(self.train_set, self.per_device(self.batch_size), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        batch = max(self.eval_batch_size // self.world_size, 1)
-        return self._loader(self.val_set, batch, shuffle=False)
+        return self._loader(self.val_set, max(self.eval_batch_size // self.world_size, 1))
 
     def test_dataloader(self) -> DataLoader:
-        batch = max(self.eval_batch_size // self.world_size, 1)
-        return self._loader(self.test_set, batch, shuffle=False)
+        return self._loader(self.test_set, max(self.eval_batch_size // self.world_size, 1))
 
     def predict_dataloader(self) -> DataLoader:
         """The test split's (images, labels) batches (`trainer.predict(module, datamodule=...)`)."""
@@ -216,10 +203,9 @@ def build_datamodule(
     data_cfg,  # noqa: ANN001 - a DictConfig
     input_spec: InputSpec,
 ) -> ImageClassificationDataModule:
-    """`instantiate(cfg.data, input_spec=input_spec)`, then `check_files()`: bad options and
-    missing or malformed data fail here, before the backbone is built. An argument of the wrong
-    type (a ValueError or TypeError in the constructor) is reported as a ConfigError naming
-    data.*."""
+    """`instantiate(cfg.data, input_spec=input_spec)`, then `check_files()`: bad options and data
+    fail before the backbone is built; a TypeError / ValueError of the constructor becomes a
+    ConfigError naming data.*."""
     try:
         datamodule = instantiate(data_cfg, input_spec=input_spec)
     except InstantiationException as err:

@@ -1,10 +1,7 @@
 """CIFAR-100 (50 000 train / 10 000 test 32x32 images, 100 classes) from the python-pickle files.
 
-Files: `<root>/cifar-100-python/{train,test,meta}`, as extracted from the official archive
-(https://www.cs.toronto.edu/~kriz/cifar.html): Python pickles, read by an unpickler that builds
-plain data and numpy arrays only, so a crafted file cannot run code whatever its hashes (errors
-are DataErrors naming the file). `prepare_data` downloads them if `download`; offline it fails
-within seconds with a message saying where to put the files instead.
+Files: `<root>/cifar-100-python/{train,test,meta}` of the official archive. The pickles are read
+by an unpickler that builds plain data and numpy arrays only, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
 from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.images import LabelledImages
 from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
@@ -56,11 +54,9 @@ CIFAR100_CLASSES = (
 
 
 def host_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Whether a TCP connection to `url`'s host opens within `timeout` seconds, DNS included.
+    """Whether a TCP connection to `url`'s host (or urllib's proxy) opens within `timeout` s.
 
-    Through the proxy of the environment (https_proxy, ...) if urllib would use one. The probe
-    runs in a daemon thread: name resolution ignores socket timeouts and can block much
-    longer on a machine without network.
+    In a daemon thread: name resolution ignores socket timeouts and can block much longer offline.
     """
     parsed = urlparse(url)
     proxy = urllib.request.getproxies().get(parsed.scheme)
@@ -90,8 +86,7 @@ def _latin1(text: str, encoding: str = "utf-8") -> bytes:
 
 
 def _safe_globals() -> dict[tuple[str, str], object]:
-    """The globals pickled numpy arrays need (under the module names numpy 1 and 2 write) and
-    `_codecs.encode` for bytes: none of them runs code."""
+    """The globals pickled numpy arrays (numpy 1 and 2 names) and bytes need: none runs code."""
     reconstruct = np.zeros(1).__reduce__()[0]  # numpy(._)core.multiarray._reconstruct
     scalar = np.float64(0).__reduce__()[0]  # numpy(._)core.multiarray.scalar
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy(._)core.numeric._frombuffer
@@ -108,8 +103,8 @@ def _safe_globals() -> dict[tuple[str, str], object]:
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles plain data and numpy arrays only: any other global (a function or class a
-    crafted file could call) is refused, so reading a data folder cannot run code."""
+    """Unpickles plain data and numpy arrays only: any other global (which a crafted file could
+    call) is refused, so reading a data folder cannot run code."""
 
     allowed = _safe_globals()
 
@@ -190,7 +185,7 @@ def read_class_names(folder: Path) -> list[str]:
 
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 images [N, 3, 32, 32], int64 fine labels [N] and the class names of the `train` /
-    `test` file in `folder` (checked; read without running code, see `_CifarUnpickler`)."""
+    `test` file in `folder`, checked."""
     path = folder / split
     with _reading(path):
         entry = _load(path)
@@ -209,43 +204,33 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, li
     return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), names
 
 
-class TensorImageDataset(Dataset):
-    """(uint8 image [C, h, w], label) from in-memory tensors, through `transform` if given (a
-    uint8 -> uint8 colour conversion; resizing and normalization happen batched on the device)."""
+class TensorImageDataset(LabelledImages):
+    """(uint8 image [C, h, w], label) from in-memory tensors, through a uint8 -> uint8 `transform`
+    if given."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:  # noqa: ANN001
         self.images = images
         self.labels = labels
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def targets(self) -> list[int]:
-        return self.labels.tolist()
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        return (image if self.transform is None else self.transform(image)), int(self.labels[index])
+    def image(self, index: int) -> torch.Tensor:
+        return self.images[index]
 
 
-def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Sorted (train, val) indices: `val_size` images, stratified by class, fixed by `seed`."""
     index = np.arange(len(labels))
     try:
         train, val = train_test_split(index, test_size=val_size, stratify=labels, random_state=seed)
     except ValueError:  # a class too small to stratify (only in tiny subsets): plain random
         train, val = train_test_split(index, test_size=val_size, random_state=seed)
-    return np.sort(train), np.sort(val)
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
 class Cifar100DataModule(ImageClassificationDataModule):
     """CIFAR-100: `val_size` of the 50 000 training images (stratified, fixed by `seed`) validate,
-    the 10 000 test images test. The workers hand over the uint8 32x32 images; on the device they
-    are resized to the backbone's input size, `augment` adds RandomResizedCrop + horizontal flip
-    on the training split, and `normalize` (backbone | imagenet | half | none) is applied.
-    """
+    the 10 000 test images test. The uint8 32x32 images are resized on the device to the
+    backbone's input; `augment` adds RandomResizedCrop + horizontal flip on the training split."""
 
     def __init__(
         self,
@@ -263,15 +248,13 @@ class Cifar100DataModule(ImageClassificationDataModule):
         if int(val_size) <= 0:
             raise ConfigError(f"data.val_size={val_size} must be a positive number of images")
         self.root = Path(root).expanduser()
+        self.folder = self.root / FOLDER
+        self.archive = self.root / Path(urlparse(CIFAR100_URL).path).name
         self.download = bool(download)
         self.val_size = int(val_size)
         self.normalize = check_normalize(normalize)
         self.augment = bool(augment)
         self.class_names = list(CIFAR100_CLASSES)
-
-    @property
-    def folder(self) -> Path:
-        return self.root / FOLDER
 
     def _missing(self) -> list[Path]:
         return [self.folder / name for name in FILES if not (self.folder / name).is_file()]
@@ -282,52 +265,48 @@ class Cifar100DataModule(ImageClassificationDataModule):
             f"holds {FOLDER}/)"
         )
 
-    @property
-    def archive(self) -> Path:
-        return self.root / Path(urlparse(CIFAR100_URL).path).name
-
     def _how(self) -> str:
         return (
             "download the archive elsewhere and extract it so that the files are at "
             f"{self._where()}, or put {self.archive.name} itself in {self.root}"
         )
 
-    def _unreachable(self) -> DataError:
+    def _not_found(self) -> DataError:
         return DataError(
-            f"could not download CIFAR-100 from {CIFAR100_URL}: "
-            f"{urlparse(CIFAR100_URL).hostname} is not reachable (offline?). "
-            f"Either connect to the internet, or {self._how()}."
+            f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the files "
+            f"at {self._where()}, or set data.download=true to fetch {CIFAR100_URL} (the trainer "
+            "downloads it in prepare_data)."
         )
+
+    def _probe(self) -> None:
+        """DataError within seconds if the download host cannot be reached."""
+        if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
+            raise DataError(
+                f"could not download CIFAR-100 from {CIFAR100_URL}: "
+                f"{urlparse(CIFAR100_URL).hostname} is not reachable (offline?). "
+                f"Either connect to the internet, or {self._how()}."
+            )
 
     def check_files(self) -> None:
         """Before the backbone is built: the files are there, or can be extracted or fetched."""
         if not self._missing() or self.archive.is_file():
             return
         if not self.download:
-            raise DataError(
-                f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
-                f"files at {self._where()}, or set data.download=true to fetch {CIFAR100_URL}."
-            )
-        if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
-            raise self._unreachable()
+            raise self._not_found()
+        self._probe()
 
     def prepare_data(self) -> None:
         """Download and extract the archive unless the files are there (rank 0 only)."""
         if not self._missing():
             return
         archive = self.archive
-        if not self.download and not archive.is_file():
-            raise DataError(
-                f"CIFAR-100 not found: missing {', '.join(map(str, self._missing()))}. Put the "
-                f"files at {self._where()}, or set data.download=true to fetch {CIFAR100_URL}."
-            )
         if archive.is_file() and download_utils.check_integrity(str(archive), CIFAR100_MD5):
             log.info("extracting %s", archive)
             download_utils.extract_archive(str(archive), str(self.root))
+        elif not self.download and not archive.is_file():
+            raise self._not_found()
         else:
-            how = self._how()
-            if not host_reachable(CIFAR100_URL, PROBE_TIMEOUT):
-                raise self._unreachable()
+            self._probe()
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 download_utils.download_and_extract_archive(
@@ -336,7 +315,7 @@ class Cifar100DataModule(ImageClassificationDataModule):
             except Exception as err:  # noqa: BLE001 - urllib / md5 / tar errors alike
                 raise DataError(
                     f"could not download CIFAR-100 from {CIFAR100_URL} "
-                    f"({type(err).__name__}: {err}). Retry, or {how}."
+                    f"({type(err).__name__}: {err}). Retry, or {self._how()}."
                 ) from None
         if self._missing():
             raise DataError(
@@ -345,13 +324,8 @@ class Cifar100DataModule(ImageClassificationDataModule):
             )
 
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        missing = self._missing()
-        if missing:
-            raise DataError(
-                f"CIFAR-100 not found: missing {', '.join(map(str, missing))}. Put the files at "
-                f"{self._where()}, or set data.download=true (the trainer then downloads them "
-                "in prepare_data)."
-            )
+        if self._missing():
+            raise self._not_found()
         train_images, train_labels, self.class_names = read_split(self.folder, "train")
         test_images, test_labels, _ = read_split(self.folder, "test")
         if self.val_size >= len(train_labels):
@@ -359,12 +333,8 @@ class Cifar100DataModule(ImageClassificationDataModule):
                 f"data.val_size={self.val_size} must be smaller than the {len(train_labels)} "
                 "training images"
             )
-        train_idx, val_idx = (
-            torch.from_numpy(i)
-            for i in split_train_val(train_labels.numpy(), self.val_size, self.seed)
-        )
-        # a grey-level backbone: the uint8 grey level, as today's per-image transform began
-        grey = v2.Grayscale(1) if self.input_spec.input_size[0] == 1 else None
+        train_idx, val_idx = split_train_val(train_labels.numpy(), self.val_size, self.seed)
+        grey = v2.Grayscale(1) if self.input_spec.input_size[0] == 1 else None  # 1-channel backbone
         return (
             TensorImageDataset(train_images[train_idx], train_labels[train_idx], grey),
             TensorImageDataset(train_images[val_idx], train_labels[val_idx], grey),

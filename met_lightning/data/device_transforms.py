@@ -1,25 +1,15 @@
 """Batched image preparation on the training device (the DataModules' `on_after_batch_transfer`).
 
-The dataloader workers only decode: they hand over uint8 batches [B, C, h, w] at the images' stored
-size (`ImageCollate`). `BatchTransform` then does on the device, for the whole batch at once, what
-`transforms.eval_transform` / `transforms.train_transform` did per image in the workers:
+The dataloader workers only decode and hand over uint8 batches [B, C, h, w] at the stored size
+(`ImageCollate`); `BatchTransform` does on the device, for the whole batch, what
+`transforms.eval_transform` / `train_transform` do per image (equal up to float rounding):
+scale, antialiased resize, clamp, grey replicated, normalize; with `augment` a RandomResizedCrop
++ flip per sample as torchvision draws them, from a `torch.Generator` on the device. The crop and
+resize are one resampling, two batched matrix products with per-sample weights, so every sample
+has its own box without a host sync (hot path: no `.item()`, no data-dependent branching).
 
-- eval: scale to [0, 1], resize to the backbone input (antialiased, the spec's interpolation),
-  clamp, repeat a grey level over the backbone's channels, normalize. Equal to `eval_transform`
-  (up to float rounding, < 1e-5).
-- train with `augment`: RandomResizedCrop (area `crop_scale`, aspect 3/4..4/3, torchvision's
-  10 attempts then a centre crop) + horizontal flip with p = 0.5, drawn per sample from a
-  `torch.Generator` on the batch's device; the crop and resize are one antialiased resampling,
-  written as two batched matrix products (a per-sample [H, h] and [W, w] weight matrix with
-  PyTorch's antialiasing kernels), so that every sample has its own box without a host sync.
-
-Images of one batch that differ in size cannot be stacked: `ImageCollate` then resizes each of
-them on the CPU (in the worker) to the input size, exactly as `eval_transform` does, and hands
-over a float batch in [0, 1]; the device skips the resize for it (eval numbers stay equal) and an
-augmentation crops the resized image (the crop's area range is unchanged, its aspect range is
-relative to the resized image).
-
-Hot path: no `.item()`, no boolean-mask indexing, no data-dependent Python branching.
+Images of one batch that differ in size are each resized in the worker as `eval_transform` does
+(a float batch in [0, 1]); an augmentation then crops the resized image.
 """
 
 from __future__ import annotations
@@ -42,17 +32,15 @@ BICUBIC_A = -0.5
 MODES = ("bicubic", "bilinear", "nearest")
 
 
-def resize_mode(interpolation: str) -> str:
-    """`F.interpolate` mode of a timm interpolation name, as `eval_transform` maps it."""
-    return interpolation_mode(interpolation).value
+def to_unit(images: torch.Tensor, value_max: float = 255.0) -> torch.Tensor:
+    """float32 in [0, 1]: integers divided by `value_max` (white), floats as they are."""
+    x = images.to(torch.float32)
+    return x if images.is_floating_point() else x.mul_(1.0 / value_max)
 
 
 def resize_unit(images: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
-    """Float images [B, C, h, w] in [0, 1] -> [B, C, H, W], `size` = (H, W), clamped to [0, 1].
-
-    torchvision's tensor `Resize(antialias=True)` (antialias for bilinear / bicubic only); the
-    images are returned as they are when they already have the size.
-    """
+    """Float images [B, C, h, w] in [0, 1] -> [B, C, H, W] clamped, `size` = (H, W), as
+    torchvision's `Resize(antialias=True)`; returned as they are when they have the size."""
     height, width = (int(s) for s in size)
     if tuple(images.shape[-2:]) == (height, width):
         return images
@@ -77,22 +65,15 @@ def augment_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
 
 def crop_draws(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """The uniform draws [B, 2 * CROP_ATTEMPTS + 3] of one batch's crops and flips (eager: a
-    `torch.Generator` argument breaks a compiled graph; `crops_from_draws` compiles)."""
+    generator argument breaks a compiled graph)."""
     return torch.rand(batch, 2 * CROP_ATTEMPTS + 3, generator=generator, device=device)
 
 
 def sample_crops(
-    batch: int,
-    height: int,
-    width: int,
-    generator: torch.Generator,
-    device: torch.device,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample RandomResizedCrop boxes and flips, as torchvision draws them, on `device`
-    (`crops_from_draws` of `crop_draws`)."""
-    return crops_from_draws(crop_draws(batch, generator, device), height, width, scale, ratio)
+    batch: int, height: int, width: int, generator: torch.Generator, device: torch.device, **kwargs
+) -> tuple[torch.Tensor, ...]:
+    """`crops_from_draws` (its `scale`, `ratio` keywords) of `crop_draws` on `device`."""
+    return crops_from_draws(crop_draws(batch, generator, device), height, width, **kwargs)
 
 
 def crops_from_draws(
@@ -102,12 +83,9 @@ def crops_from_draws(
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop boxes and flips from uniform `draws` [B, 2 * CROP_ATTEMPTS + 3].
-
-    Returns (top, left, crop height, crop width) as float tensors [B] of whole pixels and `flip`,
-    a bool tensor [B]. For each sample: the first of `CROP_ATTEMPTS` (area, aspect) draws whose box
-    fits the height x width image, else torchvision's centre-crop fallback.
-    """
+    """RandomResizedCrop boxes from uniform `draws` [B, 2 * CROP_ATTEMPTS + 3]: (top, left,
+    crop height, crop width) float [B] of whole pixels and `flip` bool [B]. Per sample, the first
+    of `CROP_ATTEMPTS` (area, aspect) draws whose box fits, else torchvision's centre crop."""
     area = height * width * (scale[0] + (scale[1] - scale[0]) * draws[:, :CROP_ATTEMPTS])
     low, high = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(low + (high - low) * draws[:, CROP_ATTEMPTS : 2 * CROP_ATTEMPTS])
@@ -133,8 +111,7 @@ def crops_from_draws(
     left = torch.where(
         found, torch.floor(extra[:, 1] * (width - crop_w + 1)), float((width - fb_w) // 2)
     )
-    flip = extra[:, 2] < 0.5
-    return top, left, crop_h, crop_w, flip
+    return top, left, crop_h, crop_w, extra[:, 2] < 0.5
 
 
 def _kernel(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -152,12 +129,8 @@ def resize_weights(
     start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, mode: str
 ) -> torch.Tensor:
     """Weights [B, out_size, in_size] that resample the pixels [start, start + length) of an axis
-    of `in_size` pixels to `out_size` pixels, per sample (`start`, `length`: float tensors [B]).
-
-    The antialiased resampling of `F.interpolate(..., antialias=True, align_corners=False)` for
-    bilinear / bicubic (the kernel widened by the scale when shrinking, weights normalized over
-    the pixels inside the box), and PyTorch's 'nearest' otherwise.
-    """
+    of `in_size` pixels to `out_size`, per sample (`start`, `length`: float [B]), as
+    `F.interpolate(..., antialias=True, align_corners=False)` does (PyTorch's 'nearest' else)."""
     device = start.device
     scale = (length / out_size)[:, None, None]  # [B, 1, 1] input pixels per output pixel
     out_pos = torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None]
@@ -183,12 +156,9 @@ def resized_crop(
     mode: str,
     flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Crop a box per sample and resize it to `size` = (H, W), then flip horizontally where `flip`.
-
-    images: float [B, C, h, w]; top / left / crop_h / crop_w: float tensors [B] of whole pixels;
-    flip: bool [B] or None. Returns float [B, C, H, W] (not clamped). Equal, sample by sample, to
-    torchvision's `resized_crop(..., antialias=True)` (+ `horizontal_flip`) up to float rounding.
-    """
+    """Float images [B, C, h, w] -> [B, C, H, W] (not clamped): each sample's box (float [B] of
+    whole pixels) resized to `size` = (H, W) and flipped where `flip` (bool [B]), as torchvision's
+    `resized_crop(..., antialias=True)` (+ `horizontal_flip`) up to float rounding."""
     height, width = (int(s) for s in size)
     rows = resize_weights(top, crop_h, images.shape[-2], height, mode)  # [B, H, h]
     cols = resize_weights(left, crop_w, images.shape[-1], width, mode)  # [B, W, w]
@@ -199,12 +169,10 @@ def resized_crop(
 
 
 class BatchTransform:
-    """uint8 (or [0, 1] float) image batches -> the backbone's normalized float input, batched.
+    """uint8 (or [0, 1] float) image batches -> the backbone's normalized float input.
 
-    spec: the backbone's `InputSpec`; normalize: see `transforms.NORMALIZATIONS`; augment: random
-    resized crop + flip in `train` mode; value_max: the stored value of a white pixel (255 for
-    8-bit images, 16 for scikit-learn's digits); mode: the `F.interpolate` mode (default: the
-    spec's interpolation as `eval_transform` maps it).
+    value_max: the stored value of a white pixel (16 for scikit-learn's digits); mode: the
+    `F.interpolate` mode (default: the spec's interpolation as `eval_transform` maps it).
     """
 
     def __init__(
@@ -218,7 +186,7 @@ class BatchTransform:
     ) -> None:
         self.channels, height, width = (int(v) for v in spec.input_size)
         self.size = (height, width)
-        self.mode = mode or resize_mode(spec.interpolation)
+        self.mode = mode or interpolation_mode(spec.interpolation).value
         if self.mode not in MODES:
             raise ValueError(f"resize mode {self.mode!r} is not one of {', '.join(MODES)}")
         self.augment = bool(augment)
@@ -238,13 +206,6 @@ class BatchTransform:
             )
         return self._stats[device]
 
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] -> float32 in [0, 1]: integers are divided by `value_max` (as torchvision's
-        `ToDtype(scale=True)` does for 255); float batches are taken as already in [0, 1]."""
-        if images.is_floating_point():
-            return images.to(torch.float32)
-        return images.to(torch.float32).mul_(1.0 / self.value_max)
-
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """Repeat a grey level over the backbone's channels, then normalize: [B, C, H, W]."""
         if images.shape[1] == 1 and self.channels != 1:
@@ -255,20 +216,19 @@ class BatchTransform:
         return (images - mean) / std
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
-        """The evaluation input: [B, C, h, w] -> float32 [B, C', H, W] (= `eval_transform`)."""
-        return self.finish(resize_unit(self.to_unit(images), self.size, self.mode))
+        """[B, C, h, w] -> float32 [B, C', H, W] (= `eval_transform`)."""
+        return self.finish(resize_unit(to_unit(images, self.value_max), self.size, self.mode))
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The training input: `eval` without `augment`, else a random resized crop and flip per
-        sample drawn from `generator` (on the images' device): [B, C, h, w] -> [B, C', H, W]."""
+        """`eval` without `augment`, else a random resized crop and flip per sample drawn from
+        `generator` (on the images' device)."""
         if not self.augment:
             return self.eval(images)
         return self.augment_with(images, crop_draws(images.shape[0], generator, images.device))
 
     def augment_with(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """The augmented input from the uniform `draws` of `crop_draws`: [B, C, h, w] ->
-        [B, C', H, W] (generator-free, so `torch.compile(fullgraph=True)` accepts it)."""
-        x = self.to_unit(images)
+        """The augmented input from the `draws` of `crop_draws` (generator-free: compiles)."""
+        x = to_unit(images, self.value_max)
         top, left, crop_h, crop_w, flip = crops_from_draws(
             draws, x.shape[-2], x.shape[-1], self.crop_scale
         )
@@ -277,12 +237,9 @@ class BatchTransform:
 
 
 class ImageCollate:
-    """Collate (uint8 image [C, h, w], label) samples into (images, labels [B] int64), in a worker.
-
-    Images of one size are stacked as they are: uint8 [B, C, h, w]. Images of different sizes are
-    each resized on the CPU to `size` = (H, W) as `eval_transform` does (scaled by `value_max`,
-    antialiased `mode` resize, clamped) and stacked as float32 [B, C, H, W] in [0, 1].
-    """
+    """(uint8 image [C, h, w], label) samples -> (images, labels [B] int64), in a worker: uint8
+    [B, C, h, w] when of one size, else each resized to `size` = (H, W) as `eval_transform` does:
+    float32 [B, C, H, W] in [0, 1]."""
 
     def __init__(self, size: Sequence[int], mode: str, value_max: float = 255.0) -> None:
         self.size = tuple(int(s) for s in size)
@@ -295,9 +252,6 @@ class ImageCollate:
         if len({tuple(image.shape) for image in images}) == 1:
             return torch.stack(images), labels
         resized = [
-            resize_unit(
-                image.to(torch.float32).mul_(1.0 / self.value_max)[None], self.size, self.mode
-            )[0]
-            for image in images
+            resize_unit(to_unit(x[None], self.value_max), self.size, self.mode) for x in images
         ]
-        return torch.stack(resized), labels
+        return torch.cat(resized), labels

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.base import ImageClassificationDataModule, check_fractions
 from met_lightning.data.lowres import LOWRES_MAX
 from met_lightning.errors import ConfigError
 
@@ -29,12 +29,8 @@ def stratified_split(
 
 
 class DigitsDataModule(ImageClassificationDataModule):
-    """1797 images, 10 classes; resized to the backbone's input and repeated over 3 channels.
-
-    The images are kept in memory as stored: uint8 [N, 1, 8, 8] with values 0..16 (`value_max`);
-    the batched device transform scales, resizes (bicubic for a bicubic backbone, else bilinear,
-    antialiased) and normalizes them exactly as `lowres.lowres_to_tensor` does.
-    """
+    """1797 images, 10 classes, kept as stored: uint8 [N, 1, 8, 8] with values 0..16; the device
+    transform scales, resizes and normalizes them exactly as `lowres.lowres_to_tensor` does."""
 
     value_max = LOWRES_MAX
 
@@ -44,22 +40,10 @@ class DigitsDataModule(ImageClassificationDataModule):
         super().__init__(num_classes=num_classes, **kwargs)
         if num_classes != 10:
             raise ConfigError(f"data.num_classes={num_classes}, but digits has 10 classes")
-        for key, value in (
-            ("data.val_fraction", val_fraction),
-            ("data.test_fraction", test_fraction),
-        ):
-            if not 0.0 < float(value) < 1.0:
-                raise ConfigError(f"{key}={value} must be in (0, 1)")
-        if val_fraction + test_fraction >= 0.9:
-            raise ConfigError(
-                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
-                "too little to train on; keep their sum below 0.9"
-            )
+        self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction)
         # lowres_to_tensor's resize: bicubic for a bicubic backbone, else bilinear
         self.resize_mode = "bicubic" if self.input_spec.interpolation == "bicubic" else "bilinear"
         self.class_names = [str(d) for d in range(10)]
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
 
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()

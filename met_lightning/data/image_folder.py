@@ -5,11 +5,10 @@
     <root>/val/<class>/*.jpg         (split per class into train / val / test by
     <root>/test/<class>/*.jpg         data.val_fraction / data.test_fraction, fixed by data.seed)
 
-In the split layout `train` is required and at least one of `val` / `test`: without `test`, the
-val images also test; without `val`, a stratified `val_fraction` of train validates. The classes
-are the sorted sub-folder names of `train` (of `root` in the single layout); a class folder in
-val / test that train lacks is an error. Images are found recursively in each class folder
-(extensions in `IMAGE_EXTENSIONS`, any case; hidden files are ignored).
+The split layout needs `train` and `val` and / or `test` (without `test`, val also tests; without
+`val`, a stratified `val_fraction` of train validates). The classes are the sorted sub-folders of
+`train` (of `root`); val / test may not add any. Images are found recursively (extensions in
+`IMAGE_EXTENSIONS`, any case; hidden files ignored).
 """
 
 from __future__ import annotations
@@ -18,13 +17,12 @@ import logging
 import os
 from pathlib import Path
 
-from met_lightning.data.base import ImageClassificationDataModule
+from met_lightning.data.base import ImageClassificationDataModule, check_fractions
 from met_lightning.data.images import (
     IMAGE_EXTENSIONS,
     ImageListDataset,
     Sample,
-    check_headers,
-    drop_undecodable,
+    check_images,
     stratified_indices,
 )
 from met_lightning.data.transforms import check_normalize
@@ -35,11 +33,7 @@ log = logging.getLogger(__name__)
 
 def class_folders(folder: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders of `folder`."""
-    return sorted(
-        entry.name
-        for entry in folder.iterdir()
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -57,11 +51,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     """Class-per-folder image datasets (see the module docstring for the two layouts).
 
     `num_classes`: null = the number of class folders, else it must equal it. The class folders
-    are read when the module is built (`class_names`, `num_classes` are known before setup); the
-    image files by `check_files` (before the backbone is built; else at setup), which also checks
-    that PIL recognizes every file's header. An image that cannot be decoded all the same raises a
-    DataError naming it when loaded. `skip_bad_images` decodes every image instead and drops the
-    bad ones (one warning counts and names them).
+    are read when the module is built; the images by `check_files` (`images.check_images`,
+    `skip_bad_images`).
     """
 
     def __init__(
@@ -75,15 +66,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         skip_bad_images: bool = False,
         **kwargs,
     ) -> None:
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1)")
-        if not 0.0 <= float(test_fraction) < 1.0:
-            raise ConfigError(f"data.test_fraction={test_fraction} must be in [0, 1)")
-        if val_fraction + test_fraction >= 0.9:
-            raise ConfigError(
-                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
-                "too little to train on; keep their sum below 0.9"
-            )
+        self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction, True)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DataError(
@@ -116,15 +99,13 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 )
         super().__init__(num_classes=len(classes), **kwargs)
         self.class_names = classes
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
         self.normalize = check_normalize(normalize)
         self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
-        self._splits: tuple[tuple[list[Sample], str], ...] | None = None
+        self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, source) per split
 
     def _scan(self, folder: Path, is_train: bool) -> list[Sample]:
-        """(path, label) of every image of `folder`'s class folders."""
+        """(path, label) of every image of `folder`'s class folders, checked."""
         names = class_folders(folder)
         unknown = sorted(set(names) - set(self.class_names))
         if unknown:
@@ -144,41 +125,28 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             samples.extend((path, index[name]) for path in files)
         if not samples:
             raise DataError(f"{folder} holds no images in its class folders")
-        if self.skip_bad_images:
-            samples = drop_undecodable(samples, str(folder), root=folder)
-        else:
-            check_headers(samples, str(folder), root=folder)
-        return samples
+        return check_images(samples, str(folder), folder, self.skip_bad_images)
 
     def check_files(self) -> None:
         """Find the images of every split and check them (kept for setup)."""
         if self._splits is None:
             self._splits = self._sample_lists()
 
-    def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+    def _build_splits(self) -> tuple[ImageListDataset, ...]:
         self.check_files()
-        spec = self.input_spec
-        (train, source), (val, val_source), (test, test_source) = self._splits
-        return (
-            ImageListDataset(train, spec, source=source),
-            ImageListDataset(val, spec, source=val_source),
-            ImageListDataset(test, spec, source=test_source),
-        )
+        return tuple(ImageListDataset(s, self.input_spec, source=src) for s, src in self._splits)
 
-    def _sample_lists(self) -> tuple[tuple[list[Sample], str], ...]:
-        """((samples, source) of train, val, test): the images of each split and where from."""
+    def _sample_lists(self) -> list[tuple[list[Sample], str]]:
+        """[(samples, source)] of train, val, test: the images of each split and where from."""
         everything = self._scan(self.train_dir, is_train=True)
         source = str(self.train_dir)
-        if self.split_layout:
-            train = everything
-            val = self._scan(self.val_dir, False) if self.val_dir else None
-            test = self._scan(self.test_dir, False) if self.test_dir else None
-            if test is None:
-                log.info("%s does not exist: testing on %s", self.root / "test", self.val_dir)
-                test, test_source = val, str(self.val_dir)
-            else:
-                test_source = str(self.test_dir)
-            if val is None:
+        train, val, test = (everything, source), None, None
+        if self.val_dir:
+            val = (self._scan(self.val_dir, False), str(self.val_dir))
+        if self.test_dir:
+            test = (self._scan(self.test_dir, False), str(self.test_dir))
+        if val is None:  # the single layout, or no val/: split train per class
+            if self.split_layout:
                 log.info(
                     "%s does not exist: validating on a stratified %.0f%% of %s (seed %d)",
                     self.root / "val",
@@ -186,27 +154,24 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                     self.train_dir,
                     self.seed,
                 )
-                labels = [label for _, label in everything]
-                train_idx, val_idx, _ = stratified_indices(
-                    labels, self.val_fraction, 0.0, self.seed
-                )
-                train = [everything[i] for i in train_idx]
-                val, val_source = [everything[i] for i in val_idx], f"{source} (val part)"
-            else:
-                val_source = str(self.val_dir)
-        else:
+            test_fraction = 0.0 if self.split_layout else self.test_fraction
             labels = [label for _, label in everything]
-            parts = stratified_indices(labels, self.val_fraction, self.test_fraction, self.seed)
-            train, val, test = ([everything[i] for i in idx] for idx in parts)
-            val_source, test_source = f"{source} (val part)", f"{source} (test part)"
-            if not test:
+            parts = stratified_indices(labels, self.val_fraction, test_fraction, self.seed)
+            train_part, val_part, test_part = ([everything[i] for i in idx] for idx in parts)
+            train, val = (train_part, source), (val_part, f"{source} (val part)")
+            if not self.split_layout:
+                test = (test_part, f"{source} (test part)")
+        if test is None or not test[0]:
+            if self.split_layout:
+                log.info("%s does not exist: testing on %s", self.root / "test", self.val_dir)
+            else:
                 log.info("data.test_fraction=0: testing on the validation images")
-                test, test_source = val, val_source
-        if not val:
+            test = val
+        if not val[0]:
             folder = f", or add {self.root / 'val'}/<class>/ folders" if self.split_layout else ""
             raise DataError(
                 f"{source} has too few images per class for data.val_fraction="
                 f"{self.val_fraction}: the validation split is empty; raise data.val_fraction "
                 f"or add images{folder}"
             )
-        return (train, source), (val, val_source), (test, test_source)
+        return [train, val, test]

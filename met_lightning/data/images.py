@@ -1,17 +1,7 @@
 """Datasets of image files (VTAB-1K list files, image folders): loading, checks and splits.
 
-Shared by `vtab.py` and `image_folder.py`:
-
-- `ImageListDataset`: (path, label) samples, loaded with PIL in the backbone's colour mode (the
-  rule of `transforms.to_input_mode`, shared with predict) and transformed; a file that cannot be
-  read raises a DataError naming it (checked lazily, when the sample is loaded).
-- `check_exist`: every listed file exists (cheap, done before the backbone is built).
-- `check_headers`: PIL recognizes every file's header (cheap, no decoding: catches empty files,
-  text or HTML saved as .jpg; a truncated image is named when it is loaded).
-- `drop_undecodable`: decode every image once and drop the bad ones with one counted warning
-  (the `data.skip_bad_images` option).
-- `stratified_indices`: a per-class, seeded train / val / test split that never fails on small
-  classes.
+Every image is loaded in the backbone's colour mode by the rule of `transforms.to_input_mode`
+(shared with predict); a file that cannot be read raises a DataError naming it.
 """
 
 from __future__ import annotations
@@ -38,13 +28,21 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # How many file names a message lists before "...".
 SHOWN = 5
+SKIP_HINT = (
+    "Replace or delete the file, or set data.skip_bad_images=true to drop undecodable images "
+    "(one warning counts and names them)."
+)
 
 Sample = tuple[Path, int]
 
 
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:SHOWN])
-    return shown + (", ..." if len(names) > SHOWN else "")
+def _listing(paths: Sequence[Path | str], root: Path | None = None) -> str:
+    """The first `SHOWN` of `paths` (relative to `root` when inside it), then "..."."""
+    names = [
+        str(Path(p).relative_to(root)) if root and Path(p).is_relative_to(root) else str(p)
+        for p in paths[:SHOWN]
+    ]
+    return ", ".join(names) + (", ..." if len(paths) > SHOWN else "")
 
 
 # PIL's decoders, fed any bytes, raise more than OSError / ValueError (a fuzzed DDS header:
@@ -52,13 +50,14 @@ def _listing(names: Sequence[str]) -> str:
 # raised while opening or decoding a file means "undecodable", never a crash.
 
 
-def decode_error(path: Path) -> str | None:
-    """Why the image at `path` cannot be fully decoded by PIL, or converted to 8 bits by the
-    rule of `transforms.to_8bit` (e.g. a float image outside [0, 1]), or None if it can."""
+def decode_error(path: Path, header_only: bool = False) -> str | None:
+    """Why PIL cannot fully decode the image at `path` and convert it to 8 bits by the rule of
+    `transforms.to_8bit` (or, `header_only`, recognize its header), or None if it can."""
     try:
         with Image.open(path) as image:
-            image.load()
-            to_8bit(image)
+            if not header_only:
+                image.load()
+                to_8bit(image)
     except Exception as err:
         return f"{type(err).__name__}: {err}"
     return None
@@ -66,18 +65,7 @@ def decode_error(path: Path) -> str | None:
 
 def header_error(path: Path) -> str | None:
     """Why PIL does not recognize the file at `path` as an image (reads the header only)."""
-    try:
-        with Image.open(path):
-            pass
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-SKIP_HINT = (
-    "Replace or delete the file, or set data.skip_bad_images=true to drop undecodable images "
-    "(one warning counts and names them)."
-)
+    return decode_error(path, header_only=True)
 
 
 def decode_image(image: Image.Image, spec: InputSpec) -> Image.Image:
@@ -87,10 +75,8 @@ def decode_image(image: Image.Image, spec: InputSpec) -> Image.Image:
 
 
 def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) -> Image.Image:
-    """The image at `path` in the backbone's colour mode; a DataError naming it if unreadable.
-
-    `source` (a list file, a folder) is named in the message, followed by `hint`.
-    """
+    """The image at `path` in the backbone's colour mode; else a DataError naming it and `source`
+    (a list file, a folder), followed by `hint`."""
     try:
         with Image.open(path) as image:
             return decode_image(image, spec)
@@ -102,42 +88,49 @@ def load_image(path: Path, spec: InputSpec, source: str, hint: str = SKIP_HINT) 
         ) from None
 
 
-class ImageListDataset(Dataset):
-    """(image tensor, label) from a list of (path, label) samples.
+class LabelledImages(Dataset):
+    """(image, label) samples: a subclass sets `labels` and `image(index)`; `transform` if set."""
 
-    `source` (a list file, a folder) is named in error messages; `transform` maps the PIL image
-    (already in the backbone's colour mode) to a tensor: by default the decoded uint8 image
-    [C, h, w] at its stored size (the DataModules resize and normalize batches on the device).
-    """
+    labels: Sequence[int] | torch.Tensor
+    transform: Callable | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def targets(self) -> list[int]:
+        return [int(label) for label in self.labels]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.image(index)
+        return (image if self.transform is None else self.transform(image)), int(self.labels[index])
+
+
+class ImageListDataset(LabelledImages):
+    """(image, label) from (path, label) samples; `source` (a list file, a folder) is named in
+    errors; `transform` maps the PIL image in the backbone's colour mode to a tensor, by default
+    the uint8 image [C, h, w] at its stored size (batches are resized on the device)."""
 
     def __init__(
         self,
         samples: Sequence[Sample],
         spec: InputSpec,
-        transform: Callable[[Image.Image], torch.Tensor] = pil_to_tensor,  # uint8 [C, h, w]
+        transform: Callable[[Image.Image], torch.Tensor] = pil_to_tensor,
         source: str = "",
     ) -> None:
         self.samples = [(Path(p), int(y)) for p, y in samples]
+        self.labels = [label for _, label in self.samples]
         self.spec = spec
         self.transform = transform
         self.source = source
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = load_image(path, self.spec, self.source)
-        return self.transform(image), label
+    def image(self, index: int) -> Image.Image:
+        return load_image(self.samples[index][0], self.spec, self.source)
 
 
 def check_exist(samples: Sequence[Sample], source: str, hint: str = "") -> None:
     """DataError naming the missing files (and `source`) if any listed image does not exist."""
-    missing = [str(path) for path, _ in samples if not Path(path).is_file()]
+    missing = [path for path, _ in samples if not Path(path).is_file()]
     if missing:
         raise DataError(
             f"{len(missing)} image(s) listed in {source} do not exist: {_listing(missing)}"
@@ -145,46 +138,32 @@ def check_exist(samples: Sequence[Sample], source: str, hint: str = "") -> None:
         )
 
 
-def _names(paths: Sequence[Path], root: Path | None) -> list[str]:
-    return [str(p.relative_to(root)) if root and p.is_relative_to(root) else str(p) for p in paths]
-
-
-def check_headers(samples: Sequence[Sample], source: str, root: Path | None = None) -> None:
-    """DataError counting and naming the files of `samples` that are not images PIL can open
-    (header only, about 40 us per file). Names are shown relative to `root` when given."""
-    bad, first = [], ""
-    for path, _ in samples:
-        error = header_error(Path(path))
-        if error is not None:
-            bad.append(Path(path))
-            first = first or error
-    if bad:
+def check_images(samples: Sequence[Sample], source: str, root: Path, skip_bad: bool) -> list:
+    """`samples` checked (names shown relative to `root`). `skip_bad`: every image is decoded
+    (threads: PIL releases the GIL) and the bad ones dropped with one counted warning; DataError
+    if none is left. Else a DataError counts and names the files whose header PIL does not
+    recognize (about 40 us per file; a truncated image is named when it is loaded)."""
+    paths = [Path(path) for path, _ in samples]
+    if skip_bad:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            errors = list(pool.map(decode_error, paths))
+    else:
+        errors = [header_error(path) for path in paths]
+    bad = [path for path, error in zip(paths, errors, strict=True) if error is not None]
+    if bad and not skip_bad:
+        first = next(error for error in errors if error is not None)
         raise DataError(
-            f"{len(bad)} undecodable image(s) in {source}: {_listing(_names(bad, root))} "
+            f"{len(bad)} undecodable image(s) in {source}: {_listing(bad, root)} "
             f"(first: {first}). {SKIP_HINT}"
         )
-
-
-def drop_undecodable(samples: Sequence[Sample], source: str, root: Path | None = None) -> list:
-    """`samples` without the images PIL cannot decode; one warning counts and names those dropped.
-
-    Decodes every image once (threads: PIL releases the GIL while decoding). DataError if none is
-    left. Names are shown relative to `root` when given.
-    """
-    paths = [Path(path) for path, _ in samples]
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = list(pool.map(decode_error, paths))
-    kept = [sample for sample, error in zip(samples, errors, strict=True) if error is None]
-    bad = [path for path, error in zip(paths, errors, strict=True) if error is not None]
     if bad:
-        names = _names(bad, root)
         log.warning(
             "skipped %d undecodable image(s) in %s (data.skip_bad_images=true): %s",
             len(bad),
             source,
-            _listing(names),
+            _listing(bad, root),
         )
+    kept = [sample for sample, error in zip(samples, errors, strict=True) if error is None]
     if not kept:
         raise DataError(f"no image listed in {source} can be decoded")
     return kept

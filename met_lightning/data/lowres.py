@@ -19,11 +19,8 @@ def lowres_to_tensor(
     std: Sequence[float],
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """Scale `images` [N, h, w] with values 0..16 to the backbone's input.
-
-    Returns a float tensor [N, C, H, W] with `C, H, W = input_size`, the grey level repeated over
-    the channels and normalized with the backbone's `mean` / `std`.
-    """
+    """`images` [N, h, w] with values 0..16 -> float [N, C, H, W] (`input_size`), the grey level
+    repeated over the channels and normalized with the backbone's `mean` / `std`."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / LOWRES_MAX
     if x.ndim != 3:
         raise ValueError(f"expected images [N, h, w], got shape {tuple(x.shape)}")

@@ -1,28 +1,18 @@
 """Image transforms derived from the backbone's `InputSpec` (shared by DataModules and predict).
 
-Image modes: every image file, in training (`data.images.load_image`, used by the VTAB-1K and
-image-folder datasets) and in predict, goes through `to_input_mode`, one rule for every Pillow
-mode. First to 8 bits (`to_8bit`), by value, never by clipping:
+Every image file, in training and in predict, goes through `to_input_mode`, one rule for every
+Pillow mode. First to 8 bits (`to_8bit`), by value, never by clipping:
 
-- `L`, `RGB`: unchanged; `1` (bilevel): 0 / 255.
-- 16-bit grey (`I;16`, `I;16L`, `I;16B`, `I;16N`; 16-bit PNG and TIFF open so): v8 = round(v / 257)
-  (0 -> 0, 65535 -> 255; v / 257 is never halfway between two integers, so no tie rule).
-- `I` (32-bit signed integers): read as 16-bit values, the same v / 257; a value outside
-  0..65535 is a ValueError naming the range (no guess of another scale).
-- `F` (32-bit float): read as [0, 1]: v8 = floor(255 v + 0.5); a value that does not round into
-  0..255 (outside about [-0.002, 1.002]) or NaN is a ValueError naming the range.
-- Alpha (`RGBA`, `LA`, `PA`, premultiplied `RGBa` / `La`, `P` with a transparent palette entry,
-  `L` / `RGB` / 16-bit grey with a transparent key colour): composited over white,
-  c8 = round((c a + 255 (255 - a)) / 255). White because such images (icons, cut-out objects,
-  drawings, scans) are made to be seen on white pages: a dark object on a transparent
-  background stays visible, while dropping the alpha (Pillow's `convert("RGB")`) shows whatever
-  colour hides under transparent pixels, often black.
-- `CMYK`, `YCbCr`, `LAB`, `HSV`, `RGBX`, `P`: Pillow's conversion to RGB (CMYK: R = round((255 -
-  C) (255 - K) / 255), likewise G with M and B with Y).
+- `L`, `RGB`: unchanged; `1`: 0 / 255; CMYK, YCbCr, LAB, HSV, RGBX, P: Pillow's RGB conversion.
+- 16-bit grey (`I;16*`) and `I` (read as 16-bit; outside 0..65535 a ValueError): round(v / 257).
+- `F`: read as [0, 1], floor(255 v + 0.5); a value that does not round into 0..255 or NaN is a
+  ValueError naming the range.
+- Alpha (RGBA, LA, PA, RGBa, La, P or L / RGB / 16-bit with a transparent colour): composited over
+  white, round((c a + 255 (255 - a)) / 255). White because such images (icons, cut-outs, scans)
+  are made for white pages; dropping the alpha shows whatever hides under it, often black.
 
-Then to the backbone's channels: grey to RGB by replicating the grey level; RGB to grey (1-channel
-backbones) by Pillow's ITU-R 601-2 luma, L = 0.299 R + 0.587 G + 0.114 B, rounded. (Pillow opens
-16-bit-per-channel colour PNGs as 8-bit RGB / RGBA already.)
+Then grey is replicated to RGB, or RGB turned to grey (1-channel backbones) by Pillow's ITU-R 601-2
+luma, L = 0.299 R + 0.587 G + 0.114 B, rounded.
 """
 
 from __future__ import annotations
@@ -35,27 +25,18 @@ from torchvision.transforms import InterpolationMode, v2
 from met_lightning.errors import ConfigError
 from met_lightning.spec import InputSpec
 
-# Normalizations used across the PETL literature (`data.normalize`):
-#   backbone: the pretrained checkpoint's own mean / std (timm's pretrained config); the default
-#   imagenet: (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), e.g. NOAH / VPT on VTAB-1K
-#   half:     0.5 / 0.5, i.e. pixels in [-1, 1]
-#   none:     pixels in [0, 1]
+# `data.normalize`: backbone (the checkpoint's mean / std), imagenet (e.g. NOAH / VPT on VTAB-1K),
+# half (0.5 / 0.5: pixels in [-1, 1]), none (pixels in [0, 1]).
 NORMALIZATIONS = ("backbone", "imagenet", "half", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm's default RandomResizedCrop area range.
 CROP_SCALE = (0.08, 1.0)
 
-INTERPOLATIONS = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "nearest": InterpolationMode.NEAREST,
-}
-
 
 def interpolation_mode(name: str) -> InterpolationMode:
-    """torchvision's mode for a timm interpolation name ('bicubic', 'bilinear', ...)."""
-    return INTERPOLATIONS.get(name, InterpolationMode.BICUBIC)
+    """torchvision's mode for a timm interpolation name (bicubic unless bilinear / nearest)."""
+    return InterpolationMode(name) if name in ("bilinear", "nearest") else InterpolationMode.BICUBIC
 
 
 class Clamp01(torch.nn.Module):
@@ -108,9 +89,8 @@ def _high_bit_to_8bit(image: Image.Image) -> np.ndarray:
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """The image as 8-bit `L` (grey) or `RGB` (colour), by the rule of the module docstring:
-    high bit depths scaled by value, alpha composited over white. ValueError for `I` / `F`
-    values out of their range."""
+    """The image as 8-bit `L` or `RGB` by the rule of the module docstring (ValueError for `I` /
+    `F` values out of their range)."""
     if image.mode in (*SIXTEEN_BIT_MODES, "F"):
         return Image.fromarray(_high_bit_to_8bit(image))
     if image.mode == "1":
@@ -133,24 +113,15 @@ def to_input_mode(image: Image.Image, spec: InputSpec) -> Image.Image:
 
 
 def eval_transform(spec: InputSpec, normalize: bool | str = True) -> v2.Compose:
-    """PIL image -> float tensor [C, H, W]: resize to the input size, scale to [0, 1], normalize.
-
-    The resize is antialiased, like `lowres_to_tensor`, so a stored small image (e.g. an 8x8 digit
-    saved as PNG) gives the same tensor as the in-memory dataset it came from, up to rounding.
-    `normalize`: True (= "backbone", the spec's mean / std), False (= "none"), or one of
-    `NORMALIZATIONS` (see `resolve_normalization`). A uint8 tensor [C, h, w] is accepted too.
-    """
-    _, height, width = spec.input_size
-    steps: list[torch.nn.Module] = [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Resize(
-            (height, width), interpolation=interpolation_mode(spec.interpolation), antialias=True
-        ),
-        Clamp01(),
-    ]
-    steps.extend(_normalize_steps(spec, normalize))
-    return v2.Compose(steps)
+    """PIL image (or uint8 tensor [C, h, w]) -> float [C, H, W]: scale to [0, 1], resize
+    (antialiased, like `lowres_to_tensor`), normalize (see `resolve_normalization`)."""
+    resize = v2.Resize(
+        spec.input_size[1:], interpolation=interpolation_mode(spec.interpolation), antialias=True
+    )
+    return v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), resize, Clamp01()]
+        + _normalize_steps(spec, normalize)
+    )
 
 
 def check_normalize(normalize: str) -> str:
@@ -178,33 +149,23 @@ def _fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]
 def resolve_normalization(
     spec: InputSpec, normalize: bool | str = "backbone"
 ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """(mean, std) for the option `normalize` (see `NORMALIZATIONS`), or None for no normalization.
-
-    True / False are accepted as "backbone" / "none" (the original boolean of `eval_transform`).
-    """
-    if normalize is True:
-        normalize = "backbone"
-    elif normalize is False:
-        normalize = "none"
-    check_normalize(normalize)
-    channels = spec.input_size[0]
-    if normalize == "none":
+    """(mean, std) for the option `normalize` (see `NORMALIZATIONS`; True / False = "backbone" /
+    "none"), or None for no normalization."""
+    if isinstance(normalize, bool):
+        normalize = "backbone" if normalize else "none"
+    stats = {
+        "backbone": (tuple(spec.mean), tuple(spec.std)),
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+        "half": ((0.5,), (0.5,)),
+    }
+    if check_normalize(normalize) == "none":
         return None
-    if normalize == "backbone":
-        mean, std = tuple(spec.mean), tuple(spec.std)
-    elif normalize == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:  # half
-        mean, std = (0.5,), (0.5,)
-    return _fit_channels(mean, channels), _fit_channels(std, channels)
+    return tuple(_fit_channels(values, spec.input_size[0]) for values in stats[normalize])
 
 
 def _normalize_steps(spec: InputSpec, normalize: bool | str) -> list[torch.nn.Module]:
     stats = resolve_normalization(spec, normalize)
-    if stats is None:
-        return []
-    mean, std = stats
-    return [v2.Normalize(mean=list(mean), std=list(std))]
+    return [] if stats is None else [v2.Normalize(mean=list(stats[0]), std=list(stats[1]))]
 
 
 def train_transform(
@@ -213,26 +174,18 @@ def train_transform(
     augment: bool = False,
     crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> v2.Compose:
-    """The training transform: `eval_transform` without `augment`, else timm-like light aug.
-
-    Augmentation = RandomResizedCrop to the input size (area `crop_scale`, timm's default
-    0.08..1, aspect 3/4..4/3) + horizontal flip, then scale to [0, 1] and normalize.
-    """
+    """`eval_transform` without `augment`, else RandomResizedCrop (area `crop_scale`, aspect
+    3/4..4/3) + horizontal flip, then scale to [0, 1] and normalize (the per-image reference of
+    the batched `device_transforms.BatchTransform`)."""
     if not augment:
         return eval_transform(spec, normalize)
-    _, height, width = spec.input_size
+    crop = v2.RandomResizedCrop(
+        spec.input_size[1:],
+        scale=tuple(crop_scale),
+        interpolation=interpolation_mode(spec.interpolation),
+        antialias=True,
+    )
     return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(
-                (height, width),
-                scale=tuple(crop_scale),
-                interpolation=interpolation_mode(spec.interpolation),
-                antialias=True,
-            ),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            Clamp01(),
-            *_normalize_steps(spec, normalize),
-        ]
+        [v2.ToImage(), crop, v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
+        + [Clamp01(), *_normalize_steps(spec, normalize)]
     )

@@ -15,13 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.images import (
-    ImageListDataset,
-    Sample,
-    check_exist,
-    check_headers,
-    drop_undecodable,
-)
+from met_lightning.data.images import ImageListDataset, Sample, check_exist, check_images
 from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
@@ -34,28 +28,17 @@ class VtabTask:
 
 
 VTAB_TASKS: dict[str, VtabTask] = {
-    t.name: t
-    for t in (
-        VtabTask("cifar", 100, "natural"),
-        VtabTask("caltech101", 102, "natural"),
-        VtabTask("dtd", 47, "natural"),
-        VtabTask("oxford_flowers102", 102, "natural"),
-        VtabTask("oxford_iiit_pet", 37, "natural"),
-        VtabTask("svhn", 10, "natural"),
-        VtabTask("sun397", 397, "natural"),
-        VtabTask("patch_camelyon", 2, "specialized"),
-        VtabTask("eurosat", 10, "specialized"),
-        VtabTask("resisc45", 45, "specialized"),
-        VtabTask("diabetic_retinopathy", 5, "specialized"),
-        VtabTask("clevr_count", 8, "structured"),
-        VtabTask("clevr_dist", 6, "structured"),
-        VtabTask("dmlab", 6, "structured"),
-        VtabTask("kitti", 4, "structured"),
-        VtabTask("dsprites_loc", 16, "structured"),
-        VtabTask("dsprites_ori", 16, "structured"),
-        VtabTask("smallnorb_azi", 18, "structured"),
-        VtabTask("smallnorb_ele", 9, "structured"),
+    name: VtabTask(name, num_classes, group)
+    for group, tasks in (
+        ("natural", {"cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102}),
+        ("natural", {"oxford_iiit_pet": 37, "svhn": 10, "sun397": 397}),
+        ("specialized", {"patch_camelyon": 2, "eurosat": 10, "resisc45": 45}),
+        ("specialized", {"diabetic_retinopathy": 5}),
+        ("structured", {"clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4}),
+        ("structured", {"dsprites_loc": 16, "dsprites_ori": 16}),
+        ("structured", {"smallnorb_azi": 18, "smallnorb_ele": 9}),
     )
+    for name, num_classes in tasks.items()
 }
 
 # List files of (train, val, test) for each `data.split`.
@@ -101,17 +84,12 @@ def read_list_file(path: Path, num_classes: int) -> list[Sample]:
 class Vtab1kDataModule(ImageClassificationDataModule):
     """One VTAB-1K task from its list files.
 
-    `split`:
-      - `tune`: train on train800, validate on val200, test on val200 (hyper-parameter search);
-      - `final`: train on train800val200, validate on val200, test on test.txt. The validation set
-        is then part of the training set: val metrics are optimistic and only monitor training.
-        This is what the literature (VPT, NOAH, MET) reports: final numbers are on test.txt.
+    `split`: `tune` trains on train800, validates and tests on val200 (hyper-parameter search);
+    `final` trains on train800val200, validates on val200 (part of train: monitoring only) and
+    tests on test.txt, as the literature (VPT, NOAH, MET) reports.
 
-    No augmentation by default (the VTAB-1K recipe: resize to the input size only).
-    `check_files` (before the backbone is built; else at setup) reads the list files of `split`
-    and checks labels, that every listed image exists and that PIL recognizes its header; an image
-    that cannot be decoded all the same raises a DataError naming it when loaded. With
-    `skip_bad_images`, every image is decoded instead and the bad ones dropped with one warning.
+    No augmentation by default (the VTAB-1K recipe: resize only). `check_files` reads the list
+    files of `split` and checks labels and images (`images.check_images`, `skip_bad_images`).
     `class_names` are the label indices as strings (the list files carry no names).
     """
 
@@ -150,7 +128,7 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
         self.class_names = [str(i) for i in range(info.num_classes)]
-        self._lists: dict[str, list[Sample]] | None = None
+        self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, list file)
 
     @property
     def task_dir(self) -> Path:
@@ -160,30 +138,21 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         path = self.task_dir / list_name
         samples = read_list_file(path, self.num_classes)
         check_exist(samples, str(path), hint=PREPARE_HINT)
-        if self.skip_bad_images:
-            samples = drop_undecodable(samples, str(path), root=self.task_dir)
-        else:
-            check_headers(samples, str(path), root=self.task_dir)
-        return samples
+        return check_images(samples, str(path), self.task_dir, self.skip_bad_images)
 
     def check_files(self) -> None:
         """Read and check the list files of `data.split` and their images (kept for setup)."""
-        if self._lists is not None:
+        if self._splits is not None:
             return
         if not self.task_dir.is_dir():
             raise DataError(
                 f"VTAB-1K task folder {self.task_dir} does not exist (data.root={self.root}, "
                 f"data.task={self.task}). {PREPARE_HINT}."
             )
-        self._lists = {name: self._samples(name) for name in dict.fromkeys(SPLITS[self.split])}
+        names = SPLITS[self.split]
+        lists = {name: self._samples(name) for name in dict.fromkeys(names)}
+        self._splits = [(lists[name], str(self.task_dir / name)) for name in names]
 
-    def _build_splits(self) -> tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+    def _build_splits(self) -> tuple[ImageListDataset, ...]:
         self.check_files()
-        spec = self.input_spec
-        cache = self._lists
-        train, val, test = SPLITS[self.split]
-        return (
-            ImageListDataset(cache[train], spec, source=str(self.task_dir / train)),
-            ImageListDataset(cache[val], spec, source=str(self.task_dir / val)),
-            ImageListDataset(cache[test], spec, source=str(self.task_dir / test)),
-        )
+        return tuple(ImageListDataset(s, self.input_spec, source=src) for s, src in self._splits)

@@ -3,27 +3,14 @@
 The demo backbone is pretrained on these glyphs, a source task disjoint from digits. Each glyph
 is made the way the UCI optdigits data were: a letter from a random font (the TrueType fonts that
 matplotlib ships), randomly sized, thickened, rotated, sheared and stretched, is binarized, its
-bounding box fitted into a 32x32 bitmap (full height, like the digits' size normalization, with
-random margins and shift), and the "on" pixels counted in 4x4 blocks: an 8x8 image, values 0..16.
+bounding box fitted into a 32x32 bitmap (full height, with random margins and shift), and the
+"on" pixels counted in 4x4 blocks: an 8x8 image, values 0..16.
 
-Classes: Latin letters plus a few Greek ones, leaving out every letter that looks like a digit, so
-that no source class is a digit in disguise:
-
-- 0: O o Q D (a closed oval);      Greek Θ θ Ο ο Ω Φ φ σ
-- 1: I l i j (one vertical stroke); Greek Ι ι
-- 2: Z z;                          Greek ζ
-- 4: A (a closed 4 is a triangle with a bar); Greek Δ
-- 5: S s;                          Greek ς
-- 6: G b (a loop under a rising stroke); Greek δ
-- 7: T t (a bar on a stem);        Greek τ
-- 8: B;                            Greek β
-- 9: g q (a loop over a descender); Greek ρ
-- 3: Greek ε ξ (a mirrored or stretched 3)
-
-Glyphs are normalized to the full box height, so lower case letters that are small copies of
-their capital (c p u v w x) would be indistinguishable from it: they are drawn as other forms of
-the capital's class instead of being classes of their own (likewise π for Π and ψ for Ψ). Greek
-letters that duplicate a Latin shape (Α Β Ε Η Κ Μ Ν Ρ Τ Υ Χ α κ ν υ χ ω) are not used either.
+Classes: Latin letters plus a few Greek ones, leaving out every letter that looks like a digit
+(0: O o Q D Θ θ Ο ο Ω Φ φ σ; 1: I l i j Ι ι; 2: Z z ζ; 3: ε ξ; 4: A Δ; 5: S s ς; 6: G b δ;
+7: T t τ; 8: B β; 9: g q ρ). Glyphs fill the box height, so lower case letters that are
+small copies of their capital (c p u v w x, π, ψ) are drawn as other forms of the capital's
+class; Greek letters that duplicate a Latin shape (Α Β Ε Η Κ Μ Ν Ρ Τ Υ Χ α κ ν υ χ ω) are unused.
 """
 
 from __future__ import annotations
@@ -44,42 +31,16 @@ SOURCE_CLASSES: tuple[str, ...] = (
 )
 
 # Other renderings of a class: lower case forms that only differ from the capital in size.
-CASE_TWINS: dict[str, str] = {
-    "C": "c",
-    "P": "p",
-    "U": "u",
-    "V": "v",
-    "W": "w",
-    "X": "x",
-    "Π": "π",
-    "Ψ": "ψ",
-}
+CASE_TWINS: dict[str, str] = dict(zip("CPUVWXΠΨ", "cpuvwxπψ", strict=True))
 
 # Text faces among matplotlib's fonts; the others (DejaVu*Display subsets, STIX size variants and
 # non-Unicode sets, cmex/cmsy symbol fonts, LastResort boxes) do not draw letters.
 FONT_FILES: tuple[str, ...] = (
-    "DejaVuSans.ttf",
-    "DejaVuSans-Bold.ttf",
-    "DejaVuSans-Oblique.ttf",
-    "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf",
-    "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf",
-    "DejaVuSerif-Italic.ttf",
-    "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf",
-    "STIXGeneralBol.ttf",
-    "STIXGeneralItalic.ttf",
-    "STIXGeneralBolIta.ttf",
-    "cmr10.ttf",
-    "cmb10.ttf",
-    "cmss10.ttf",
-    "cmti10.ttf",
-    "cmtt10.ttf",
-    "cmmi10.ttf",
+    *(f"DejaVuSans{style}.ttf" for style in ("", "-Bold", "-Oblique", "-BoldOblique")),
+    *(f"DejaVuSansMono{style}.ttf" for style in ("", "-Bold", "-Oblique", "-BoldOblique")),
+    *(f"DejaVuSerif{style}.ttf" for style in ("", "-Bold", "-Italic", "-BoldItalic")),
+    *(f"STIXGeneral{style}.ttf" for style in ("", "Bol", "Italic", "BolIta")),
+    *(f"{name}.ttf" for name in ("cmr10", "cmb10", "cmss10", "cmti10", "cmtt10", "cmmi10")),
 )
 
 BITMAP = 32  # optdigits bitmap side
@@ -100,14 +61,13 @@ def font_dir() -> Path:
 @cache
 def fonts_for(char: str) -> tuple[str, ...]:
     """Font files of `FONT_FILES` that have a glyph for `char` which draws something."""
-    found = []
-    for name in FONT_FILES:
-        path = font_dir() / name
-        if not path.is_file() or ord(char) not in _codepoints(path):
-            continue
-        if _font(name, FONT_SIZES[0]).getmask(char).getbbox() is not None:
-            found.append(name)
-    return tuple(found)
+    return tuple(
+        name
+        for name in FONT_FILES
+        if (font_dir() / name).is_file()
+        and ord(char) in _codepoints(font_dir() / name)
+        and _font(name, FONT_SIZES[0]).getmask(char).getbbox() is not None
+    )
 
 
 @cache
@@ -196,21 +156,17 @@ def render_glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n, dtype=np.int64) % len(SOURCE_CLASSES))
     form_u, font_u = rng.random(n), rng.random(n)
-    sizes = rng.integers(*FONT_SIZES, size=n, endpoint=True)
-    strokes = rng.uniform(0.0, MAX_STROKE, n)
-    angles = rng.uniform(-MAX_ROTATION, MAX_ROTATION, n)
-    shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n)
-    aspects = np.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT, n))
+    # As Python lists: numpy scalars slow down the per-glyph arithmetic.
+    sizes = rng.integers(*FONT_SIZES, size=n, endpoint=True).tolist()
+    strokes = rng.uniform(0.0, MAX_STROKE, n).tolist()
+    angles = rng.uniform(-MAX_ROTATION, MAX_ROTATION, n).tolist()
+    shears = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n).tolist()
+    aspects = np.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT, n)).tolist()
     # optdigits glyphs fill the bitmap's height and are about 3/4 as wide; wide letters fit width.
-    max_heights = BITMAP - rng.integers(0, 2, size=n, endpoint=True)
-    max_widths = rng.integers(24, BITMAP, size=n, endpoint=True)
-    y_fracs = rng.random(n)
-    x_shifts = rng.integers(-2, 2, size=n, endpoint=True)
-    # Python scalars: numpy scalars slow down the per-glyph arithmetic.
-    sizes, strokes, max_heights, max_widths, x_shifts = (
-        v.tolist() for v in (sizes, strokes, max_heights, max_widths, x_shifts)
-    )
-    angles, shears, aspects, y_fracs = (v.tolist() for v in (angles, shears, aspects, y_fracs))
+    max_heights = (BITMAP - rng.integers(0, 2, size=n, endpoint=True)).tolist()
+    max_widths = rng.integers(24, BITMAP, size=n, endpoint=True).tolist()
+    y_fracs = rng.random(n).tolist()
+    x_shifts = rng.integers(-2, 2, size=n, endpoint=True).tolist()
 
     images = np.empty((n, BITMAP // BLOCK, BITMAP // BLOCK), dtype=np.uint8)
     for i, label in enumerate(labels):

@@ -2,11 +2,10 @@
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
 
-The architecture is the one of `conf/backbone/demo_vit.yaml`. Every epoch renders `N` fresh
-glyphs (`met_lightning.demo.glyphs`, no digits), so the model never sees a glyph twice. The
-backbone is saved without its classifier head as fp16 safetensors, next to a JSON record of the
-run and of a transfer check: a logistic-regression probe on the frozen class token of
-scikit-learn's digits, for these weights and for random ones.
+The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh glyphs per epoch
+(`met_lightning.demo.glyphs`, no digits). The backbone is saved without its head as fp16
+safetensors, next to a JSON record of the run and of a transfer check (a logistic-regression
+probe of scikit-learn's digits on the frozen class token, vs random weights).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,15 +92,11 @@ def glyph_tensors(n: int, seed: int, spec: InputSpec) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class predictions of `model` in eval mode."""
-    model.eval()
-    return torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)])
-
-
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of `x` that `model` classifies as `y`."""
-    return (predict(model, x) == y).float().mean().item()
+    """Fraction of `x` that `model`, in eval mode, classifies as `y`."""
+    model.eval()
+    predicted = torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)])
+    return (predicted == y).float().mean().item()
 
 
 def warmup_cosine(total_steps: int) -> Callable[[int], float]:
@@ -237,12 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_glyphs_seen": args.epochs * args.train_size,
         "val_size": VAL_SIZE,
         "backbone": {"name": name, "model_kwargs": model_kwargs, "parameters": n_params},
-        "input": {
-            "input_size": list(spec.input_size),
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "interpolation": spec.interpolation,
-        },
+        "input": asdict(spec),
         "optimizer": {
             "name": "AdamW",
             "lr": LR,
