@@ -2,19 +2,11 @@
 
     python -m met_lightning.serve checkpoint=RUN budget=0.5 host=127.0.0.1 port=8000
 
-`POST /predict` takes one image per request, a multipart upload (field `file`) or JSON
-`{"image": "<base64 of the image file>"}`, and answers predict's row for it (`class, class_name,
-confidence, exit, block, macs`) plus `batch_size`. LitServe gathers concurrent requests into
-batches and the engine drops the images that leave after each exit.
-
-A request is untrusted and a bad one fails alone with its own 4xx: `RequestGuard` answers a wrong
-content type (415), a body over `max_upload_mb` (413) and malformed JSON or multipart (400) before
-LitServe sees it; `decode_request` marks a missing field (422), an image any decoder fails on
-(400) or one over `max_image_pixels` (413, checked on the header; a JPEG over it is decoded at
-1/2, 1/4 or 1/8 scale instead). `GET /info` carries the model (the run's name, not its path).
-
-On SIGTERM or SIGINT the server stops accepting, answers the requests in flight (for at most
-`drain_timeout` s, then 503), stops LitServe's worker and queue manager and exits 0.
+`POST /predict` takes one image (multipart field `file`, or JSON `{"image": "<base64>"}`) and
+answers predict's row for it plus `batch_size`; `GET /info` describes the model. A bad request
+fails alone with its own 4xx (README): `RequestGuard` refuses what it can before LitServe sees it,
+`decode_request` the rest. SIGTERM / SIGINT drain the requests in flight (`drain_timeout`), stop
+LitServe's worker and queue manager, and exit 0.
 """
 
 import asyncio
@@ -60,7 +52,7 @@ try:  # the [serve] extra
     from starlette.datastructures import Headers
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
-except ImportError:  # pragma: no cover - reported by `check_installed`
+except ImportError:  # pragma: no cover - reported by `build_server`
     ls = None
 
 log = logging.getLogger(__name__)
@@ -75,8 +67,7 @@ USAGE = (
 
 @dataclass
 class ServeOptions(SessionOptions):
-    """`python -m met_lightning.serve` (conf/serve.yaml). `device`: cpu or cuda (the first
-    visible GPU: pick it with CUDA_VISIBLE_DEVICES)."""
+    """`python -m met_lightning.serve` (conf/serve.yaml); device: cpu or cuda (the first GPU)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -99,11 +90,6 @@ class ServeOptions(SessionOptions):
 
 
 ConfigStore.instance().store(name="serve_options", node=ServeOptions)
-
-
-def check_installed() -> None:
-    if ls is None:
-        raise ConfigError("serving needs LitServe: pip install 'met_lightning[serve]'")
 
 
 # ---------------------------------------------------------------------- requests
@@ -151,8 +137,7 @@ DRAFT_SCALES = (2, 4, 8)
 
 
 def fit_pixels(image: Image.Image, max_pixels: int) -> Rejected | None:
-    """Bound an opened (header read, nothing decoded) image to `max_pixels`: a JPEG over it is
-    set to decode reduced (`Image.draft`), any other image over it is a 413."""
+    """Bound an opened, undecoded image to `max_pixels`: a JPEG is drafted smaller, others 413."""
     width, height = image.size
     if width * height <= max_pixels:
         return None
@@ -173,8 +158,7 @@ def too_large(width: int, height: int, max_pixels: int) -> Rejected:
 
 
 def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Rejected:
-    """A request as the model's input [C, H, W] (predict's decoding and eval transform), or why
-    not: a decoder fed untrusted bytes may raise anything, and that is the request's 400."""
+    """A request as the model's input [C, H, W], or why not (whatever a decoder raises: 400)."""
     try:
         data = request_image(request)
         if isinstance(data, Rejected):
@@ -197,14 +181,8 @@ def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Re
         return Rejected(400, f"cannot decode the image: {type(err).__name__}: {err}")
 
 
-# multipart parts a request may have (the form is parsed here and again by LitServe)
-MAX_FORM_FILES = 4
-MAX_FORM_FIELDS = 16
-
-
 def replay(body: bytes | None, then: Any = None) -> Any:
-    """An ASGI `receive` that gives `body` once (none: nothing), then what `then` gives (none: a
-    disconnect)."""
+    """An ASGI `receive`: `body` once (None: nothing), then `then`'s messages (None: disconnect)."""
     sent = body is None
 
     async def receive() -> dict:
@@ -215,10 +193,6 @@ def replay(body: bytes | None, then: Any = None) -> Any:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
-
-
-async def reject(rejected: Rejected, scope: dict, send: Any) -> None:
-    await rejected.response()(scope, replay(None), send)
 
 
 class RequestGuard:
@@ -239,7 +213,7 @@ class RequestGuard:
             return
         body = await self.checked_body(scope, receive)
         if isinstance(body, Rejected):
-            await reject(body, scope, send)
+            await body.response()(scope, replay(None), send)
         if not isinstance(body, bytes):  # refused, or the client went away
             return
         started = False
@@ -249,14 +223,16 @@ class RequestGuard:
             started = True
             await send(message)
 
-        try:  # the JSON body may have been rewritten: its new length
-            await self.app(with_length(scope, len(body)), replay(body, receive), watched)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))  # the JSON may be rewritten
+        try:
+            await self.app({**scope, "headers": headers}, replay(body, receive), watched)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when drain_timeout is over: answer, do not leave
             # the client with a dropped connection (nor the log with a traceback)
             if not started:
-                reason = "the server stopped before answering (drain_timeout)"
-                await reject(Rejected(503, reason), scope, send)
+                stopped = Rejected(503, "the server stopped before answering (drain_timeout)")
+                await stopped.response()(scope, replay(None), send)
 
     async def checked_body(self, scope: dict, receive: Any) -> bytes | Rejected | None:
         """The body to pass on, or why it is refused (None: the client went away)."""
@@ -284,11 +260,6 @@ class RequestGuard:
         return await form_problem(scope, body) or body
 
 
-def with_length(scope: dict, length: int) -> dict:
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
-
-
 def json_body(body: bytes) -> bytes | Rejected:
     """The JSON body to pass on (`{"image": ...}` only), or why it is refused."""
     try:
@@ -306,12 +277,9 @@ def json_body(body: bytes) -> bytes | Rejected:
 
 
 async def form_problem(scope: dict, body: bytes) -> Rejected | None:
-    """A 400 if the multipart body does not parse (a missing or wrong boundary, too many parts,
-    ...): the parser's own exception, whatever it is, would be a 500 in LitServe."""
-    try:
-        form = await Request(scope, replay(body)).form(
-            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS
-        )
+    """A 400 if the multipart body does not parse (the parser's error would be LitServe's 500)."""
+    try:  # the parts a request may have (the form is parsed again by LitServe)
+        form = await Request(scope, replay(body)).form(max_files=4, max_fields=16)
         await form.close()
     except Exception as err:
         detail = getattr(err, "detail", None) or getattr(err, "message", None) or err
@@ -329,12 +297,10 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         self.max_pixels = options.max_image_pixels
 
     def setup(self, device: str) -> None:
-        # runs in LitServe's worker process: Ctrl+C is for the main process, which stops the
-        # workers itself (otherwise every worker prints a KeyboardInterrupt traceback)
+        # LitServe's worker: Ctrl+C is for the main process, which stops the workers itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent()
-        # the network is built here only; everything else was resolved by the main process
-        self.session = open_session(replace(self.plan, device=device))
+        self.session = open_session(replace(self.plan, device=device))  # the network, built here
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
         return decode(request, self.session, self.max_pixels)
@@ -441,10 +407,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """(LitServer, /info model dict) of a serve config: every option checked and the session
-    resolved once, here (on the meta device); the worker builds the network from the plan."""
+    """(LitServer, /info model dict): every option checked, the session resolved (meta device)."""
     options = typed_options(cfg, ServeOptions, "serve")
-    check_installed()
+    if ls is None:
+        raise ConfigError("serving needs LitServe: pip install 'met_lightning[serve]'")
     for key, (valid, rule) in SERVE_CHECKS.items():
         if not valid(options[key]):
             raise ConfigError(f"{key}={options[key]} {rule}")
@@ -485,7 +451,9 @@ class EndResponseReader(ls.Callback if ls is not None else object):
             litserver._transport.close(send_sentinel=True)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def on_stop_signals(handler: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 class _Stopped(Exception):
@@ -514,7 +482,7 @@ def run_server(server: Any, options: DictConfig) -> None:
 
     # the manager (forked) and the worker (spawned) inherit the ignored signals: they stop when
     # this process has drained, also when a signal goes to the whole group (Ctrl+C, systemd)
-    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    on_stop_signals(signal.SIG_IGN)
     os.register_at_fork(after_in_child=die_with_parent)
     manager, workers = None, []
     try:
@@ -524,8 +492,7 @@ def run_server(server: Any, options: DictConfig) -> None:
         for lit_api in server.litapi_connector:
             workers.extend(server.launch_inference_worker(lit_api))
         server.inference_workers = workers
-        for sig in ignored:
-            signal.signal(sig, on_signal)
+        on_stop_signals(on_signal)
         server._prepare_app_run(server.app)
         if is_package_installed("mcp"):
             from litserve.mcp import _LitMCPServerConnector
@@ -541,8 +508,7 @@ def run_server(server: Any, options: DictConfig) -> None:
     except _Stopped:
         pass
     finally:
-        for sig in ignored:
-            signal.signal(sig, signal.SIG_IGN)  # stopping: the rest is quick, let it finish
+        on_stop_signals(signal.SIG_IGN)  # stopping: the rest is quick, let it finish
         for worker in workers:  # drained: nothing in flight (LitServe too stops them with a kill)
             worker.kill()
             worker.join()

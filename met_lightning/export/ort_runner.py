@@ -169,8 +169,7 @@ def stage_file(folder: Path, path: Path, index: int, name: Any) -> Path:
 
 
 def _check_external_data(file: Path, folder: Path, where: str) -> None:
-    """Refuse a graph whose weights name an external data file outside `folder` (ONNX Runtime
-    before 1.24 reads any path an ONNX file names)."""
+    """Refuse a graph whose weights name a file outside `folder` (ORT < 1.24 reads any path)."""
     try:  # the [onnx] extra
         import onnx
         from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data

@@ -183,18 +183,13 @@ def plot_curve(report: BudgetReport, path: Path, title: str = "MET early exit") 
     ax.plot(*zip(*curve, strict=True), "-o", ms=3, label="dynamic exit (budget curve)")
     anytime = [(pt.mean_macs / 1e9, 100 * pt.accuracy) for pt in report.anytime]
     ax.plot(*zip(*anytime, strict=True), "s--", color="tab:orange", label="anytime: exit k only")
-    for k, (x, y) in enumerate(anytime):
-        ax.annotate(
-            f"exit {k + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8
-        )
-    last = anytime[-1]
-    ax.plot(*last, "*", ms=14, color="tab:red", label="last exit only")
+    for k, xy in enumerate(anytime):
+        ax.annotate(f"exit {k + 1}", xy, textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.plot(*anytime[-1], "*", ms=14, color="tab:red", label="last exit only")
     for fraction, pt in report.keep.items():
         if pt is not None and fraction < 1:
-            level = 100 * fraction * report.last_exit.accuracy
-            ax.axhline(
-                level, color="grey", lw=0.6, ls=":", label=f"{100 * fraction:g} % of last exit"
-            )
+            level, label = 100 * fraction * report.last_exit.accuracy, f"{100 * fraction:g} %"
+            ax.axhline(level, color="grey", lw=0.6, ls=":", label=f"{label} of last exit")
     ax.set_xlabel(f"mean GMACs per image ({report.evaluation_split})")
     ax.set_ylabel(f"{report.evaluation_split} accuracy (%)")
     ax.set_title(f"{title} — confidence {report.confidence}, calibrated on "

@@ -175,8 +175,7 @@ def budget_candidates(
 
 
 def smallest_fraction(macs: float, full_macs: int, decimals: int = 3) -> float:
-    """The smallest fraction with `decimals` decimals whose budget (as `resolve_budget` computes
-    it) covers `macs`."""
+    """The smallest fraction of `full_macs` with `decimals` decimals that covers `macs`."""
     step = 10**decimals
     units = math.ceil(macs / full_macs * step)
     while units / step * full_macs < macs:  # the float product must fit too

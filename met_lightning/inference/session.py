@@ -86,16 +86,14 @@ class SessionOptions(CheckpointOptions):
 
 
 def typed_options(cfg: Any, schema: type, name: str) -> Any:
-    """`cfg` (an entry point's config, or a dict) merged into its options dataclass `schema`: an
-    unknown key or a wrong type is a ConfigError naming it (`name` is the entry point)."""
+    """`cfg` merged into the dataclass `schema`; an unknown key or wrong type is a ConfigError."""
     return _typed(OmegaConf.create({name: cfg}), name, schema)
 
 
 def choose_thresholds(
     options: Any, costs: ExitCosts, exits: tuple[int, ...]
 ) -> tuple[list[float], str]:
-    """(K thresholds, how they were chosen): `thresholds=`, `budget=` (via the logit store), or
-    none (+inf)."""
+    """(K thresholds, how): `thresholds=`, `budget=` (via the logit store), or none (+inf)."""
     k = len(exits)
     if options.thresholds is not None and options.budget is not None:
         raise ConfigError("give either budget= or thresholds=, not both")
