@@ -82,9 +82,8 @@ def list_images(inputs: str | Sequence[str]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
-    """The files PIL can read. Without `skip_bad`: their headers are checked (fast) and a DataError
-    counts and names the bad ones; with it, every image is decoded and the bad ones are dropped
-    with one warning that counts and names them."""
+    """The files PIL can read: headers checked and a DataError naming the bad ones, or with
+    `skip_bad` every image decoded and the bad ones dropped with a warning naming them."""
     check = decode_error if skip_bad else header_error
     good, bad, first = [], [], ""
     for path in files:
@@ -132,8 +131,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     for first in range(0, len(files), cfg.batch_size):
         chunk = files[first : first + cfg.batch_size]
-        images = [read_image(p, session.spec, session.transform) for p in chunk]
-        answers = session.rows(session.engine(torch.stack(images).to(session.device)))
+        answers = session.classify([read_image(p, session.spec, session.transform) for p in chunk])
         rows += [{"file": str(p), **row} for p, row in zip(chunk, answers, strict=True)]
     seconds = time.perf_counter() - start
     n, exit_macs = len(rows), plan.macs_per_exit
@@ -170,8 +168,8 @@ def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int)
         table.caption = f"first {show} of {len(rows)} images (show=N for more, output=FILE.csv)"
     console.print(table)
     counts = ", ".join(f"exit {k + 1}: {c}" for k, c in enumerate(totals["exit_counts"]))
-    console.print(f"thresholds: {totals['how']}", soft_wrap=True, markup=False)
     console.print(
+        f"thresholds: {totals['how']}\n"
         f"{totals['images']} images ({counts}); mean {format_macs(totals['mean_macs'])} per image, "
         f"{totals['speedup']:.2f}x fewer MACs than the last exit "
         f"({format_macs(totals['full_macs'])}); total {format_macs(totals['total_macs'])}; "

@@ -319,7 +319,7 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         outputs = list(items)
         if good:
             try:
-                rows = self.rows([items[i] for i in good])
+                rows = self.session.classify([items[i] for i in good])
             except Exception:  # not expected for decoded images; then each image runs alone
                 log.exception("the engine failed on a batch of %d images; retrying each", len(good))
                 rows = [self.row_alone(items[i]) for i in good]
@@ -327,13 +327,9 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
                 outputs[i] = row if isinstance(row, Rejected) else {**row, "batch_size": len(items)}
         return outputs[0] if single else outputs
 
-    def rows(self, images: list[torch.Tensor]) -> list[dict]:
-        batch = torch.stack(images).to(self.session.device)  # the engine applies the precision
-        return self.session.rows(self.session.engine(batch))
-
     def row_alone(self, image: torch.Tensor) -> dict | Rejected:
         try:
-            return self.rows([image])[0]
+            return self.session.classify([image])[0]
         except Exception as err:
             return Rejected(500, f"the model failed on this image: {type(err).__name__}: {err}")
 

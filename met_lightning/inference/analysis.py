@@ -60,10 +60,6 @@ class BudgetReport:
     def full_macs(self) -> int:
         return self.exit_macs[-1]
 
-    @property
-    def last_exit(self) -> BudgetPoint:
-        return self.anytime[-1]
-
     def speedup(self, point: BudgetPoint) -> float:
         """Full cost over the point's mean cost."""
         return self.full_macs / point.mean_macs
@@ -188,7 +184,7 @@ def plot_curve(report: BudgetReport, path: Path, title: str = "MET early exit") 
     ax.plot(*anytime[-1], "*", ms=14, color="tab:red", label="last exit only")
     for fraction, pt in report.keep.items():
         if pt is not None and fraction < 1:
-            level, label = 100 * fraction * report.last_exit.accuracy, f"{100 * fraction:g} %"
+            level, label = 100 * fraction * report.anytime[-1].accuracy, f"{100 * fraction:g} %"
             ax.axhline(level, color="grey", lw=0.6, ls=":", label=f"{label} of last exit")
     ax.set_xlabel(f"mean GMACs per image ({report.evaluation_split})")
     ax.set_ylabel(f"{report.evaluation_split} accuracy (%)")

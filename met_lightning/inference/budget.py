@@ -142,9 +142,8 @@ def budget_curve(
     """For each p: thresholds calibrated on `calibration`, evaluated on `evaluation`."""
     curve = []
     for p in p_values:
-        thresholds = calibrate_thresholds(
-            calibration.confidence, target_shares(p, calibration.num_exits)
-        )
+        shares = target_shares(p, calibration.num_exits)
+        thresholds = calibrate_thresholds(calibration.confidence, shares)
         curve.append((float(p), evaluate(evaluation, thresholds, exit_macs, f"p={p:.3g}")))
     return curve
 

@@ -128,10 +128,8 @@ def choose_precision(options: Any) -> str:
         precision = check_precision(options.precision)
         warn_precision_mismatch(recorded, precision)
         return precision
-    if recorded is None:
-        return "32-true"
     try:
-        return check_precision(recorded)
+        return check_precision(recorded)  # None: 32-true
     except ConfigError:
         log.warning("logit store precision %r unknown to the engine: using 32-true", recorded)
         return "32-true"
@@ -216,6 +214,10 @@ class Session:
     @property
     def spec(self) -> InputSpec:
         return self.plan.input_spec
+
+    def classify(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """The rows of [C, H, W] inputs, run as one batch (the engine applies the precision)."""
+        return self.rows(self.engine(torch.stack(images).to(self.device)))
 
     def rows(self, result: EarlyExitResult) -> list[dict[str, Any]]:
         """One dict per image: class, class_name, confidence, exit (1-based), block, macs."""
