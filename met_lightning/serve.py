@@ -491,7 +491,7 @@ def run_server(server: Any, options: DictConfig) -> None:
         on_stop_signals(on_signal)
         server._prepare_app_run(server.app)
         if is_package_installed("mcp"):
-            from litserve.mcp import _LitMCPServerConnector
+            from litserve.mcp import _LitMCPServerConnector  # with the optional mcp package
 
             server.mcp_server = mcp = _LitMCPServerConnector()
             mcp.connect_mcp_server(server.litapi_connector.get_mcp_tools(), server.app)
@@ -518,7 +518,7 @@ def run_server(server: Any, options: DictConfig) -> None:
 
 def wait_until_ready(server: Any, workers: list) -> None:
     """Block until the worker has loaded the model (a stop signal interrupts)."""
-    from litserve.utils import WorkerSetupStatus
+    from litserve.utils import WorkerSetupStatus  # the [serve] extra
 
     while True:
         status = set(dict(server.workers_setup_status).values())
