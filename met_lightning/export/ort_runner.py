@@ -238,10 +238,12 @@ class OrtEarlyExit:
         if threads:
             options.intra_op_num_threads = threads
         path = folder / MANIFEST
+        files = [stage_file(folder, path, i, s["file"]) for i, s in enumerate(manifest["stages"])]
+        for i, file in enumerate(files):  # every graph checked before any is loaded
+            _check_external_data(file, folder, f"stages[{i}] of {path}")
         self.sessions = []
-        for i, stage in enumerate(manifest["stages"]):
-            file, where = stage_file(folder, path, i, stage["file"]), f"stages[{i}] of {path}"
-            _check_external_data(file, folder, where)
+        for i, file in enumerate(files):
+            where = f"stages[{i}] of {path}"
             try:
                 session = ort.InferenceSession(str(file), options, providers=list(providers))
             except Exception as err:  # noqa: BLE001 - ONNX Runtime's error classes vary
