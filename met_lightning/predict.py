@@ -1,19 +1,14 @@
 """Early-exit prediction: `python -m met_lightning.predict checkpoint=RUN input=DIR_OR_FILES`.
 
-Options (Hydra overrides, see conf/predict.yaml): `budget=` (a fraction of the full cost in (0, 1]
-or MACs per image: thresholds with the best held-out accuracy within it, from the run's logit
-store), or explicit `thresholds=[...]` (one per early exit); neither = no early exit. Prints, per
-image, the class, confidence, exit and MACs, and the totals; `output=FILE.csv` writes every row.
+`budget=` or `thresholds=[...]` (conf/predict.yaml; neither: no early exit). Prints each image's
+class, confidence, exit and MACs, and the totals; `output=FILE.csv` writes every row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +20,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from met_lightning.atomic import write_text
 from met_lightning.cli import check_writable, hydra_app, user_task
 from met_lightning.data.base import InputSpec
 from met_lightning.data.images import (
@@ -36,6 +30,7 @@ from met_lightning.data.images import (
     load_image,
 )
 from met_lightning.errors import ConfigError, DataError
+from met_lightning.inference.analysis import finite, write_csv
 from met_lightning.inference.session import SessionOptions, open_session, resolve, typed_options
 from met_lightning.macs import format_macs
 
@@ -87,9 +82,8 @@ def list_images(inputs: str | Sequence[str]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
-    """The files PIL can read. Without `skip_bad`: their headers are checked (fast) and a DataError
-    counts and names the bad ones; with it, every image is decoded and the bad ones are dropped
-    with one warning that counts and names them."""
+    """The files PIL can read: headers checked and a DataError naming the bad ones, or with
+    `skip_bad` every image decoded and the bad ones dropped with a warning naming them."""
     check = decode_error if skip_bad else header_error
     good, bad, first = [], [], ""
     for path in files:
@@ -118,15 +112,6 @@ def read_image(path: Path, spec: InputSpec, transform: Any) -> torch.Tensor:
     return transform(load_image(path, spec, "the predict input", hint))
 
 
-def batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(files), size):
-        yield files[start : start + size]
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-
-
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the early-exit engine on the input images; print and return rows and totals."""
     cfg = typed_options(cfg, PredictOptions, "predict")
@@ -138,42 +123,35 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     plan = resolve(cfg)
     if cfg.output:
         check_writable(cfg.output, "output", folder=False)
-    files = check_readable(list_images(_plain(cfg.input)), cfg.skip_bad_images)
+    inputs = OmegaConf.to_object(cfg.input) if OmegaConf.is_config(cfg.input) else cfg.input
+    files = check_readable(list_images(inputs), cfg.skip_bad_images)
 
     session = open_session(plan)
-    engine, spec, transform = session.engine, session.spec, session.transform
-
     rows = []
     start = time.perf_counter()
-    for chunk in batches(files, cfg.batch_size):
-        images = torch.stack([read_image(p, spec, transform) for p in chunk]).to(session.device)
-        result = engine(images)
-        for path, row in zip(chunk, session.rows(result), strict=True):
-            rows.append({"file": str(path), **row})
+    for first in range(0, len(files), cfg.batch_size):
+        chunk = files[first : first + cfg.batch_size]
+        answers = session.classify([read_image(p, session.spec, session.transform) for p in chunk])
+        rows += [{"file": str(p), **row} for p, row in zip(chunk, answers, strict=True)]
     seconds = time.perf_counter() - start
-    totals = summarize(rows, plan.macs_per_exit, seconds)
-    totals["thresholds"] = [t if math.isfinite(t) else str(t) for t in plan.thresholds]
-    totals["how"] = plan.how
-    totals["precision"] = plan.precision
-    if cfg.output:  # first: the rows are kept whatever printing them does
-        write_rows(rows, Path(cfg.output))
-    print_results(rows, totals, cfg.show)
-    return {"rows": rows, "totals": totals}
-
-
-def summarize(rows: list[dict[str, Any]], exit_macs: Sequence[int], seconds: float) -> dict:
-    n = len(rows)
-    counts = [sum(r["exit"] == k + 1 for r in rows) for k in range(len(exit_macs))]
+    n, exit_macs = len(rows), plan.macs_per_exit
     mean = sum(r["macs"] for r in rows) / n
-    return {
+    totals = {
         "images": n,
-        "exit_counts": counts,
+        "exit_counts": [sum(r["exit"] == k + 1 for r in rows) for k in range(len(exit_macs))],
         "mean_macs": mean,
         "total_macs": mean * n,
         "full_macs": exit_macs[-1],
         "speedup": exit_macs[-1] / mean,
         "seconds": seconds,
+        "thresholds": [finite(t) for t in plan.thresholds],
+        "how": plan.how,
+        "precision": plan.precision,
     }
+    if cfg.output:  # first: the rows are kept whatever printing them does
+        write_csv(Path(cfg.output), list(rows[0]), [list(r.values()) for r in rows])
+    print_results(rows, totals, cfg.show)
+    return {"rows": rows, "totals": totals}
 
 
 def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int) -> None:
@@ -190,8 +168,8 @@ def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int)
         table.caption = f"first {show} of {len(rows)} images (show=N for more, output=FILE.csv)"
     console.print(table)
     counts = ", ".join(f"exit {k + 1}: {c}" for k, c in enumerate(totals["exit_counts"]))
-    console.print(f"thresholds: {totals['how']}", soft_wrap=True, markup=False)
     console.print(
+        f"thresholds: {totals['how']}\n"
         f"{totals['images']} images ({counts}); mean {format_macs(totals['mean_macs'])} per image, "
         f"{totals['speedup']:.2f}x fewer MACs than the last exit "
         f"({format_macs(totals['full_macs'])}); total {format_macs(totals['total_macs'])}; "
@@ -199,14 +177,6 @@ def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int)
         soft_wrap=True,
         markup=False,
     )
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
 
 
 _task = user_task(predict)

@@ -2,30 +2,11 @@
 
     python -m met_lightning.serve checkpoint=RUN budget=0.5 host=127.0.0.1 port=8000
 
-`POST /predict` takes one image per request: a multipart upload (field `file`) or JSON
-`{"image": "<base64 of the image file>"}`; it answers `{class, class_name, confidence, exit,
-block, macs}` (the row `python -m met_lightning.predict` gives for the same file) and
-`batch_size`, the number of requests served in the same batch. LitServe
-gathers concurrent requests into batches (`max_batch_size`, `batch_timeout`) and the early-exit
-engine drops the images that leave after each exit, so a batch costs what its images' exits cost.
-
-A request is untrusted and a bad one fails alone, with its own 4xx and reason, while the other
-requests of its batch are answered: a wrong content type (415), a body over `max_upload_mb` (413),
-malformed JSON or multipart (400, any parse error, nesting included) are answered by
-`RequestGuard` before LitServe sees them; a missing field (422), an image any decoder fails on,
-whatever it raises (400), or one over `max_image_pixels` (413) are marked in `decode_request`, and
-`predict` runs the good ones (an image the engine fails on gets its own 500). The pixel limit is
-checked on the header, before anything is decoded; a JPEG over it is decoded reduced (1/2, 1/4 or
-1/8 scale, so its answer can differ slightly from predict's, which decodes it whole), other formats
-are refused. `GET /health` is LitServe's; `GET /info` carries the model (the run's name, not its
-path), exits, thresholds, MACs per exit, budget and limits (LitServe's `model_metadata`).
-
-Processes: this one runs the HTTP server (uvicorn) and starts LitServe's inference worker and its
-queue manager, which ignore SIGINT and SIGTERM (and die with this process). On SIGTERM (docker
-stop, Kubernetes) or SIGINT (Ctrl+C), to this process or its whole group, the server stops
-accepting connections, answers the requests in flight (for at most `drain_timeout` seconds; those
-still unanswered then get a 503), stops the worker and the manager and exits 0. A second SIGINT
-skips the rest of the drain.
+`POST /predict` takes one image (multipart field `file`, or JSON `{"image": "<base64>"}`) and
+answers predict's row for it plus `batch_size`; `GET /info` describes the model. A bad request
+fails alone with its own 4xx (README): `RequestGuard` refuses what it can before LitServe sees it,
+`decode_request` the rest. SIGTERM / SIGINT drain the requests in flight (`drain_timeout`), stop
+LitServe's worker and queue manager, and exit 0.
 """
 
 import asyncio
@@ -71,7 +52,7 @@ try:  # the [serve] extra
     from starlette.datastructures import Headers
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
-except ImportError:  # pragma: no cover - reported by `check_installed`
+except ImportError:  # pragma: no cover - reported by `build_server`
     ls = None
 
 log = logging.getLogger(__name__)
@@ -86,8 +67,7 @@ USAGE = (
 
 @dataclass
 class ServeOptions(SessionOptions):
-    """`python -m met_lightning.serve` (conf/serve.yaml selects these defaults). `device`: cpu or
-    cuda (the first visible GPU: pick it with CUDA_VISIBLE_DEVICES)."""
+    """`python -m met_lightning.serve` (conf/serve.yaml); device: cpu or cuda (the first GPU)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -96,27 +76,20 @@ class ServeOptions(SessionOptions):
     batch_timeout: float = 0.005
     # largest request body accepted (413 above it)
     max_upload_mb: float = 10.0
-    # largest image accepted, in decoded pixels (width x height), checked on the file's header
-    # before decoding: a small file can hold a huge image (a 9400x9400 PNG of 11 KB decodes to
-    # 265 MB). A JPEG over it is decoded at 1/2, 1/4 or 1/8 scale to fit; any other image over it
-    # gets a 413. At least the model's input (height x width); the default fits a 4K frame
+    # largest image accepted in pixels (width x height), checked on the header before decoding:
+    # a 11 KB PNG can decode to 265 MB. A JPEG over it is decoded at 1/2, 1/4 or 1/8 scale,
+    # other images get a 413. At least the model's input; the default fits a 4K frame
     max_image_pixels: int = 10_000_000
     # seconds a request may wait for its answer (504 after)
     timeout: float = 30.0
-    # on SIGTERM / SIGINT: stop accepting, answer the requests in flight for at most this many
-    # seconds (503 for those still waiting), stop the worker, exit 0. Keep it below the grace
-    # time of whatever stops the server (docker stop: 10 s, Kubernetes: 30 s, before SIGKILL)
+    # on SIGTERM / SIGINT: answer the requests in flight for at most this many seconds (503
+    # after). Keep it below the stopper's grace time (docker stop: 10 s, Kubernetes: 30 s)
     drain_timeout: float = 10.0
     # uvicorn log level: critical | error | warning | info | debug
     log_level: str = "warning"
 
 
 ConfigStore.instance().store(name="serve_options", node=ServeOptions)
-
-
-def check_installed() -> None:
-    if ls is None:
-        raise ConfigError("serving needs LitServe: pip install 'met_lightning[serve]'")
 
 
 # ---------------------------------------------------------------------- requests
@@ -127,15 +100,26 @@ class Rejected:
     status: int
     reason: str
 
+    def response(self) -> Any:
+        return JSONResponse({"detail": self.reason}, status_code=self.status)
+
+
+def image_field(body: dict) -> str | Rejected:
+    """The base64 string of a JSON body's field `image`."""
+    value = body.get("image")
+    if value is None:
+        return Rejected(422, f"missing field 'image' in the JSON body; {USAGE}")
+    if not isinstance(value, str):
+        return Rejected(422, "field 'image' must be a base64 string of an image file")
+    return value
+
 
 def request_image(request: Any) -> bytes | Rejected:
     """The image file bytes of a request: JSON (a dict) or a multipart form."""
     if isinstance(request, dict):
-        value = request.get("image")
-        if value is None:
-            return Rejected(422, f"missing field 'image' in the JSON body; {USAGE}")
-        if not isinstance(value, str):
-            return Rejected(422, "field 'image' must be a base64 string of an image file")
+        value = image_field(request)
+        if isinstance(value, Rejected):
+            return value
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as err:
@@ -153,8 +137,7 @@ DRAFT_SCALES = (2, 4, 8)
 
 
 def fit_pixels(image: Image.Image, max_pixels: int) -> Rejected | None:
-    """Bound an opened (header read, nothing decoded) image to `max_pixels`: a JPEG over it is
-    set to decode reduced (`Image.draft`), any other image over it is a 413."""
+    """Bound an opened, undecoded image to `max_pixels`: a JPEG is drafted smaller, others 413."""
     width, height = image.size
     if width * height <= max_pixels:
         return None
@@ -175,8 +158,7 @@ def too_large(width: int, height: int, max_pixels: int) -> Rejected:
 
 
 def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Rejected:
-    """A request as the model's input [C, H, W] (predict's decoding and eval transform), or why
-    not: a decoder fed untrusted bytes may raise anything, and that is the request's 400."""
+    """A request as the model's input [C, H, W], or why not (whatever a decoder raises: 400)."""
     try:
         data = request_image(request)
         if isinstance(data, Rejected):
@@ -199,18 +181,25 @@ def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Re
         return Rejected(400, f"cannot decode the image: {type(err).__name__}: {err}")
 
 
-# multipart parts a request may have (the form is parsed here and again by LitServe)
-MAX_FORM_FILES = 4
-MAX_FORM_FIELDS = 16
+def replay(body: bytes | None, then: Any = None) -> Any:
+    """An ASGI `receive`: `body` once (None: nothing), then `then`'s messages (None: disconnect)."""
+    sent = body is None
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return await then() if then is not None else {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 class RequestGuard:
-    """ASGI middleware for `POST /predict`: what can be refused before LitServe sees the request
-    is answered here with the reason: a wrong content type (415), a body over `max_upload_mb`
-    (413), JSON or multipart that does not parse, whatever the parser raises (400), a JSON body
-    that is not an object with a string field `image` (422). Only `{"image": ...}` is passed on,
-    so no other field reaches LitServe's queues (pickled: deep nesting would fail there). A request
-    still unanswered when a shutdown's drain time is over gets a 503."""
+    """ASGI middleware for `POST /predict`: refuses what it can before LitServe sees it, with the
+    reason (module docstring). Only `{"image": ...}` is passed on, so no other field reaches
+    LitServe's queues (pickled: deep nesting would fail there). A request still unanswered when
+    a shutdown's drain time is over gets a 503."""
 
     def __init__(self, app: Any, max_upload_mb: float, path: str = API_PATH) -> None:
         self.app = app
@@ -222,113 +211,79 @@ class RequestGuard:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media not in ACCEPTED:
-            shown = media or "none"
-            await self.reject(415, f"Content-Type {shown} is not accepted; {USAGE}", scope, send)
+        body = await self.checked_body(scope, receive)
+        if isinstance(body, Rejected):
+            await body.response()(scope, replay(None), send)
+        if not isinstance(body, bytes):  # refused, or the client went away
             return
-        limit = f"the limit is max_upload_mb={self.max_upload_mb:g}"
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.reject(413, f"request body of {declared} bytes is too large; {limit}",
-                              scope, send)  # fmt: skip
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self.reject(413, f"request body over {self.max_bytes} bytes; {limit}",
-                                  scope, send)  # fmt: skip
-                return
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        if media == "application/json":
-            problem, body = json_problem(body)
-        else:
-            problem = await form_problem(scope, body)
-        if problem is not None:
-            await self.reject(*problem, scope, send)
-            return
-        scope = with_length(scope, len(body))  # the JSON body may have been rewritten
-        replayed, started = False, False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        started = False
 
         async def watched(message: dict) -> None:
             nonlocal started
             started = True
             await send(message)
 
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))  # the JSON may be rewritten
         try:
-            await self.app(scope, replay, watched)
+            await self.app({**scope, "headers": headers}, replay(body, receive), watched)
         except asyncio.CancelledError:
-            # uvicorn cancels what is still running when drain_timeout is over: answer, do not
-            # leave the client with a dropped connection (nor the log with a traceback)
+            # uvicorn cancels what still runs when drain_timeout is over: answer, do not leave
+            # the client with a dropped connection (nor the log with a traceback)
             if not started:
-                await self.reject(503, "the server stopped before answering (drain_timeout)",
-                                  scope, send)  # fmt: skip
+                stopped = Rejected(503, "the server stopped before answering (drain_timeout)")
+                await stopped.response()(scope, replay(None), send)
 
-    @staticmethod
-    async def reject(status: int, reason: str, scope: dict, send: Any) -> None:
-        async def nothing() -> dict:
-            return {"type": "http.disconnect"}
+    async def checked_body(self, scope: dict, receive: Any) -> bytes | Rejected | None:
+        """The body to pass on, or why it is refused (None: the client went away)."""
+        headers = Headers(scope=scope)
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in ACCEPTED:
+            return Rejected(415, f"Content-Type {media or 'none'} is not accepted; {USAGE}")
+        limit = f"the limit is max_upload_mb={self.max_upload_mb:g}"
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return Rejected(413, f"request body of {declared} bytes is too large; {limit}")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return Rejected(413, f"request body over {self.max_bytes} bytes; {limit}")
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if media == "application/json":
+            return json_body(body)
+        return await form_problem(scope, body) or body
 
-        await JSONResponse({"detail": reason}, status_code=status)(scope, nothing, send)
 
-
-def with_length(scope: dict, length: int) -> dict:
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
-
-
-def json_problem(body: bytes) -> tuple[tuple[int, str] | None, bytes]:
-    """(status, reason) if the JSON body is refused, else None; and the body to pass on."""
+def json_body(body: bytes) -> bytes | Rejected:
+    """The JSON body to pass on (`{"image": ...}` only), or why it is refused."""
     try:
         parsed = json.loads(body)
     except RecursionError:
-        return (400, "the body is not valid JSON: nested too deep"), body
+        return Rejected(400, "the body is not valid JSON: nested too deep")
     except ValueError as err:  # UnicodeDecodeError too
-        return (400, f"the body is not valid JSON: {err}"), body
+        return Rejected(400, f"the body is not valid JSON: {err}")
     if not isinstance(parsed, dict):
-        return (422, f"the JSON body must be an object; {USAGE}"), body
-    value = parsed.get("image")
-    if value is None:
-        return (422, f"missing field 'image' in the JSON body; {USAGE}"), body
-    if not isinstance(value, str):
-        return (422, "field 'image' must be a base64 string of an image file"), body
-    return None, body if len(parsed) == 1 else json.dumps({"image": value}).encode()
+        return Rejected(422, f"the JSON body must be an object; {USAGE}")
+    value = image_field(parsed)
+    if isinstance(value, Rejected):
+        return value
+    return body if len(parsed) == 1 else json.dumps({"image": value}).encode()
 
 
-async def form_problem(scope: dict, body: bytes) -> tuple[int, str] | None:
-    """(400, reason) if the multipart body does not parse (a missing or wrong boundary, too many
-    parts, ...): the parser's own exception, whatever it is, would be a 500 in LitServe."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(scope, receive).form(
-            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS
-        )
+async def form_problem(scope: dict, body: bytes) -> Rejected | None:
+    """A 400 if the multipart body does not parse (the parser's error would be LitServe's 500)."""
+    try:  # the parts a request may have (the form is parsed again by LitServe)
+        form = await Request(scope, replay(body)).form(max_files=4, max_fields=16)
         await form.close()
     except Exception as err:
         detail = getattr(err, "detail", None) or getattr(err, "message", None) or err
-        return 400, f"the multipart body cannot be parsed: {detail}; {USAGE}"
+        return Rejected(400, f"the multipart body cannot be parsed: {detail}; {USAGE}")
     return None
 
 
@@ -336,24 +291,16 @@ async def form_problem(scope: dict, body: bytes) -> tuple[int, str] | None:
 class EarlyExitAPI(ls.LitAPI if ls is not None else object):
     """LitServe API: decode each request, run the early-exit engine on the batch's good images."""
 
-    def __init__(
-        self,
-        plan: Plan,
-        max_pixels: int,
-        max_batch_size: int = 64,
-        batch_timeout: float = 0.005,
-    ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    def __init__(self, plan: Plan, options: DictConfig) -> None:
+        super().__init__(max_batch_size=options.max_batch_size, batch_timeout=options.batch_timeout)
         self.plan = plan  # plain data: the API is pickled into LitServe's worker process
-        self.max_pixels = max_pixels
+        self.max_pixels = options.max_image_pixels
 
     def setup(self, device: str) -> None:
-        # runs in LitServe's worker process: Ctrl+C is for the main process, which stops the
-        # workers itself (otherwise every worker prints a KeyboardInterrupt traceback)
+        # LitServe's worker: Ctrl+C is for the main process, which stops the workers itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent()
-        # the network is built here only; everything else was resolved by the main process
-        self.session = open_session(replace(self.plan, device=device))
+        self.session = open_session(replace(self.plan, device=device))  # the network, built here
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
         return decode(request, self.session, self.max_pixels)
@@ -372,7 +319,7 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         outputs = list(items)
         if good:
             try:
-                rows = self.rows([items[i] for i in good])
+                rows = self.session.classify([items[i] for i in good])
             except Exception:  # not expected for decoded images; then each image runs alone
                 log.exception("the engine failed on a batch of %d images; retrying each", len(good))
                 rows = [self.row_alone(items[i]) for i in good]
@@ -380,19 +327,15 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
                 outputs[i] = row if isinstance(row, Rejected) else {**row, "batch_size": len(items)}
         return outputs[0] if single else outputs
 
-    def rows(self, images: list[torch.Tensor]) -> list[dict]:
-        batch = torch.stack(images).to(self.session.device)  # the engine applies the precision
-        return self.session.rows(self.session.engine(batch))
-
     def row_alone(self, image: torch.Tensor) -> dict | Rejected:
         try:
-            return self.rows([image])[0]
+            return self.session.classify([image])[0]
         except Exception as err:
             return Rejected(500, f"the model failed on this image: {type(err).__name__}: {err}")
 
     def encode_response(self, output: Any) -> Response:
         if isinstance(output, Rejected):
-            return JSONResponse({"detail": output.reason}, status_code=output.status)
+            return output.response()
         try:
             return JSONResponse(output)
         except ValueError as err:  # a non-finite confidence: JSON has no NaN
@@ -400,14 +343,16 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
 
 
 def die_with_parent() -> None:
-    """Linux: this (worker or manager) process gets SIGKILL when the process that started it
-    dies, so that no orphan keeps serving or holding memory (it ignores SIGTERM: see module)."""
+    """Linux: SIGKILL this (worker or manager) process when its parent dies: no orphan server."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------- server
+INFO_OPTIONS = ("budget", "max_batch_size", "batch_timeout", "max_image_pixels")
+
+
 def server_info(plan: Plan, options: DictConfig) -> dict[str, Any]:
     """What `GET /info` reports under "model"."""
     return {
@@ -420,12 +365,9 @@ def server_info(plan: Plan, options: DictConfig) -> dict[str, Any]:
         "how": plan.how,
         "confidence": plan.confidence,
         "macs_per_exit": list(plan.macs_per_exit),
-        "budget": options.budget,
         "input_size": list(plan.input_spec.input_size),
-        "max_batch_size": options.max_batch_size,
-        "batch_timeout": options.batch_timeout,
-        "max_image_pixels": options.max_image_pixels,
         "precision": plan.precision,
+        **{key: options[key] for key in INFO_OPTIONS},
         "macs": "multiply-accumulates per image",
     }
 
@@ -436,20 +378,15 @@ def run_name(checkpoint: str) -> str:
     return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
 
 
-def check_serve_options(options: DictConfig) -> None:
-    """The serving keys a user can get wrong (the session's own: `session.resolve`)."""
-    if options.max_batch_size <= 0:
-        raise ConfigError(f"max_batch_size={options.max_batch_size} must be a positive integer")
-    if not options.batch_timeout >= 0:
-        raise ConfigError(f"batch_timeout={options.batch_timeout} must be >= 0 seconds")
-    if not options.max_upload_mb > 0:
-        raise ConfigError(f"max_upload_mb={options.max_upload_mb} must be > 0")
-    if not options.timeout > 0:
-        raise ConfigError(f"timeout={options.timeout} must be > 0 seconds")
-    if not 0 <= options.drain_timeout < float("inf"):
-        raise ConfigError(f"drain_timeout={options.drain_timeout} must be >= 0 seconds")
-    if not 0 < options.port < 65536:
-        raise ConfigError(f"port={options.port} must be in 1..65535")
+# serving keys a user can get wrong (the session's own: `session.resolve`): (valid?, the rule)
+SERVE_CHECKS = {
+    "max_batch_size": (lambda v: v > 0, "must be a positive integer"),
+    "batch_timeout": (lambda v: v >= 0, "must be >= 0 seconds"),
+    "max_upload_mb": (lambda v: v > 0, "must be > 0"),
+    "timeout": (lambda v: v > 0, "must be > 0 seconds"),
+    "drain_timeout": (lambda v: 0 <= v < float("inf"), "must be >= 0 seconds"),
+    "port": (lambda v: 0 < v < 65536, "must be in 1..65535"),
+}
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -466,15 +403,13 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """(LitServer, /info model dict) of a serve config (conf/serve.yaml's keys)."""
-    return server_for(typed_options(cfg, ServeOptions, "serve"))
-
-
-def server_for(options: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """(LitServer, /info model dict): every option checked and the session resolved once, here
-    (on the meta device); the worker process builds the network from the resolved plan."""
-    check_installed()
-    check_serve_options(options)
+    """(LitServer, /info model dict): every option checked, the session resolved (meta device)."""
+    options = typed_options(cfg, ServeOptions, "serve")
+    if ls is None:
+        raise ConfigError("serving needs LitServe: pip install 'met_lightning[serve]'")
+    for key, (valid, rule) in SERVE_CHECKS.items():
+        if not valid(options[key]):
+            raise ConfigError(f"{key}={options[key]} {rule}")
     plan = resolve(options)  # checkpoint, thresholds, confidence, precision, device, mode
     device = torch.device(plan.device)
     if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
@@ -492,10 +427,8 @@ def server_for(options: DictConfig) -> tuple[Any, dict[str, Any]]:
             f"{ServeOptions.max_image_pixels})"
         )
     info = server_info(plan, options)
-    api = EarlyExitAPI(plan, options.max_image_pixels, options.max_batch_size,
-                       options.batch_timeout)  # fmt: skip
     server = ls.LitServer(
-        api,
+        EarlyExitAPI(plan, options),
         accelerator=device.type,
         devices=1,  # LitServe's first GPU for cuda (pick one with CUDA_VISIBLE_DEVICES)
         timeout=options.timeout,
@@ -507,33 +440,32 @@ def server_for(options: DictConfig) -> tuple[Any, dict[str, Any]]:
 
 
 class EndResponseReader(ls.Callback if ls is not None else object):
-    """At the server's end (uvicorn drained): wake the thread that waits on the response queue
-    (1 s timeout) with a sentinel, so that the event loop closes at once."""
+    """At the server's end: wake the response queue's reader with a sentinel (else it waits 1 s)."""
 
     def on_server_end(self, *args: Any, litserver: Any = None, **kwargs: Any) -> None:
         if litserver is not None and getattr(litserver, "_transport", None) is not None:
             litserver._transport.close(send_sentinel=True)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def on_stop_signals(handler: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 class _Stopped(Exception):
     """A stop signal while the worker still loads the model."""
 
 
-def run_server(server: Any, host: str, port: int, log_level: str, drain_timeout: float) -> None:
+def run_server(server: Any, options: DictConfig) -> None:
     """Run `server` (from `build_server`) until SIGINT or SIGTERM, then drain and stop it all.
 
-    LitServer.run is not used: its shutdown closes the queues before uvicorn drains and leaves
-    the workers running on SIGTERM. Here uvicorn runs in this process and its graceful shutdown
-    comes first (stop accepting, wait for the requests in flight, at most `drain_timeout` s);
-    then the worker (idle: nothing is in flight) is killed and the manager stops.
+    Not LitServer.run: its shutdown closes the queues before uvicorn drains and leaves the workers
+    running on SIGTERM. Here uvicorn drains first, then the idle worker is killed.
     """
-    import uvicorn
+    import uvicorn  # the [serve] extra
     from litserve.utils import configure_logging, is_package_installed
 
-    configure_logging(log_level)
+    configure_logging(options.log_level)
     # the multipart parser logs each malformed body it sees: RequestGuard answers them (400)
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     uv: uvicorn.Server | None = None
@@ -546,7 +478,7 @@ def run_server(server: Any, host: str, port: int, log_level: str, drain_timeout:
 
     # the manager (forked) and the worker (spawned) inherit the ignored signals: they stop when
     # this process has drained, also when a signal goes to the whole group (Ctrl+C, systemd)
-    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    on_stop_signals(signal.SIG_IGN)
     os.register_at_fork(after_in_child=die_with_parent)
     manager, workers = None, []
     try:
@@ -556,38 +488,37 @@ def run_server(server: Any, host: str, port: int, log_level: str, drain_timeout:
         for lit_api in server.litapi_connector:
             workers.extend(server.launch_inference_worker(lit_api))
         server.inference_workers = workers
-        for sig in ignored:
-            signal.signal(sig, on_signal)
+        on_stop_signals(on_signal)
         server._prepare_app_run(server.app)
         if is_package_installed("mcp"):
-            from litserve.mcp import _LitMCPServerConnector
+            from litserve.mcp import _LitMCPServerConnector  # with the optional mcp package
 
             server.mcp_server = mcp = _LitMCPServerConnector()
             mcp.connect_mcp_server(server.litapi_connector.get_mcp_tools(), server.app)
         wait_until_ready(server, workers)
-        config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
-                                timeout_graceful_shutdown=drain_timeout)  # fmt: skip
+        config = uvicorn.Config(server.app, options.host, options.port, log_level=options.log_level,
+                                timeout_graceful_shutdown=options.drain_timeout)  # fmt: skip
         uv = uvicorn.Server(config)
         watch_workers(workers, uv, died)
         uv.run()
     except _Stopped:
         pass
     finally:
-        for sig in ignored:
-            signal.signal(sig, signal.SIG_IGN)  # stopping: the rest is quick, let it finish
+        on_stop_signals(signal.SIG_IGN)  # stopping: the rest is quick, let it finish
         for worker in workers:  # drained: nothing in flight (LitServe too stops them with a kill)
             worker.kill()
             worker.join()
         if manager is not None:
             manager.shutdown()
-        stop_resource_tracker()
+        with contextlib.suppress(Exception):  # reap the tracker spawning started: no zombie
+            resource_tracker._resource_tracker._stop()
     if died:
         raise RuntimeError(f"the inference worker died ({died[0]}); the server stopped")
 
 
 def wait_until_ready(server: Any, workers: list) -> None:
     """Block until the worker has loaded the model (a stop signal interrupts)."""
-    from litserve.utils import WorkerSetupStatus
+    from litserve.utils import WorkerSetupStatus  # the [serve] extra
 
     while True:
         status = set(dict(server.workers_setup_status).values())
@@ -614,25 +545,18 @@ def watch_workers(workers: list, uv: Any, died: list[str]) -> None:
     threading.Thread(target=watch, name="met-watch-workers", daemon=True).start()
 
 
-def stop_resource_tracker() -> None:
-    """Stop (and reap) multiprocessing's resource tracker, which spawning the worker started: it
-    would otherwise outlive this process for a moment, or as a zombie where nothing reaps it."""
-    with contextlib.suppress(Exception):
-        resource_tracker._resource_tracker._stop()
-
-
 def serve(cfg: DictConfig) -> None:
     """Check everything, then run the server until SIGINT or SIGTERM (then drain, exit 0)."""
     cfg = typed_options(cfg, ServeOptions, "serve")
     check_port_free(cfg.host, cfg.port)
-    server, info = server_for(cfg)  # checks the rest of the config
+    server, info = build_server(cfg)  # checks the rest of the config
     thresholds = ", ".join(map(str, info["thresholds"]))
     print(
         f"serving {cfg.checkpoint} on http://{cfg.host}:{cfg.port}{API_PATH} "
         f"(exits {info['exits']}, thresholds [{thresholds}])",
         flush=True,
     )
-    run_server(server, cfg.host, cfg.port, cfg.log_level, cfg.drain_timeout)
+    run_server(server, cfg)
 
 
 _task = user_task(serve)

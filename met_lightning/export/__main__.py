@@ -1,5 +1,4 @@
-"""`python -m met_lightning.export checkpoint=RUN format=onnx out=DIR`: one ONNX graph per exit
-stage plus manifest.json (see `met_lightning.export.onnx_export`); conf/export.yaml."""
+"""`python -m met_lightning.export checkpoint=RUN format=onnx out=DIR` (conf/export.yaml)."""
 
 from __future__ import annotations
 
@@ -45,8 +44,8 @@ def export(cfg: DictConfig) -> dict:
     if cfg.confidence is not None:
         check_confidence(cfg.confidence)
     check_writable(cfg.out, "out")
-    try:
-        import onnxruntime  # noqa: F401 - the runner needs it; say so now
+    try:  # the [onnx] extra: the runner needs it; say so now
+        import onnxruntime  # noqa: F401
     except ImportError:
         raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'") from None
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)

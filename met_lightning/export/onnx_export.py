@@ -1,17 +1,13 @@
 """Write one ONNX graph per exit stage plus a manifest, so a runtime can exit early between them.
 
-Folder layout written by `export_onnx`::
-
     stage_0.onnx ... stage_{K-1}.onnx   stage k: tokens in -> tokens out + exit k's logits
                                         (stage 0 takes images; the last gives logits only)
-    manifest.json                       exits, MACs per exit, thresholds of the run's budgets,
+    manifest.json                       exits, MACs per exit, the run's budgets' thresholds,
                                         class names, input spec, confidence kind, stage I/O
 
-Every file is written atomically (`met_lightning.atomic`), so a file or symlink already at an
-output's name is replaced, never written through.
-
-Shapes are static per stage except the batch axis. The graphs come from torch's TorchScript-based
-ONNX exporter (`dynamo=False`): a stage has no data-dependent control flow, so tracing is exact.
+Shapes are static but for the batch axis. TorchScript export (`dynamo=False`): a stage has no
+data-dependent control flow, so tracing is exact. Files are written atomically (a planted
+symlink is replaced, never written through).
 """
 
 from __future__ import annotations
@@ -78,11 +74,11 @@ def export_onnx(
     inputs = stage_inputs(net, input_size)
     stages = []
     for stage, example in enumerate(inputs):
-        last = stage == net.num_exits - 1
         in_name = "images" if stage == 0 else "tokens"
-        out_names = ["logits"] if last else ["tokens_out", "logits"]
+        outputs = {"logits": [None, net.num_classes]}  # after the next stage's tokens, if any
+        if stage < net.num_exits - 1:
+            outputs = {"tokens_out": [None, *inputs[stage + 1].shape[1:]], **outputs}
         file = f"stage_{stage}.onnx"
-        # atomically: a symlink planted at the stage's name is replaced, never written through
         with torch.no_grad(), warnings.catch_warnings(), atomic_path(out / file) as tmp:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
@@ -91,21 +87,18 @@ def export_onnx(
                 str(tmp),
                 dynamo=False,
                 input_names=[in_name],
-                output_names=out_names,
-                dynamic_axes={name: {0: "batch"} for name in [in_name, *out_names]},
+                output_names=list(outputs),
+                dynamic_axes={name: {0: "batch"} for name in [in_name, *outputs]},
                 opset_version=opset,
             )
-            result = ExitStage(net, stage)(example)
-        shapes = [result] if last else list(result)
+        blocks = net.stage_blocks(stage)
         stages.append(
             {
                 "file": file,
                 "exit": stage + 1,
-                "blocks": [net.stage_blocks(stage)[0] + 1, net.stage_blocks(stage)[-1] + 1],
+                "blocks": [blocks[0] + 1, blocks[-1] + 1],
                 "inputs": {in_name: [None, *example.shape[1:]]},
-                "outputs": {
-                    n: [None, *t.shape[1:]] for n, t in zip(out_names, shapes, strict=True)
-                },
+                "outputs": outputs,
             }
         )
     budgets, run_confidence = run_budgets(run_folder)

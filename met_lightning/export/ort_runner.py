@@ -4,13 +4,10 @@
     result = runner(images)                          # images: float32 [B, C, H, W], transformed
     result.predictions, result.exit_index            # as the PyTorch EarlyExitEngine gives
 
-After each stage the rows whose confidence reaches the stage's threshold leave; only the others
-go on to the next graph (the engine's loop, `engine.early_exit`). `runner.transform` is the
-eval transform (PIL image -> [C, H, W]) the model was trained with.
-
-The export folder is data: the manifest is checked before anything is loaded (one stage graph per
-exit, each a plain file name inside the folder, not a symlink leading out; thresholds, confidence
-and input spec as `export_onnx` writes them), and no graph may read weights from outside it.
+The stages run in the engine's loop (`engine.early_exit`); `runner.transform` is the model's eval
+transform (PIL image -> [C, H, W]). The export folder is data: the manifest is checked before
+anything is loaded (each stage graph a plain file in the folder, no symlink leading out), and no
+graph may read weights from outside it.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.export.onnx_export import FORMAT, MANIFEST
 from met_lightning.inference.confidence import CONFIDENCE_KINDS, check_confidence
 from met_lightning.inference.engine import answer, check_thresholds, early_exit
-from met_lightning.inference.session import checkpoint_input
+from met_lightning.inference.session import checkpoint_transform
 
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest is kilobytes (class names included)
 EXPORT_HINT = "export again with python -m met_lightning.export checkpoint=RUN out=FOLDER"
@@ -72,6 +69,10 @@ def _bad(path: Path, key: str, value: Any, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {key}={shown} {what}; {EXPORT_HINT}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -88,13 +89,12 @@ def _is_threshold(value: Any) -> bool:
 
 def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     """CheckpointError naming `path`, the key and the fix unless every field the runner uses is as
-    `export_onnx` writes it: one stage graph per exit, each a plain file name in the folder; one
-    threshold per (early) exit in each budget; a known confidence; a valid input spec."""
+    `export_onnx` writes it."""
     exits = manifest.get("exits")
     if not (
         isinstance(exits, list)
         and exits
-        and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in exits)
+        and all(_is_int(e) and e > 0 for e in exits)
         and exits == sorted(set(exits))
     ):
         raise _bad(path, "exits", exits, "must be a non-empty list of increasing block numbers")
@@ -120,31 +120,20 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     for i, entry in enumerate(budgets):
         if not isinstance(entry, dict) or not _is_number(entry.get("budget")):
             raise _bad(path, f"budgets[{i}]", entry, "must be an object with a number 'budget'")
-        thresholds = entry.get("thresholds")
+        values = entry.get("thresholds")
         if not (
-            isinstance(thresholds, list)
-            and len(thresholds) in (k - 1, k)
-            and all(_is_threshold(t) for t in thresholds)
+            isinstance(values, list)
+            and len(values) in (k - 1, k)
+            and all(_is_threshold(t) for t in values)
         ):
-            raise _bad(
-                path,
-                f"budgets[{i}].thresholds",
-                thresholds,
-                f"must list {k - 1} or {k} thresholds (numbers, 'inf' or '-inf'), one per exit",
-            )
-    _check_input(manifest.get("input"), path)
-
-
-def _check_input(given: Any, path: Path) -> None:
+            what = f"must list {k - 1} or {k} thresholds (numbers, 'inf' or '-inf'), one per exit"
+            raise _bad(path, f"budgets[{i}].thresholds", values, what)
+    given = manifest.get("input")
     if not isinstance(given, dict):
         raise _bad(path, "input", given, "must be an object with 'input_spec' and 'normalize'")
     spec = given.get("input_spec")
     size = spec.get("input_size") if isinstance(spec, dict) else None
-    if not (
-        isinstance(size, list)
-        and len(size) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-    ):
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) and v > 0 for v in size)):
         raise _bad(path, "input.input_spec.input_size", size, "must be [C, H, W], positive")
     for name in ("mean", "std"):
         values = spec.get(name)
@@ -160,8 +149,7 @@ def _check_input(given: Any, path: Path) -> None:
 
 
 def stage_file(folder: Path, path: Path, index: int, name: Any) -> Path:
-    """The graph file `name` of stage `index`: a plain file name in `folder` (no folder part,
-    no '..', not absolute) that is a regular file there, not a symlink leading outside."""
+    """The graph file `name` of stage `index`: a plain file name, a regular file in `folder`."""
     key = f"stages[{index}].file"
     if (
         not isinstance(name, str)
@@ -181,9 +169,8 @@ def stage_file(folder: Path, path: Path, index: int, name: Any) -> Path:
 
 
 def _check_external_data(file: Path, folder: Path, where: str) -> None:
-    """Refuse a graph whose weights name an external data file outside `folder` (ONNX Runtime
-    before 1.24 reads any path an ONNX file names)."""
-    try:
+    """Refuse a graph whose weights name a file outside `folder` (ORT < 1.24 reads any path)."""
+    try:  # the [onnx] extra
         import onnx
         from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
     except ImportError:
@@ -234,7 +221,7 @@ class OrtEarlyExit:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # the [onnx] extra
 
         folder = Path(folder)
         self.manifest = manifest = load_manifest(folder)
@@ -252,7 +239,7 @@ class OrtEarlyExit:
             options.intra_op_num_threads = threads
         path = folder / MANIFEST
         files = [stage_file(folder, path, i, s["file"]) for i, s in enumerate(manifest["stages"])]
-        for i, file in enumerate(files):
+        for i, file in enumerate(files):  # every graph checked before any is loaded
             _check_external_data(file, folder, f"stages[{i}] of {path}")
         self.sessions = []
         for i, file in enumerate(files):
@@ -266,10 +253,7 @@ class OrtEarlyExit:
                 ) from None
             self.sessions.append(session)
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
-        given = manifest["input"]
-        _, self.transform = checkpoint_input(
-            {"input_spec": given["input_spec"], "normalize": given["normalize"]}
-        )
+        self.transform = checkpoint_transform(manifest["input"])  # its input_spec and normalize
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> OrtResult:
         """images [B, C, H, W] -> the answer of each image's exit, by the engine's loop."""

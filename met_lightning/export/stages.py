@@ -1,14 +1,9 @@
 """One exit stage of a MultiExitViT as a self-contained module, for graph export (ONNX).
 
-`ExitStage` k runs `MultiExitViT.stage(k, ...)`, the network's one stage sequence: images (stage
-0) or the tokens stage k-1 left in, the tokens for stage k+1 and exit k's logits out (the last
-stage: the logits only). Shapes are static per stage (the batch axis may vary) and nothing
-branches on data, so a runtime can do early exit between stages: run stage k, score its logits,
-keep the rows that stay (`export.ort_runner`).
-
-Between stages the network keeps two streams (`StreamState`: main tokens [B, T, d] and the early
-class tokens [B, E, d]); the exported graphs pass them as one tensor in the layout
-``[c_1, ..., c_{K-1}, c_K, R, P]`` (early tokens first), so a runtime handles one array per stage.
+`ExitStage` k runs `MultiExitViT.stage(k, ...)`: images (stage 0) or the tokens stage k-1 left
+in, the tokens for stage k+1 and exit k's logits out (the last stage: the logits only). The two
+streams between stages (`StreamState`: main tokens [B, T, d], early class tokens [B, E, d]) pass
+as one tensor ``[c_1, ..., c_{K-1}, c_K, R, P]`` (early tokens first): one array per stage.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The budget analysis of a run: calibrate on the held-out split, evaluate on test, write files.
-
-Reads only the logit store. Writes, in the run folder:
-
-- `budget_curve.csv`: one row per p (thresholds, exit shares, mean MACs, accuracy, speed-up);
-- `budget_curve.png`: test accuracy vs. mean GMACs, with the per-exit anytime points;
-- `budget.json`: anytime accuracies, the cheapest curve points that keep 100 % / 99 % of the
-  last exit's accuracy, and thresholds chosen on the held-out split for each requested budget.
+"""The budget analysis of a run, from its logit store: calibrate on the held-out split, evaluate
+on test, write `budget_curve.csv` (one row per p), `budget_curve.png` (accuracy vs. mean GMACs,
+with the anytime exits) and `budget.json` (anytime accuracies, the cheapest points keeping 100 % /
+99 % of the last exit's accuracy, thresholds chosen for each requested budget).
 """
 
 from __future__ import annotations
@@ -64,10 +60,6 @@ class BudgetReport:
     def full_macs(self) -> int:
         return self.exit_macs[-1]
 
-    @property
-    def last_exit(self) -> BudgetPoint:
-        return self.anytime[-1]
-
     def speedup(self, point: BudgetPoint) -> float:
         """Full cost over the point's mean cost."""
         return self.full_macs / point.mean_macs
@@ -111,8 +103,8 @@ def analyze(
 ) -> BudgetReport:
     """Calibrate thresholds on `calibration_split` for each p and each budget; evaluate them."""
     check_confidence(kind, "confidence")
-    calib = SplitScores.from_logits(*_split(store, calibration_split), kind)
-    evalu = SplitScores.from_logits(*_split(store, evaluation_split), kind)
+    calib = SplitScores.from_logits(*store[calibration_split], kind)
+    evalu = SplitScores.from_logits(*store[evaluation_split], kind)
     macs = store.exit_macs
     curve = budget_curve(calib, evalu, macs, p_values)
     anytime = anytime_points(evalu, macs)
@@ -138,11 +130,6 @@ def analyze(
              "evaluated": evaluated}
         )  # fmt: skip
     return report
-
-
-def _split(store: LogitStore, name: str):
-    split = store[name]
-    return split.logits, split.labels
 
 
 # ---------------------------------------------------------------------- files
@@ -172,8 +159,7 @@ def curve_rows(report: BudgetReport) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
-def write_curve_csv(report: BudgetReport, path: Path) -> Path:
-    header, rows = curve_rows(report)
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -186,25 +172,20 @@ def plot_curve(report: BudgetReport, path: Path, title: str = "MET early exit") 
     import matplotlib  # heavy, for this plot only (not on predict's or serve's path)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazily too, after the backend is chosen
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     curve = sorted((pt.mean_macs / 1e9, 100 * pt.accuracy) for _, pt in report.curve)
     ax.plot(*zip(*curve, strict=True), "-o", ms=3, label="dynamic exit (budget curve)")
     anytime = [(pt.mean_macs / 1e9, 100 * pt.accuracy) for pt in report.anytime]
     ax.plot(*zip(*anytime, strict=True), "s--", color="tab:orange", label="anytime: exit k only")
-    for k, (x, y) in enumerate(anytime):
-        ax.annotate(
-            f"exit {k + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8
-        )
-    last = anytime[-1]
-    ax.plot(*last, "*", ms=14, color="tab:red", label="last exit only")
+    for k, xy in enumerate(anytime):
+        ax.annotate(f"exit {k + 1}", xy, textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.plot(*anytime[-1], "*", ms=14, color="tab:red", label="last exit only")
     for fraction, pt in report.keep.items():
         if pt is not None and fraction < 1:
-            level = 100 * fraction * report.last_exit.accuracy
-            ax.axhline(
-                level, color="grey", lw=0.6, ls=":", label=f"{100 * fraction:g} % of last exit"
-            )
+            level, label = 100 * fraction * report.anytime[-1].accuracy, f"{100 * fraction:g} %"
+            ax.axhline(level, color="grey", lw=0.6, ls=":", label=f"{label} of last exit")
     ax.set_xlabel(f"mean GMACs per image ({report.evaluation_split})")
     ax.set_ylabel(f"{report.evaluation_split} accuracy (%)")
     ax.set_title(f"{title} — confidence {report.confidence}, calibrated on "
@@ -222,21 +203,7 @@ def write_report(report: BudgetReport, output_dir: Path) -> dict[str, Path]:
     """Write the CSV, the PNG and `budget.json` into `output_dir`; return their paths."""
     output_dir = Path(output_dir)
     return {
-        "csv": write_curve_csv(report, output_dir / CURVE_FILE),
+        "csv": write_csv(output_dir / CURVE_FILE, *curve_rows(report)),
         "png": plot_curve(report, output_dir / PLOT_FILE),
         "json": write_text(output_dir / REPORT_FILE, json.dumps(report.to_json(), indent=2)),
     }
-
-
-def keep_lines(report: BudgetReport) -> list[str]:
-    """One line per kept-accuracy point, e.g. for the end-of-run table."""
-    lines = []
-    for fraction, pt in report.keep.items():
-        if pt is None:
-            continue
-        lines.append(
-            f"{100 * fraction:g} % of last-exit accuracy ({100 * pt.accuracy:.2f} %): "
-            f"{format_macs(pt.mean_macs)} mean per image, {report.speedup(pt):.2f}x fewer MACs "
-            f"than the last exit"
-        )
-    return lines

@@ -1,10 +1,7 @@
 """Budgeted batch classification (MSDNet): calibrate exit thresholds, simulate, trace budgets.
 
-Everything here works on stored per-exit logits, never on the model: the early-exit engine must
-reproduce the exits simulated here (`simulate_exits`), which the tests check.
-
-Conventions: exits are 0-based internally (`exit_index`), 1-based in every output; an image
-leaves at the first exit k with `confidence_k >= T_k`, and the last threshold is always -inf.
+Works on stored per-exit logits, never on the model. Exits are 0-based here, 1-based in every
+output; an image leaves at the first exit k with `confidence_k >= T_k` (the last T is -inf).
 """
 
 from __future__ import annotations
@@ -46,10 +43,6 @@ class SplitScores:
     def num_exits(self) -> int:
         return self.confidence.shape[1]
 
-    def anytime_accuracy(self) -> list[float]:
-        """Every exit's own accuracy."""
-        return self.correct.float().mean(dim=0).tolist()
-
 
 @dataclass(frozen=True)
 class BudgetPoint:
@@ -74,10 +67,9 @@ def target_shares(p: float, num_exits: int) -> np.ndarray:
 def calibrate_thresholds(conf: torch.Tensor, shares: Sequence[float]) -> tuple[float, ...]:
     """Thresholds that let `shares[k]` of all samples leave at exit k (MSDNet's calibration).
 
-    Walk the exits in order; among the samples still present, the `round(cumsum(shares)[k]·N)
-    - left so far` most confident at exit k leave. Each threshold is the midpoint between the
-    confidence of the last sample that leaves and the next one, so the setting does not hinge on
-    float equality (a sample recomputed in another batch composition lands on the same side).
+    At each exit the `round(cumsum(shares)[k]·N) - left so far` most confident samples still
+    present leave. A threshold is the midpoint between the last sample that leaves and the next,
+    so a sample recomputed in another batch composition lands on the same side.
     """
     n, k_exits = conf.shape
     if len(shares) != k_exits:
@@ -106,10 +98,8 @@ def calibrate_thresholds(conf: torch.Tensor, shares: Sequence[float]) -> tuple[f
 
 
 def simulate_exits(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """0-based exit [N] of every sample of `conf` [N, K]: the first k with conf_k >= T_k (the last
-    exit always), by the engine's loop (`engine.early_exit`) with the stored confidences in the
-    network's place. `thresholds`: K values (the last is ignored) or K-1, as `EarlyExitEngine`
-    takes them (`engine.check_thresholds`)."""
+    """0-based exit [N] of every sample of `conf` [N, K], by the engine's loop (`early_exit`)
+    over the stored confidences. `thresholds`: K values (the last ignored) or K-1."""
     limits = torch.tensor(check_thresholds(thresholds, conf.shape[1]), dtype=torch.float64)
     exit_index, _ = early_exit(lambda k, rows: (rows, rows[:, k], ()), conf, limits)
     return exit_index
@@ -118,8 +108,7 @@ def simulate_exits(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Ten
 def evaluate(
     scores: SplitScores, thresholds: Sequence[float], exit_macs: Sequence[int], label: str = ""
 ) -> BudgetPoint:
-    """Accuracy, exit shares and mean MACs per image of a threshold setting on one split
-    (`thresholds`: K or K-1 values, recorded as K)."""
+    """Accuracy, exit shares and mean MACs per image of a threshold setting on one split."""
     thresholds = check_thresholds(thresholds, scores.num_exits)
     exit_index = simulate_exits(scores.confidence, thresholds)
     rows = torch.arange(len(exit_index))
@@ -132,9 +121,7 @@ def evaluate(
 
 def forced_thresholds(exit_index: int, num_exits: int) -> tuple[float, ...]:
     """Thresholds that send every sample out at exit `exit_index` (0-based)."""
-    return tuple(math.inf if k < exit_index else -math.inf for k in range(num_exits - 1)) + (
-        -math.inf,
-    )
+    return tuple(math.inf if k < exit_index else -math.inf for k in range(num_exits))
 
 
 def anytime_points(scores: SplitScores, exit_macs: Sequence[int]) -> list[BudgetPoint]:
@@ -155,9 +142,8 @@ def budget_curve(
     """For each p: thresholds calibrated on `calibration`, evaluated on `evaluation`."""
     curve = []
     for p in p_values:
-        thresholds = calibrate_thresholds(
-            calibration.confidence, target_shares(p, calibration.num_exits)
-        )
+        shares = target_shares(p, calibration.num_exits)
+        thresholds = calibrate_thresholds(calibration.confidence, shares)
         curve.append((float(p), evaluate(evaluation, thresholds, exit_macs, f"p={p:.3g}")))
     return curve
 
@@ -188,8 +174,7 @@ def budget_candidates(
 
 
 def smallest_fraction(macs: float, full_macs: int, decimals: int = 3) -> float:
-    """The smallest fraction with `decimals` decimals whose budget (fraction x `full_macs`, as
-    `resolve_budget` computes it) covers `macs`: the ratio rounded up, never down."""
+    """The smallest fraction of `full_macs` with `decimals` decimals that covers `macs`."""
     step = 10**decimals
     units = math.ceil(macs / full_macs * step)
     while units / step * full_macs < macs:  # the float product must fit too
@@ -204,12 +189,8 @@ def select_for_budget(
     key: str = "budget",
     candidates: Sequence[BudgetPoint] | None = None,
 ) -> BudgetPoint:
-    """The thresholds with the best accuracy on `calibration` whose mean MACs fit the budget.
-
-    Candidates: `budget_candidates(calibration, exit_macs)` unless given (pass them when
-    selecting for several budgets). Raises ConfigError when the budget is below the cost of
-    exit 1 (nothing can run within it).
-    """
+    """The thresholds with the best accuracy on `calibration` whose mean MACs fit the budget
+    (among `candidates`, default `budget_candidates`); ConfigError if below exit 1's cost."""
     if budget_macs < exit_macs[0]:
         raise ConfigError(
             f"{key}: {format_macs(budget_macs)} per image is below the cost of exit 1 "

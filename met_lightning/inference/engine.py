@@ -1,16 +1,10 @@
 """The early-exit engine: batched inference that really skips the blocks of images that left.
 
-It runs a MultiExitViT stage by stage (`MultiExitViT.stage`); after each exit block it scores the
-exit's head, lets the confident images leave and compacts the batch, so the remaining blocks run
-on fewer images. An image that leaves at exit k has cost exactly the MACs to exit k
-(`macs.exit_costs`).
-
-`early_exit` is the one early-exit loop: the engine runs it, the ONNX Runtime runner
-(`export.ort_runner`) runs it over the stage graphs, and `budget.simulate_exits` runs it over
-stored confidences. Host syncs: one per early exit (how many leave, to size the compacted batch),
-none otherwise; leaving rows are found with a stable argsort on the device, and an exit nobody
-reaches does not run its head. `mode="graphs"` (CUDA) replays each stage from CUDA graphs
-captured per power-of-two batch bucket, the survivors padded up to their bucket.
+It runs a MultiExitViT stage by stage; after each exit it lets the confident images leave and
+compacts the batch, so an image that leaves at exit k costs exactly the MACs to exit k.
+`early_exit` is the one early-exit loop: the engine, the ONNX Runtime runner and
+`budget.simulate_exits` (over stored confidences) all run it. One host sync per early exit (how
+many leave). `mode="graphs"` (CUDA) replays each stage from CUDA graphs per power-of-two bucket.
 """
 
 from __future__ import annotations
@@ -47,10 +41,7 @@ class EarlyExitResult(NamedTuple):
 
 
 def check_thresholds(thresholds: Sequence[float], num_exits: int, key: str = "thresholds") -> list:
-    """One threshold per exit (the last is ignored: everything left leaves there) or per early exit.
-
-    Returns K floats with the last set to -inf.
-    """
+    """K floats, the last -inf, from one threshold per exit (the last ignored) or per early exit."""
     values = [float(t) for t in thresholds]
     if len(values) == num_exits - 1:
         values.append(-math.inf)
@@ -66,8 +57,7 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int, key: str = "th
 
 
 def check_precision(precision: str | int | None, key: str = "precision") -> str:
-    """A Lightning precision string (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true);
-    None -> 32-true."""
+    """A Lightning precision string of `PRECISIONS` (aliases 32, bf16, 16, 64); None -> 32-true."""
     name = "32-true" if precision is None else str(precision)
     name = _ALIASES.get(name, name)
     if name not in PRECISIONS:
@@ -123,21 +113,18 @@ def take(x: Any, rows: torch.Tensor) -> Any:
 
 
 def answer(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """An exit's confidence [B] and its answer per row, (class [B], confidence [B] float32,
-    logits [B, C]): what the stages of `early_exit` return after the next tokens."""
+    """An exit's confidence [B] and answers (class [B], confidence [B] float32, logits [B, C])."""
     conf = confidence(logits, kind)
     return conf, (logits.argmax(dim=-1), conf.float(), logits)
 
 
 def early_exit(stage: Callable, x: Any, limits: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """The early-exit loop, the one every runner runs (module docstring).
+    """The early-exit loop: -> (0-based exit of every row [B], each answer [B, ...] there).
 
     `stage(k, x)` runs exit stage k on the rows still there (x: a tensor or a (named) tuple of
-    them, batch first) -> (x for stage k+1, confidence [B'], answers: tensors [B', ...]).
-    The exit rule: a row leaves at the first exit k whose confidence reaches `limits[k]` (float64
-    [K] on x's device: a float32 confidence is compared in float64, so every runner decides
-    alike); the last exit takes every row still there, whatever its confidence.
-    Returns the 0-based exit of every row [B] and each answer [B, ...] of the exit it left at.
+    them, batch first) -> (x for stage k+1, confidence [B'], answers: tensors [B', ...]). A row
+    leaves at the first exit k whose confidence reaches `limits[k]` (float64 [K]: every runner
+    decides alike), or at the last exit.
     """
     first = _tensors(x)[0]
     batch, device = first.shape[0], first.device
@@ -174,8 +161,8 @@ def early_exit(stage: Callable, x: Any, limits: torch.Tensor) -> tuple[torch.Ten
 
 
 class _StageGraphs:
-    """A stage of `early_exit` replayed from CUDA graphs, one per (stage, power-of-two bucket,
-    dtype): the rows are copied into the bucket's static inputs, the rest is padding."""
+    """A stage of `early_exit` replayed from CUDA graphs per (stage, power-of-two bucket, dtype):
+    the rows are copied into the bucket's static inputs, the rest is padding."""
 
     def __init__(self, stage: Callable) -> None:
         self.stage = stage
@@ -212,13 +199,9 @@ class _StageGraphs:
 class EarlyExitEngine:
     """Early-exit inference for a MultiExitViT with fixed thresholds on a confidence score.
 
-    `thresholds`: K values (or K-1); an image leaves at the first exit k with
-    `confidence_k >= thresholds[k]`. All +inf reproduces the last exit of the full forward, all
-    -inf sends every image out at exit 1.
-    `precision`: Lightning precision string the network runs in (default 32-true; use the one
-    the logit store was made in, `LogitStore.precision`, so that calibration and prediction see
-    the same numbers). `mode`: ``eager`` or ``graphs`` (CUDA graphs per stage and power-of-two
-    batch bucket; CUDA only).
+    `thresholds`: K values (or K-1); an image leaves at the first exit k with `confidence_k >=
+    thresholds[k]` (all +inf: the full forward). `precision`: the network's (use the logit
+    store's, so calibration and prediction see the same numbers). `mode`: eager or graphs (CUDA).
     """
 
     def __init__(
@@ -237,8 +220,7 @@ class EarlyExitEngine:
         self._limits: dict[torch.device, torch.Tensor] = {}  # float64 [K] per device
         self._stage = _StageGraphs(self._scored) if self.mode == "graphs" else self._scored
 
-    def _scored(self, k: int, x: Any):
-        """Exit stage k of the network, scored: a stage of `early_exit`."""
+    def _scored(self, k: int, x: Any):  # a stage of `early_exit`
         after, _, logits = self.net.stage(k, x)
         return after, *answer(logits, self.kind)
 

@@ -1,7 +1,5 @@
-"""The logit store: every exit's logits and the labels of the held-out and test splits.
-
-Written once per run (`logits.safetensors` in the run folder) by one pass of the trained model;
-all budget analysis (calibration, curves, thresholds for a budget, predict's `budget=`) reads it.
+"""The logit store (`logits.safetensors` in a run folder): every exit's logits and the labels of
+the held-out and test splits, written once per run; all budget analysis reads it.
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,8 +20,7 @@ FILENAME = "logits.safetensors"
 MISSING_HINT = " (a training run writes it after testing; runs with test=false have none)"
 
 
-@dataclass(frozen=True)
-class SplitLogits:
+class SplitLogits(NamedTuple):
     logits: torch.Tensor  # [N, K, C] float32
     labels: torch.Tensor  # [N] long
 
@@ -34,8 +32,7 @@ class LogitStore:
     splits: Mapping[str, SplitLogits]
     exits: tuple[int, ...]  # 1-based blocks
     exit_macs: tuple[int, ...]  # cumulative MACs per image to reach each exit
-    # Lightning precision the logits were made in (e.g. "32-true", "bf16-mixed"); None: unknown
-    # (a store written before it was recorded). Predict runs the engine in it by default.
+    # Lightning precision the logits were made in; None: unknown (an older store)
     precision: str | None = None
 
     def __post_init__(self) -> None:
@@ -87,9 +84,7 @@ def recorded_precision(path: str | Path) -> str | None:
     return metadata.get("precision")
 
 
-def concat_batches(
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> SplitLogits:
+def concat_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> SplitLogits:
     """One SplitLogits from a list of (logits [B, K, C], labels [B]) batches."""
     if not batches:
         raise ValueError("no batches to store")

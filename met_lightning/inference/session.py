@@ -1,14 +1,8 @@
 """A trained model ready for early-exit inference: what `predict` and `serve` share.
 
-`SessionOptions` are the options of a trained model's early-exit inference (checkpoint,
-thresholds or budget, confidence, precision, device, engine mode): their defaults and help live
-here once, and predict's and serve's configs extend them. `resolve(options)` checks all of them
-and resolves, once and before any weight is built, what they leave open: the thresholds (given, or
-from `budget=` via the run's logit store), the precision (given, or the store's), the device; the
-network it needs for that is the recorded one on the meta device. The result, a `Plan`, is plain
-data (serve hands it to its worker process), and `open_session(plan)` builds the network, its
-`EarlyExitEngine` and the eval transform recorded with the checkpoint. `Session.rows(result)`
-turns an engine result into one dict per image (class, class name, confidence, exit, block, MACs).
+`resolve(options)` checks the `SessionOptions` and settles thresholds, precision and device before
+any weight is built, into a picklable `Plan` (serve hands it to its worker); `open_session(plan)`
+builds the network, its `EarlyExitEngine` and the checkpoint's eval transform.
 """
 
 from __future__ import annotations
@@ -92,18 +86,14 @@ class SessionOptions(CheckpointOptions):
 
 
 def typed_options(cfg: Any, schema: type, name: str) -> Any:
-    """`cfg` (an entry point's config, or a dict) merged into its options dataclass `schema`: an
-    unknown key or a wrong type is a ConfigError naming it (`name` is the entry point)."""
+    """`cfg` merged into the dataclass `schema`; an unknown key or wrong type is a ConfigError."""
     return _typed(OmegaConf.create({name: cfg}), name, schema)
 
 
 def choose_thresholds(
     options: Any, costs: ExitCosts, exits: tuple[int, ...]
 ) -> tuple[list[float], str]:
-    """Thresholds from `thresholds=`, from `budget=` (via the logit store), or none (+inf).
-
-    Returns (K thresholds, a sentence saying how they were chosen).
-    """
+    """(K thresholds, how): `thresholds=`, `budget=` (via the logit store), or none (+inf)."""
     k = len(exits)
     if options.thresholds is not None and options.budget is not None:
         raise ConfigError("give either budget= or thresholds=, not both")
@@ -118,8 +108,7 @@ def choose_thresholds(
             f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
             f"model (exits {list(exits)}); pass store= for the right run"
         )
-    calib = store["val"]
-    scores = SplitScores.from_logits(calib.logits, calib.labels, options.confidence)
+    scores = SplitScores.from_logits(*store["val"], options.confidence)
     point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={options.budget}")
     how = (
         f"budget {format_macs(budget_macs)} per image: thresholds with the best val accuracy "
@@ -129,9 +118,8 @@ def choose_thresholds(
 
 
 def choose_precision(options: Any) -> str:
-    """`precision=`, else the precision the logit store was made in, else 32-true; a warning when
-    the chosen one differs from the store's (calibration and prediction would see other numbers).
-    """
+    """`precision=`, else the logit store's, else 32-true; a warning when it differs from the
+    store's (calibration and prediction would see other numbers)."""
     path = store_path(options.checkpoint, options.store)
     recorded = None
     if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
@@ -140,10 +128,8 @@ def choose_precision(options: Any) -> str:
         precision = check_precision(options.precision)
         warn_precision_mismatch(recorded, precision)
         return precision
-    if recorded is None:
-        return "32-true"
     try:
-        return check_precision(recorded)
+        return check_precision(recorded)  # None: 32-true
     except ConfigError:
         log.warning("logit store precision %r unknown to the engine: using 32-true", recorded)
         return "32-true"
@@ -185,13 +171,8 @@ class Plan:
 
 
 def resolve(options: Any) -> Plan:
-    """Check every option and resolve thresholds, precision and device once, before any weight
-    is built (the checkpoint is read and its network built on the meta device only).
-
-    A missing / corrupt checkpoint, both or neither of budget / thresholds given wrong, thresholds
-    of the wrong length, a budget below exit 1, an unknown confidence, precision, device or engine
-    mode (graphs without CUDA) raise here, as ConfigError / CheckpointError.
-    """
+    """Check every option (ConfigError / CheckpointError) and resolve thresholds, precision and
+    device, before any weight is built (the network is built on the meta device only)."""
     if OmegaConf.is_config(options) and OmegaConf.is_missing(options, "checkpoint"):
         raise ConfigError("give checkpoint=RUN_FOLDER_OR_FILE")
     confidence = check_confidence(options.confidence)
@@ -234,33 +215,30 @@ class Session:
     def spec(self) -> InputSpec:
         return self.plan.input_spec
 
+    def classify(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """The rows of [C, H, W] inputs, run as one batch (the engine applies the precision)."""
+        return self.rows(self.engine(torch.stack(images).to(self.device)))
+
     def rows(self, result: EarlyExitResult) -> list[dict[str, Any]]:
         """One dict per image: class, class_name, confidence, exit (1-based), block, macs."""
         names, exits, macs = self.plan.class_names, self.plan.exits, self.plan.macs_per_exit
-        rows = []
-        for cls, conf, k in zip(
-            result.predictions.tolist(),
-            result.confidence.tolist(),
-            result.exit_index.tolist(),
-            strict=True,
-        ):
-            rows.append(
-                {
-                    "class": cls,
-                    "class_name": names[cls] if names else str(cls),
-                    "confidence": conf,
-                    "exit": k + 1,
-                    "block": exits[k],
-                    "macs": macs[k],
-                }
-            )
-        return rows
+        columns = (result.predictions, result.confidence, result.exit_index)
+        return [
+            {
+                "class": c,
+                "class_name": names[c] if names else str(c),
+                "confidence": conf,
+                "exit": k + 1,
+                "block": exits[k],
+                "macs": macs[k],
+            }
+            for c, conf, k in zip(*(t.tolist() for t in columns), strict=True)
+        ]
 
 
-def checkpoint_input(config: dict) -> tuple[InputSpec, Any]:
-    """(input spec, eval transform PIL image -> [C, H, W]) recorded with a checkpoint."""
-    spec = InputSpec.of(config["input_spec"])
-    return spec, eval_transform(spec, config.get("normalize", "backbone"))
+def checkpoint_transform(config: dict) -> Any:
+    """The eval transform (PIL image -> [C, H, W]) recorded with a checkpoint (or an export)."""
+    return eval_transform(InputSpec.of(config["input_spec"]), config.get("normalize", "backbone"))
 
 
 def open_session(plan: Plan) -> Session:
@@ -270,4 +248,4 @@ def open_session(plan: Plan) -> Session:
     engine = EarlyExitEngine(
         net, plan.thresholds, plan.confidence, plan.precision, plan.engine_mode
     )
-    return Session(plan, net, engine, checkpoint_input(plan.config)[1])
+    return Session(plan, net, engine, checkpoint_transform(plan.config))
