@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import met_lightning.train  # noqa: F401 - the training app: registers its ConfigStore nodes
 from met_lightning.checkpoint.resume import resume_argv
 from met_lightning.cli import exit_on_user_error
 from met_lightning.models.backbone import create_backbone

@@ -75,7 +75,7 @@ def test_two_trial_sweep_on_a_budget_metric(tmp_path: Path):
     values = []
     for trial in trials:
         config = yaml.safe_load((trial.parent / "config.yaml").read_text())
-        assert config["model"]["adapter"]["rank"] in {2, 4, 8, 16}
+        assert config["model"]["net"]["adapter"]["rank"] in {2, 4, 8, 16}
         budgets = json.loads((trial.parent / "budget.json").read_text())["budgets"]
         values += [b["evaluated"]["accuracy"] for b in budgets if b["budget"] == 0.75]
     assert results["best_value"] == pytest.approx(max(values))

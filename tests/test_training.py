@@ -115,7 +115,7 @@ def test_lightning_checkpoint_holds_trainable_params_only(trained):
 def test_trainable_checkpoint_rebuilds_same_predictions(trained):
     output_dir, _, captured = trained
     net, config = load_trainable(output_dir)
-    assert config["num_classes"] == 10 and config["model"]["exits"] == [2, 4]
+    assert config["num_classes"] == 10 and config["model"]["net"]["exits"] == [2, 4]
     tensors = load_file(str(output_dir / "trainable.safetensors"))
     for name, value in net.trainable_state_dict().items():
         assert torch.equal(value, tensors[name])

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -25,6 +26,7 @@ from met_lightning.inference.budget import DEFAULT_P_VALUES, resolve_budget
 from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confidence
 from met_lightning.inference.logit_store import FILENAME, LogitStore, SplitLogits, concat_batches
 from met_lightning.macs import model_exit_costs
+from met_lightning.structured import target_config
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class BudgetAnalysis(L.Callback):
         self,
         output_dir: str | Path,
         confidence: str = DEFAULT_CONFIDENCE,
-        budgets: Sequence[float] = (0.5,),
+        budgets: Sequence[float] = (0.5, 0.75),
         p_values: Sequence[float] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -133,3 +135,12 @@ class BudgetAnalysis(L.Callback):
                 rank_zero_warn(
                     f"could not log the budget analysis to {type(logger).__name__}: {err}"
                 )
+
+
+# callbacks.budget_analysis (conf/callbacks/default.yaml selects it): its keys and defaults are
+# BudgetAnalysis's arguments, so `callbacks.budget_analysis.budgets=[0.3]` overrides one
+ConfigStore.instance().store(
+    group="callbacks",
+    name="budget_analysis_node",
+    node=target_config(BudgetAnalysis, output_dir="${paths.output_dir}"),
+)
