@@ -3,6 +3,13 @@
 A run is `python -m met_lightning OVERRIDES hydra.run.dir=RUN_DIR`. It counts as finished when
 RUN_DIR/summary.json exists (train() writes it last), so a launcher started again skips what is
 done and goes on where it stopped. `--dry-run` prints the commands instead of running them.
+
+With `--launcher NAME` (conf/hydra/launcher/NAME.yaml: slurm, local_procs) the runs of a stage
+are not run one after the other but submitted as Hydra multiruns through submitit, all at once,
+and the launcher waits for them before the next stage: runs that differ only in their seed are
+one multirun, `python -m met_lightning -m hydra/launcher=NAME [hydra.launcher.KEY=VALUE ...]
+OVERRIDES seed=0,1,2 hydra.sweep.dir=PARENT 'hydra.sweep.subdir=seed${seed}[/REST]'`, so that
+each job's folder is the run's own folder PARENT/seed<S>[/REST] (Hydra's sweep.dir/subdir).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,7 +40,9 @@ BUDGET_FILE = "budget.json"
 METRICS_FILE = "metrics.csv"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 # Keys the launchers set themselves; --extra / --grid may not set them.
-RESERVED_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "seed", "data.split")
+RESERVED_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "seed", "data.split")
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER_DIR = REPO / "conf" / "hydra" / "launcher"  # the choices of --launcher
 
 
 class LaunchError(Exception):
@@ -230,14 +240,100 @@ class Run:
         return [python, "-m", "met_lightning", *self.overrides, run_dir]
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """Runs submitted as one Hydra multirun: `seed` swept, each job in its run's folder
+    (hydra.sweep.dir / hydra.sweep.subdir, where the subdir names the job's seed)."""
+
+    runs: tuple[Run, ...]
+    overrides: tuple[str, ...]  # the runs' overrides, seed=S1,S2,... for their seeds
+    sweep_dir: Path
+    subdir: str  # e.g. seed${seed}/rank-4: Hydra resolves it in each job's config
+
+    def command(self, python: str, launcher: Sequence[str]) -> list[str]:
+        return [python, "-m", "met_lightning", "-m", *launcher, *self.overrides,
+                f"hydra.sweep.dir={hydra_value(self.sweep_dir)}",
+                f"hydra.sweep.subdir={hydra_value(self.subdir)}"]  # fmt: skip
+
+
+def _seed_shape(run: Run) -> tuple[tuple, str] | None:
+    """(what the run shares with its seed siblings, its seed) if the run has one `seed=S` and a
+    folder .../seed<S>/..., else None."""
+    seeds = [o for o in run.overrides if o.startswith("seed=")]
+    if len(seeds) != 1:
+        return None
+    seed = seeds[0].split("=", 1)[1]
+    parts = Path(run.run_dir).parts
+    if not seed.isdigit() or f"seed{seed}" not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index(f"seed{seed}")
+    shared = tuple("seed=" if o == seeds[0] else o for o in run.overrides)
+    return (shared, parts[:at], parts[at + 1 :]), seed
+
+
+def group_sweeps(runs: Sequence[Run]) -> list[Sweep]:
+    """The runs as Hydra multiruns: runs that differ only in their seed are one multirun over
+    `seed`; any other run is a multirun of its own (hydra.sweep.dir=RUN_DIR subdir=.)."""
+    groups: dict[Any, list[tuple[Run, str]]] = {}
+    for n, run in enumerate(runs):
+        shape = _seed_shape(run)
+        key, seed = shape if shape is not None else (n, "")
+        groups.setdefault(key, []).append((run, seed))
+    sweeps = []
+    for key, members in groups.items():
+        group = tuple(run for run, _ in members)
+        if isinstance(key, int):
+            sweeps.append(Sweep(group, group[0].overrides, Path(group[0].run_dir), "."))
+            continue
+        shared, parent, rest = key
+        seeds = ",".join(seed for _, seed in members)
+        overrides = tuple(f"seed={seeds}" if o == "seed=" else o for o in shared)
+        subdir = "/".join(("seed${seed}", *rest))
+        sweeps.append(Sweep(group, overrides, Path(*parent) if parent else Path("."), subdir))
+    return sweeps
+
+
+def launcher_names() -> list[str]:
+    return sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
+
+
+def hydra_launcher_overrides(name: str | None, args: Sequence[str]) -> tuple[str, ...]:
+    """`--launcher NAME --launcher-arg KEY=VALUE ...` as Hydra overrides: hydra/launcher=NAME
+    hydra.launcher.KEY=VALUE ...; () without a launcher."""
+    if name is None:
+        if args:
+            raise LaunchError(f"--launcher-arg {args[0]!r} needs --launcher")
+        return ()
+    choices = launcher_names()
+    if name not in choices:
+        raise LaunchError(
+            f"--launcher {name!r} is not one of {', '.join(choices)} "
+            f"(the launchers of {LAUNCHER_DIR.relative_to(REPO)}/*.yaml)"
+        )
+    overrides = [f"hydra/launcher={name}"]
+    for text in args:
+        text = text.removeprefix("hydra.launcher.")
+        override = parse_override(f"hydra.launcher.{text}", "--launcher-arg")
+        if "=" not in text or override.is_sweep_override() or not text.split("=")[0]:
+            raise LaunchError(f"--launcher-arg {text!r}: write KEY=VALUE, one value (e.g. "
+                              "partition=gpu, timeout_min=120)")  # fmt: skip
+        overrides.append(f"hydra.launcher.{text}")
+    return tuple(overrides)
+
+
 @dataclass
 class Launcher:
-    """Runs (or, with dry_run, prints) runs one after the other; skips finished ones."""
+    """Runs (or, with dry_run, prints) runs one after the other; skips finished ones. With a
+    Hydra launcher (`hydra_launcher`: hydra/launcher=NAME ...), `launch` queues the runs and
+    `flush` submits the queued ones as multiruns at once and waits for them."""
 
     python: str = sys.executable
     dry_run: bool = False
     keep_going: bool = False
     delete_checkpoints: bool = False
+    hydra_launcher: tuple[str, ...] = ()
+    multiruns_at_once: int = 8
+    queued: list[Run] = field(default_factory=list)
     out: TextIO | None = None  # None: sys.stdout at call time (pytest's capsys replaces it)
     ran: list[Run] = field(default_factory=list)
     skipped: list[Run] = field(default_factory=list)
@@ -248,13 +344,17 @@ class Launcher:
         print(text, file=self.out or sys.stdout, flush=True)
 
     def launch(self, run: Run) -> str:
-        """'skipped' | 'planned' (dry run) | 'ok' | 'failed' (only with keep_going)."""
+        """'skipped' | 'queued' (with a Hydra launcher) | 'planned' (dry run) | 'ok' | 'failed'
+        (only with keep_going)."""
         command = shlex.join(run.command(self.python))
         if is_finished(run.run_dir):
             self.skipped.append(run)
             self.say(f"# skip, finished: {command}")
             self._check_recorded(run)
             return "skipped"
+        if self.hydra_launcher:
+            self.queued.append(run)
+            return "queued"
         if self.dry_run:
             self.planned.append(run)
             self.say(command)
@@ -277,6 +377,60 @@ class Launcher:
         if self.delete_checkpoints:  # trainable.safetensors keeps the tested weights
             shutil.rmtree(Path(run.run_dir) / "checkpoints", ignore_errors=True)
         return "ok"
+
+    def flush(self) -> None:
+        """Submit the queued runs (a stage) as Hydra multiruns, `multiruns_at_once` at a time,
+        and wait until all have ended; a dry run prints their commands."""
+        runs, self.queued = self.queued, []
+        if not runs:
+            return
+        sweeps = group_sweeps(runs)
+        commands = [sweep.command(self.python, self.hydra_launcher) for sweep in sweeps]
+        if self.dry_run:
+            self.planned.extend(runs)
+            for command in commands:
+                self.say(shlex.join(command))
+            return
+        self.say(f"\n### {len(runs)} run(s) as {len(sweeps)} multirun(s), "
+                 f"{self.hydra_launcher[0]}:")  # fmt: skip
+        for command in commands:
+            self.say(shlex.join(command))
+        start = time.monotonic()
+
+        def run_sweep(command: list[str]) -> str:
+            try:
+                return f"exit code {subprocess.run(command, check=False).returncode}"
+            except OSError as err:  # e.g. --python points nowhere
+                return f"could not start it: {err}"
+
+        with ThreadPoolExecutor(max(1, self.multiruns_at_once)) as pool:
+            ends = list(pool.map(run_sweep, commands))
+        minutes = (time.monotonic() - start) / 60
+        failures = []
+        for sweep, command, end in zip(sweeps, commands, ends, strict=True):
+            for run in sweep.runs:
+                if not is_finished(run.run_dir):
+                    failures.append((run, f"multirun {end}, no {SUMMARY_FILE}", command, sweep))
+                    continue
+                self.ran.append(run)
+                if self.delete_checkpoints:
+                    shutil.rmtree(Path(run.run_dir) / "checkpoints", ignore_errors=True)
+        self.say(f"### multiruns ended in {minutes:.1f} min: {len(runs) - len(failures)} of "
+                 f"{len(runs)} run(s) finished")  # fmt: skip
+        for run, reason, _, sweep in failures:
+            self.failed.append((run, reason))
+            self.say(f"### run failed ({reason}): {run.label or run.run_dir}\n  its log: "
+                     f"{Path(run.run_dir) / 'train.log'}; submitit's logs: "
+                     f"{sweep.sweep_dir / '.submitit'}/")  # fmt: skip
+        if failures and not self.keep_going:
+            raise LaunchError(
+                f"{len(failures)} run(s) failed (above), e.g. {failures[0][0].run_dir}\n"
+                f"  command: {shlex.join(failures[0][2])}\n"
+                "  fix the cause and start the launcher again with the same arguments: finished "
+                "runs are skipped"
+            )
+        if failures:
+            self.say("### --keep-going: going on")
 
     def _failed(self, run: Run, command: str, reason: str) -> str:
         self.failed.append((run, reason))
@@ -305,7 +459,9 @@ class Launcher:
             )
 
     def finish(self, minutes_per_run: tuple[float, float], hours: str = "GPU hours") -> int:
-        """Print the summary; the launcher's exit code (1 if a run failed)."""
+        """Run what is still queued, print the summary; the launcher's exit code (1 if a run
+        failed)."""
+        self.flush()
         self.say(self.summary(minutes_per_run, hours))
         return 1 if self.failed else 0
 
@@ -370,17 +526,46 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
         default=sys.executable,
         help="the Python that runs met_lightning (default: this one)",
     )
+    parser.add_argument(
+        "--launcher",
+        metavar="NAME",
+        help="submit each stage's runs as Hydra multiruns through this launcher of "
+        f"conf/hydra/launcher/ ({', '.join(launcher_names())}) and wait for them; default: run "
+        "them one after the other here",
+    )
+    parser.add_argument(
+        "--launcher-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the launcher, repeatable, passed as hydra.launcher.KEY=VALUE, e.g. "
+        "--launcher-arg partition=gpu --launcher-arg timeout_min=120",
+    )
+    parser.add_argument(
+        "--multiruns-at-once",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --launcher: at most N multirun processes (each waits for its jobs) at a time "
+        "(default: 8)",
+    )
 
 
 def make_launcher(args: argparse.Namespace) -> Launcher:
     for text in args.extra:
-        if check_override(text, "--extra").is_sweep_override():
+        override = check_override(text, "--extra")
+        if override.is_sweep_override():
             raise LaunchError(f"--extra {text!r} is a sweep: give its values with --grid")
+        if override.key_or_group.startswith(("hydra/launcher", "hydra.launcher")):
+            raise LaunchError(f"--extra {text!r}: give the launcher with --launcher NAME "
+                              "--launcher-arg KEY=VALUE")  # fmt: skip
     return Launcher(
         python=args.python,
         dry_run=args.dry_run,
         keep_going=args.keep_going,
         delete_checkpoints=args.delete_checkpoints,
+        hydra_launcher=hydra_launcher_overrides(args.launcher, args.launcher_arg),
+        multiruns_at_once=args.multiruns_at_once,
     )
 
 

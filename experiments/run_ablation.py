@@ -2,6 +2,7 @@
 
     python experiments/run_ablation.py                       # 12 settings x seeds 0 1 2
     python experiments/run_ablation.py --settings met lora --seeds 0
+    python experiments/run_ablation.py --launcher slurm --launcher-arg partition=cpu
 
 Each run is `python -m met_lightning <setting's overrides> seed=S hydra.run.dir=<out>/<setting>/
 seed<S>` on the default (demo) config, so it needs no download. Finished runs (summary.json) are
@@ -81,6 +82,7 @@ def body(args: argparse.Namespace) -> int:
     for setting in args.settings:
         for seed in args.seeds:
             launcher.launch(setting_run(args.out, setting, seed, args.extra))
+    launcher.flush()  # with --launcher: every run at once, as multiruns over the seeds
     launcher.say(launcher.summary(MINUTES_PER_RUN, "hours on a 2-core CPU"))
     if args.dry_run:
         return 0

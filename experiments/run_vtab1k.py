@@ -68,6 +68,8 @@ examples:
       --extra data.root=/data/vtab-1k
   python experiments/run_vtab1k.py --tasks natural dmlab --tune-seeds 0 \\
       --grid model.net.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3
+  python experiments/run_vtab1k.py --seeds 0 1 2 --out outputs/vtab1k --launcher slurm \\
+      --launcher-arg partition=gpu --launcher-arg gpus_per_node=1 --extra trainer.devices=1
   python experiments/report.py outputs/vtab1k --out experiments/results/vtab1k.md
 """
 )
@@ -158,26 +160,43 @@ def describe_selection(task: str, metric: str, rows: Sequence[dict], chosen: str
     return "\n".join(lines)
 
 
-def run_task(
+def tune_stage(
     task: str,
     args: argparse.Namespace,
     launcher: launch.Launcher,
     points: Sequence[launch.GridPoint],
-) -> None:
+) -> bool:
+    """Launch (or queue) the task's tune runs; True if a dry run leaves some of them to do."""
     names = launch.point_names(points)
     tune_seeds = args.tune_seeds if args.tune_seeds is not None else args.seeds
-    pending_before = len(launcher.planned)
+    pending = False
     if "tune" in args.stages:
         for seed in tune_seeds:
             for point in points:
-                launcher.launch(tune_run(args.out, task, seed, point, names[point], args.extra))
+                run = tune_run(args.out, task, seed, point, names[point], args.extra)
+                state = launcher.launch(run)
+                pending |= state == "planned" or (state == "queued" and launcher.dry_run)
+    return pending
+
+
+def final_stage(
+    task: str,
+    args: argparse.Namespace,
+    launcher: launch.Launcher,
+    points: Sequence[launch.GridPoint],
+    tune_pending: bool,
+) -> None:
+    """Choose the task's grid point from its finished tune runs, launch (or queue) its final
+    runs."""
+    names = launch.point_names(points)
+    tune_seeds = args.tune_seeds if args.tune_seeds is not None else args.seeds
     if "final" not in args.stages:
         return
     if len(points) == 1:  # nothing to choose
         chosen: list[str] | None = launch.point_overrides(points[0])
     else:
         best, rows = select_point(args.out, task, points, names, tune_seeds, args.select_by)
-        if len(launcher.planned) > pending_before:  # dry run with tune runs still to do
+        if tune_pending:  # dry run with tune runs still to do
             best = None
         else:
             launcher.say(describe_selection(task, args.select_by, rows, names.get(best)))
@@ -251,8 +270,15 @@ def body(args: argparse.Namespace) -> int:
         f"# VTAB-1K: {len(tasks)} task(s), seeds {args.seeds}, stages {args.stages}, "
         f"{len(points)} grid point(s), results in {args.out}"
     )
+    if not launcher.hydra_launcher:  # one run after the other, task by task
+        for task in tasks:
+            final_stage(task, args, launcher, points, tune_stage(task, args, launcher, points))
+        return launcher.finish(MINUTES_PER_RUN)
+    # --launcher: every task's tune runs at once, wait, then every task's final runs at once
+    pending = {task: tune_stage(task, args, launcher, points) for task in tasks}
+    launcher.flush()
     for task in tasks:
-        run_task(task, args, launcher, points)
+        final_stage(task, args, launcher, points, pending[task])
     return launcher.finish(MINUTES_PER_RUN)
 
 
