@@ -313,8 +313,11 @@ def hydra_launcher_overrides(name: str | None, args: Sequence[str]) -> tuple[str
     overrides = [f"hydra/launcher={name}"]
     for text in args:
         text = text.removeprefix("hydra.launcher.")
-        override = parse_override(f"hydra.launcher.{text}", "--launcher-arg")
-        if "=" not in text or override.is_sweep_override() or not text.split("=")[0]:
+        if (
+            "=" not in text
+            or not text.split("=")[0]
+            or parse_override(f"hydra.launcher.{text}", "--launcher-arg").is_sweep_override()
+        ):
             raise LaunchError(f"--launcher-arg {text!r}: write KEY=VALUE, one value (e.g. "
                               "partition=gpu, timeout_min=120)")  # fmt: skip
         overrides.append(f"hydra.launcher.{text}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from experiments import launch, run_cifar100, run_vtab1k
 from tests.helpers import TINY_OVERRIDES, compose_config
@@ -370,3 +371,78 @@ def test_vtab_suite_end_to_end_on_a_tiny_model(tmp_path):
     assert result.returncode == 0, result.stderr
     text = md.read_text()
     assert "## VTAB-1K suite" in text and "- met: 1 of 19 tasks" in text
+
+
+# ---------------------------------------------------------------------- --launcher: multiruns
+def test_dry_run_with_a_hydra_launcher_prints_one_multirun_per_seed_sweep(tmp_path, capsys):
+    """--launcher local_procs: the tune stage of both tasks, then their final stage, as multiruns
+    over the seeds whose jobs' folders (hydra.sweep.dir / subdir) are the runs' own folders."""
+    out = tmp_path / "vtab"
+    write_tune_run(out / "dmlab" / "tune" / "seed1" / "rank-8", (0.5, 0.6))  # finished: skipped
+    argv = ["--dry-run", "--tasks", "cifar", "dmlab", "--seeds", "0", "1", "--out", str(out),
+            "--grid", "model.net.adapter.rank=4,8", "--launcher", "local_procs",
+            "--launcher-arg", "timeout_min=30", "--extra", "trainer=cpu"]  # fmt: skip
+    assert run_vtab1k.main(argv) == 0
+    text = capsys.readouterr().out
+    cmds = commands(text)
+    head = [sys.executable, "-m", "met_lightning", "-m", "hydra/launcher=local_procs",
+            "hydra.launcher.timeout_min=30"]  # fmt: skip
+    assert all(c[:6] == head for c in cmds)
+    SUBDIR = "hydra.sweep.subdir=seed${seed}"  # noqa: N806
+    assert [c[6:] for c in cmds] == [
+        ["+experiment=vtab1k/cifar", "seed=0,1", "data.split=tune", "model.net.adapter.rank=4",
+         "trainer=cpu", f"hydra.sweep.dir={out}/cifar/tune", f"{SUBDIR}/rank-4"],
+        ["+experiment=vtab1k/cifar", "seed=0,1", "data.split=tune", "model.net.adapter.rank=8",
+         "trainer=cpu", f"hydra.sweep.dir={out}/cifar/tune", f"{SUBDIR}/rank-8"],
+        ["+experiment=vtab1k/dmlab", "seed=0,1", "data.split=tune", "model.net.adapter.rank=4",
+         "trainer=cpu", f"hydra.sweep.dir={out}/dmlab/tune", f"{SUBDIR}/rank-4"],
+        ["+experiment=vtab1k/dmlab", "seed=0", "data.split=tune", "model.net.adapter.rank=8",
+         "trainer=cpu", f"hydra.sweep.dir={out}/dmlab/tune", f"{SUBDIR}/rank-8"],
+        ["+experiment=vtab1k/cifar", "seed=0,1", "data.split=final",
+         f"model.net.adapter.rank={run_vtab1k.PLACEHOLDER}", "trainer=cpu",
+         f"hydra.sweep.dir={out}/cifar/final", "hydra.sweep.subdir=seed${seed}"],
+        ["+experiment=vtab1k/dmlab", "seed=0,1", "data.split=final",
+         f"model.net.adapter.rank={run_vtab1k.PLACEHOLDER}", "trainer=cpu",
+         f"hydra.sweep.dir={out}/dmlab/final", "hydra.sweep.subdir=seed${seed}"],
+    ]  # fmt: skip
+    assert "# skip, finished:" in text and "11 run(s) to do, 1 finished already" in text
+    # what Hydra's basic sweeper makes of a command: one job per seed, in the run's folder
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(cmds[0][4:])
+    seeds = next(o for o in parsed if o.key_or_group == "seed")
+    subdir = next(o for o in parsed if o.key_or_group == "hydra.sweep.subdir").value()
+    assert [o.key_or_group for o in parsed if o.is_sweep_override()] == ["seed"]
+    jobs = [OmegaConf.create({"seed": int(s), "sub": subdir}).sub
+            for s in seeds.sweep_string_iterator()]  # fmt: skip
+    assert jobs == ["seed0/rank-4", "seed1/rank-4"]
+    assert not out.joinpath("cifar").exists()  # a dry run writes nothing
+
+
+def test_ablation_dry_run_with_a_hydra_launcher_and_launcher_errors(tmp_path, capsys):
+    from experiments import run_ablation
+
+    out = tmp_path / "abl"
+    argv = ["--dry-run", "--settings", "met", "lora", "--seeds", "0", "1", "--out", str(out)]
+    assert run_ablation.main([*argv, "--launcher", "slurm", "--launcher-arg", "partition=cpu"]) == 0
+    assert [c[4:] for c in commands(capsys.readouterr().out)] == [
+        ["hydra/launcher=slurm", "hydra.launcher.partition=cpu", *overrides, "seed=0,1",
+         f"hydra.sweep.dir={out}/{setting}", "hydra.sweep.subdir=seed${seed}"]
+        for setting, overrides in (("met", ["method=met"]), ("lora", ["method=lora"]))
+    ]  # fmt: skip
+    # without --launcher: today's commands, one run after the other
+    assert run_ablation.main(argv) == 0
+    assert [c[-1] for c in commands(capsys.readouterr().out)] == [
+        f"hydra.run.dir={out}/{s}/seed{n}" for s in ("met", "lora") for n in (0, 1)
+    ]
+    for extra, message in [
+        (["--launcher", "submitit_slurm"], "error: --launcher 'submitit_slurm' is not one of "
+         "local_procs, slurm (the launchers of conf/hydra/launcher/*.yaml)\n"),
+        (["--launcher-arg", "partition=gpu"], "error: --launcher-arg 'partition=gpu' needs "
+         "--launcher\n"),
+        (["--launcher", "slurm", "--launcher-arg", "partition"], "write KEY=VALUE"),
+        (["--extra", "hydra/launcher=slurm"], "give the launcher with --launcher NAME"),
+        (["--extra", "hydra.sweep.subdir=x"], "the launcher sets hydra.sweep.subdir itself"),
+    ]:  # fmt: skip
+        assert run_ablation.main([*argv, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
