@@ -60,8 +60,14 @@ def test_torchrun_two_nodes_on_loopback_equal_one_process_on_the_global_batch(tm
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
            "trainer.precision=32-true", *common, f"+callbacks.weights.out={tmp_path}/ddp",
            f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
-    single = [sys.executable, "-m", "met_lightning", *common,
-              f"+callbacks.weights.out={tmp_path}/single", f"hydra.run.dir={tmp_path}/single_run"]
+    single = [
+        sys.executable,
+        "-m",
+        "met_lightning",
+        *common,
+        f"+callbacks.weights.out={tmp_path}/single",
+        f"hydra.run.dir={tmp_path}/single_run",
+    ]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for cmd in (ddp, ddp, single)]  # fmt: skip
