@@ -17,7 +17,11 @@ import ctypes
 import io
 import json
 import logging
+import math
+import multiprocessing as mp
 import os
+import queue
+import random
 import signal
 import socket
 import sys
@@ -38,13 +42,23 @@ from met_lightning.cli import hydra_app, user_task
 from met_lightning.data.images import decode_image
 from met_lightning.errors import ConfigError
 from met_lightning.inference.analysis import finite
+from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.inference.session import (
     Plan,
     Session,
     SessionOptions,
+    calibration_scores,
     open_session,
     resolve,
     typed_options,
+)
+from met_lightning.inference.slo import (
+    ControlConfig,
+    Controller,
+    Decision,
+    OperatingPoint,
+    Signals,
+    operating_points,
 )
 
 try:  # the [serve] extra
@@ -52,6 +66,13 @@ try:  # the [serve] extra
     from starlette.datastructures import Headers
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
+
+    from met_lightning.serve_metrics import (
+        LoadBoard,
+        ServeMetrics,
+        enable_multiprocess,
+        metrics_endpoint,
+    )
 except ImportError:  # pragma: no cover - reported by `build_server`
     ls = None
 
@@ -87,6 +108,20 @@ class ServeOptions(SessionOptions):
     drain_timeout: float = 10.0
     # uvicorn log level: critical | error | warning | info | debug
     log_level: str = "warning"
+    # LitServe workers: devices (GPUs, cuda:0..devices-1; 1 on cpu) and processes per device.
+    # Each worker has its own engine (CUDA graphs, precision) and SLO controller
+    devices: int = 1
+    workers_per_device: int = 1
+    # latency SLO (off: null): p95 target in ms. The server then moves between the points of
+    # the run's calibrated budget curve (its logits.safetensors) by load; not with budget= or
+    # thresholds= (README, "Latency SLO")
+    slo_ms: float | None = None
+    # with slo_ms: the points allowed keep val accuracy >= accuracy_floor x the last exit's
+    accuracy_floor: float = 0.99
+    # with slo_ms: seconds between the controller's decisions
+    control_interval: float = 0.5
+    # with slo_ms: share of requests also run to the last exit (the accuracy guard)
+    guard_share: float = 0.02
 
 
 ConfigStore.instance().store(name="serve_options", node=ServeOptions)
@@ -201,16 +236,45 @@ class RequestGuard:
     LitServe's queues (pickled: deep nesting would fail there). A request still unanswered when
     a shutdown's drain time is over gets a 503."""
 
-    def __init__(self, app: Any, max_upload_mb: float, path: str = API_PATH) -> None:
+    def __init__(
+        self, app: Any, max_upload_mb: float, path: str = API_PATH,
+        metrics: ServeMetrics | None = None, board: LoadBoard | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 2**20)
         self.path = path
+        self.metrics = metrics  # requests by status, latency, queue depth
+        self.board = board  # what the SLO controllers read
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        if self.metrics is None:
+            await self.guarded(scope, receive, send)
+            return
+        began, status = time.monotonic(), [0]
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if self.board is not None:
+            self.board.arrived()
+        self.metrics.queue.inc()
+        try:
+            await self.guarded(scope, receive, counted)
+        finally:
+            latency = time.monotonic() - began
+            self.metrics.queue.dec()
+            if self.board is not None:
+                self.board.answered(latency)
+            self.metrics.requests.labels(str(status[0] or "none")).inc()
+            self.metrics.latency.observe(latency)
+
+    async def guarded(self, scope: dict, receive: Any, send: Any) -> None:
         body = await self.checked_body(scope, receive)
         if isinstance(body, Rejected):
             await body.response()(scope, replay(None), send)
@@ -288,19 +352,46 @@ async def form_problem(scope: dict, body: bytes) -> Rejected | None:
 
 
 # ---------------------------------------------------------------------- the API
+@dataclass(frozen=True)
+class SloSetup:
+    """What each worker's SLO controller needs (picklable; the board and the queue are shared
+    with the workers by inheritance)."""
+
+    points: tuple[OperatingPoint, ...]
+    config: ControlConfig
+    interval: float  # seconds between decisions
+    guard_share: float
+    board: Any  # LoadBoard: arrivals, in flight, recent latencies (the HTTP process writes)
+    changes: Any  # a queue of the workers' point changes, read into /info
+
+
 class EarlyExitAPI(ls.LitAPI if ls is not None else object):
     """LitServe API: decode each request, run the early-exit engine on the batch's good images."""
 
-    def __init__(self, plan: Plan, options: DictConfig) -> None:
+    def __init__(self, plan: Plan, options: DictConfig, slo: SloSetup | None = None) -> None:
         super().__init__(max_batch_size=options.max_batch_size, batch_timeout=options.batch_timeout)
         self.plan = plan  # plain data: the API is pickled into LitServe's worker process
         self.max_pixels = options.max_image_pixels
+        self.slo = slo
 
     def setup(self, device: str) -> None:
         # LitServe's worker: Ctrl+C is for the main process, which stops the workers itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent()
         self.session = open_session(replace(self.plan, device=device))  # the network, built here
+        self.metrics = ServeMetrics()  # this worker's, aggregated by /metrics
+        self.controller = None
+        if self.slo is not None:
+            self.controller = Controller(list(self.slo.points), self.slo.config)
+            self.session.engine.set_thresholds(self.controller.point.thresholds)
+            engine = self.session.engine  # the guard's: every sampled image to the last exit
+            never = [math.inf] * len(self.plan.exits)
+            self.last_exit = EarlyExitEngine(
+                self.session.net, never, engine.kind, engine.precision, engine.mode
+            )
+            self.sampler = random.Random(os.getpid())
+            self.controlled_at, self.arrivals = time.monotonic(), self.slo.board.read(0)[0]
+            self.publish(Decision(self.controller.state.index, False, "start"), Signals())
 
     def decode_request(self, request):  # noqa: ANN001 - unannotated: LitServe passes the parsed body
         return decode(request, self.session, self.max_pixels)
@@ -318,14 +409,74 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
         good = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor)]
         outputs = list(items)
         if good:
+            extra = {"batch_size": len(items)}
+            if self.controller is not None:
+                self.control()
+                extra["point"] = self.controller.point.label
+            images = [items[i] for i in good]
+            began = time.perf_counter()
             try:
-                rows = self.session.classify([items[i] for i in good])
+                rows = self.session.classify(images)
             except Exception:  # not expected for decoded images; then each image runs alone
                 log.exception("the engine failed on a batch of %d images; retrying each", len(good))
                 rows = [self.row_alone(items[i]) for i in good]
+            self.measured(images, rows, time.perf_counter() - began)
             for i, row in zip(good, rows, strict=True):
-                outputs[i] = row if isinstance(row, Rejected) else {**row, "batch_size": len(items)}
+                outputs[i] = row if isinstance(row, Rejected) else {**row, **extra}
         return outputs[0] if single else outputs
+
+    def measured(self, images: list[torch.Tensor], rows: list, seconds: float) -> None:
+        """Metrics of a batch; with an SLO: the cost model and the guard's samples."""
+        answered = [(i, r) for i, r in enumerate(rows) if not isinstance(r, Rejected)]
+        macs = float(sum(r["macs"] for _, r in answered))
+        self.metrics.batch([r["exit"] for _, r in answered], macs, seconds, len(rows))
+        if self.controller is None:
+            return
+        self.controller.measured(macs, seconds)
+        sampled = [(i, r) for i, r in answered if self.sampler.random() < self.slo.guard_share]
+        if sampled:
+            batch = torch.stack([images[i] for i, _ in sampled]).to(self.session.device)
+            last = self.last_exit(batch).predictions.tolist()
+            agreed = sum(int(r["class"] == c) for (_, r), c in zip(sampled, last, strict=True))
+            self.controller.guarded(agreed, len(sampled))
+            self.metrics.guard.labels("yes").inc(agreed)
+            self.metrics.guard.labels("no").inc(len(sampled) - agreed)
+
+    def control(self) -> None:
+        """Every control_interval: read the load board, let the controller decide, apply."""
+        now = time.monotonic()
+        if now - self.controlled_at < self.slo.interval:
+            return
+        arrivals, waiting, p95 = self.slo.board.read(max(2 * self.slo.interval, 1.0), now)
+        rate = (arrivals - self.arrivals) / (now - self.controlled_at)
+        self.controlled_at, self.arrivals = now, arrivals
+        signals = Signals(arrival_rate=rate, waiting=max(waiting, 0.0), p95_ms=p95)
+        decision = self.controller.step(signals)
+        if decision.changed:
+            self.session.engine.set_thresholds(self.controller.point.thresholds)
+        self.publish(decision, signals)
+
+    def publish(self, decision: Decision, signals: Signals) -> None:
+        """Log a decision, set the metrics; a change (or the start) goes to /info too."""
+        point, controller = self.controller.point, self.controller
+        agreement = controller.agree / controller.sampled if controller.sampled else None
+        self.metrics.point.set(decision.index)
+        self.metrics.point_macs.set(point.mean_macs)
+        if agreement is not None:
+            self.metrics.agreement.set(agreement)
+        record = {
+            "time": time.time(), "worker": os.getpid(), "point": point.label,
+            "index": decision.index, "reason": decision.reason, "rate": signals.arrival_rate,
+            "waiting": signals.waiting, "p95_ms": signals.p95_ms, "agreement": agreement,
+            "guard_samples": controller.sampled,
+        }  # fmt: skip
+        if not (decision.changed or decision.reason == "start"):
+            log.debug("slo: %s", record)
+            return
+        log.info("slo: %s", record)
+        self.metrics.decisions.labels(decision.reason.split(":")[0]).inc()
+        with contextlib.suppress(queue.Full):
+            self.slo.changes.put_nowait(record)
 
     def row_alone(self, image: torch.Tensor) -> dict | Rejected:
         try:
@@ -353,9 +504,9 @@ def die_with_parent() -> None:
 INFO_OPTIONS = ("budget", "max_batch_size", "batch_timeout", "max_image_pixels")
 
 
-def server_info(plan: Plan, options: DictConfig) -> dict[str, Any]:
-    """What `GET /info` reports under "model"."""
-    return {
+def server_info(plan: Plan, options: DictConfig, slo: SloSetup | None = None) -> dict[str, Any]:
+    """What `GET /info` reports under "model" (with an SLO: "slo", its points and changes)."""
+    info = {
         "checkpoint": run_name(plan.checkpoint),
         "backbone": plan.config["backbone"].get("name"),
         "num_classes": plan.config["num_classes"],
@@ -370,6 +521,16 @@ def server_info(plan: Plan, options: DictConfig) -> dict[str, Any]:
         **{key: options[key] for key in INFO_OPTIONS},
         "macs": "multiply-accumulates per image",
     }
+    if slo is not None:
+        info["slo"] = {
+            "slo_ms": slo.config.slo_ms, "accuracy_floor": options.accuracy_floor,
+            "control_interval": slo.interval, "guard_share": slo.guard_share,
+            "points": [{"label": p.label, "thresholds": [finite(t) for t in p.thresholds],
+                        "accuracy": p.accuracy, "mean_macs": p.mean_macs,
+                        "agreement": p.agreement} for p in slo.points],
+            "current": {}, "changes": [],
+        }  # fmt: skip
+    return info
 
 
 def run_name(checkpoint: str) -> str:
@@ -386,6 +547,15 @@ SERVE_CHECKS = {
     "timeout": (lambda v: v > 0, "must be > 0 seconds"),
     "drain_timeout": (lambda v: 0 <= v < float("inf"), "must be >= 0 seconds"),
     "port": (lambda v: 0 < v < 65536, "must be in 1..65535"),
+    "devices": (lambda v: v > 0, "must be a positive integer"),
+    "workers_per_device": (lambda v: v > 0, "must be a positive integer"),
+    "slo_ms": (lambda v: v is None or 0 < v < float("inf"), "must be > 0 ms (or null: off)"),
+    "accuracy_floor": (
+        lambda v: 0 < v <= 1,
+        "must be in (0, 1]: the share of the last exit's val accuracy to keep",
+    ),  # fmt: skip
+    "control_interval": (lambda v: v > 0, "must be > 0 seconds"),
+    "guard_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
 }
 
 
@@ -410,6 +580,10 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     for key, (valid, rule) in SERVE_CHECKS.items():
         if not valid(options[key]):
             raise ConfigError(f"{key}={options[key]} {rule}")
+    if options.slo_ms is not None and (
+        options.budget is not None or options.thresholds is not None
+    ):
+        raise ConfigError("slo_ms= chooses the thresholds by load: give no budget= or thresholds=")
     plan = resolve(options)  # checkpoint, thresholds, confidence, precision, device, mode
     device = torch.device(plan.device)
     if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
@@ -417,6 +591,9 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
             f"device={options.device}: serve runs on cpu or cuda (the first visible GPU; choose "
             "it with CUDA_VISIBLE_DEVICES)"
         )
+    if options.devices > 1 and device.type != "cuda":
+        raise ConfigError(f"devices={options.devices} needs device=cuda; on cpu use "
+                          "workers_per_device= for more workers")  # fmt: skip
     if options.precision is not None and plan.precision.startswith("16") and device.type == "cpu":
         raise ConfigError("precision=16 needs a GPU device; use precision=bf16 or 32 on CPU")
     _, height, width = plan.input_spec.input_size
@@ -426,17 +603,56 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
             f"{height}x{width} = {height * width} pixels; give at least that (default "
             f"{ServeOptions.max_image_pixels})"
         )
-    info = server_info(plan, options)
+    slo = slo_setup(plan, options) if options.slo_ms is not None else None
+    info = server_info(plan, options, slo)
+    folder = enable_multiprocess(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    guard = {"max_upload_mb": options.max_upload_mb, "metrics": ServeMetrics(),
+             "board": slo.board if slo is not None else None}  # fmt: skip
     server = ls.LitServer(
-        EarlyExitAPI(plan, options),
+        EarlyExitAPI(plan, options, slo),
         accelerator=device.type,
-        devices=1,  # LitServe's first GPU for cuda (pick one with CUDA_VISIBLE_DEVICES)
+        devices=options.devices,  # cuda:0..devices-1 (choose them with CUDA_VISIBLE_DEVICES)
+        workers_per_device=options.workers_per_device,
         timeout=options.timeout,
         model_metadata=info,
-        middlewares=[(RequestGuard, {"max_upload_mb": options.max_upload_mb})],
+        middlewares=[(RequestGuard, guard)],
         callbacks=[EndResponseReader()],
     )
+    server.app.add_route("/metrics", metrics_endpoint(folder), methods=["GET"])
+    if slo is not None:
+        read_changes(slo.changes, info["slo"])
     return server, info
+
+
+def slo_setup(plan: Plan, options: DictConfig) -> SloSetup:
+    """The controller's points (the run's calibrated budget curve) and settings."""
+    scores = calibration_scores(options, plan.macs_per_exit, plan.exits)
+    points = operating_points(scores, plan.macs_per_exit, options.accuracy_floor)
+    workers = options.devices * options.workers_per_device
+    config = ControlConfig(options.slo_ms, options.max_batch_size, workers=workers)
+    changes = mp.get_context("spawn").Queue(maxsize=1000)
+    return SloSetup(tuple(points), config, options.control_interval, options.guard_share,
+                    LoadBoard(), changes)  # fmt: skip
+
+
+SLO_CHANGES_KEPT = 50
+
+
+def read_changes(changes: Any, slo_info: dict) -> None:
+    """A thread that moves the workers' point changes into /info's "slo" (the last ones)."""
+
+    def read() -> None:
+        while True:
+            try:
+                record = changes.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError, ValueError):  # the queue is gone: the server stopped
+                return
+            slo_info["current"][str(record["worker"])] = record["point"]
+            slo_info["changes"] = [*slo_info["changes"], record][-SLO_CHANGES_KEPT:]
+
+    threading.Thread(target=read, name="met-slo-changes", daemon=True).start()
 
 
 class EndResponseReader(ls.Callback if ls is not None else object):

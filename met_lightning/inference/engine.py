@@ -220,6 +220,12 @@ class EarlyExitEngine:
         self._limits: dict[torch.device, torch.Tensor] = {}  # float64 [K] per device
         self._stage = _StageGraphs(self._scored) if self.mode == "graphs" else self._scored
 
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Serve with other thresholds from the next batch on (CUDA graphs are kept: the
+        thresholds are applied outside them)."""
+        self.thresholds = check_thresholds(thresholds, self.net.num_exits)
+        self._limits = {}
+
     def _scored(self, k: int, x: Any):  # a stage of `early_exit`
         after, _, logits = self.net.stage(k, x)
         return after, *answer(logits, self.kind)

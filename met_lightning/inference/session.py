@@ -90,6 +90,19 @@ def typed_options(cfg: Any, schema: type, name: str) -> Any:
     return _typed(OmegaConf.create({name: cfg}), name, schema)
 
 
+def calibration_scores(
+    options: Any, exit_macs: tuple[int, ...], exits: tuple[int, ...]
+) -> SplitScores:
+    """The val split of the run's logit store (`store=`), scored by `options.confidence`."""
+    store = LogitStore.load(store_path(options.checkpoint, options.store))
+    if tuple(store.exits) != tuple(exits) or tuple(store.exit_macs) != tuple(exit_macs):
+        raise CheckpointError(
+            f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
+            f"model (exits {list(exits)}); pass store= for the right run"
+        )
+    return SplitScores.from_logits(*store["val"], options.confidence)
+
+
 def choose_thresholds(
     options: Any, costs: ExitCosts, exits: tuple[int, ...]
 ) -> tuple[list[float], str]:
@@ -102,13 +115,7 @@ def choose_thresholds(
     if options.budget is None:
         return [math.inf] * k, "no early exit (give budget= or thresholds= to exit early)"
     budget_macs = resolve_budget(options.budget, costs.full)
-    store = LogitStore.load(store_path(options.checkpoint, options.store))
-    if tuple(store.exits) != tuple(exits) or tuple(store.exit_macs) != costs.to_exit:
-        raise CheckpointError(
-            f"the logit store (exits {list(store.exits)}) was not written for this checkpoint's "
-            f"model (exits {list(exits)}); pass store= for the right run"
-        )
-    scores = SplitScores.from_logits(*store["val"], options.confidence)
+    scores = calibration_scores(options, costs.to_exit, exits)
     point = select_for_budget(scores, costs.to_exit, budget_macs, key=f"budget={options.budget}")
     how = (
         f"budget {format_macs(budget_macs)} per image: thresholds with the best val accuracy "
