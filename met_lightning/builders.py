@@ -1,10 +1,9 @@
 """Rebuild the network of a trainable checkpoint from the config it recorded (`load_trainable`).
 
-Training instantiates the `_target_`s of the `model` node (conf/method/*.yaml). A checkpoint's
-config is data, not code: only the networks of `NETWORKS` and the backbones of `BACKBONES` are
-built from it, from plain values; the backbone's timm name is a plain model name (no `hf-hub:` or
-`local-dir:` source) and its `model_kwargs` only the architecture arguments of timm's
-VisionTransformer (`ARCHITECTURE_KEYS`): nothing recorded reaches timm's download or file options.
+A checkpoint's config is data, not code: only the networks of `NETWORKS` and the backbones of
+`BACKBONES` are built from it, from plain values; the backbone's timm name is a plain model name
+(no `hf-hub:` / `local-dir:` source) and its `model_kwargs` only VisionTransformer's architecture
+arguments (`ARCHITECTURE_KEYS`): nothing recorded reaches timm's download or file options.
 """
 
 from __future__ import annotations
@@ -53,8 +52,7 @@ def _plain(value: Any) -> bool:
 
 def backbone_arguments(backbone_cfg: Mapping[str, Any]) -> tuple[Callable[..., nn.Module], dict]:
     """(function, keyword arguments) a recorded `backbone` config builds with; CheckpointError
-    for a target outside `BACKBONES`, a name that is not a plain timm name, or a key, a model
-    argument or a value that a checkpoint may not set."""
+    for anything a checkpoint may not set."""
     config = dict(backbone_cfg)
     target = config.get("_target_")
     if target not in BACKBONES:

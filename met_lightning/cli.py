@@ -1,9 +1,4 @@
-"""Shared behaviour of the command-line entry points: user errors are one line, exit code 2.
-
-Also `RunFolderCheck`, a Hydra callback that tries Hydra's run folder before Hydra creates it (a
-folder that cannot be written is one `error:` line, not a traceback; `paths.check_writable` checks
-the other output paths).
-"""
+"""Shared behaviour of the command-line entry points: user errors are one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -46,15 +41,16 @@ def user_error(err: BaseException | None) -> MetError | None:
     return None
 
 
-def exit_on_user_error(fn: Callable[[], T]) -> T:
-    """Run `fn`; a MetError prints `error: <message>`, exits 2 (traceback: HYDRA_FULL_ERROR=1)."""
+def exit_on_user_error(fn: Callable[[], T], hint: str = "") -> T:
+    """Run `fn`; a MetError prints `error: <message> (<hint>)`, exits 2 (traceback:
+    HYDRA_FULL_ERROR=1)."""
     try:
         return fn()
     except Exception as err:
         cause = user_error(err)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {error_message(cause)}", file=sys.stderr)
+        print(f"error: {error_message(cause)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         sys.exit(2)
 
 
@@ -101,15 +97,8 @@ class RunFolderCheck(Callback):
             folder = OmegaConf.select(config, key)
         except Exception:  # noqa: BLE001 - an interpolation Hydra itself will report
             return
-        if folder is None:
-            return
-        try:
-            _try_folder(str(folder), key)
-        except ConfigError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: {err} ({self.HINT})", file=sys.stderr)
-            sys.exit(2)
+        if folder is not None:
+            exit_on_user_error(lambda: _try_folder(str(folder), key), self.HINT)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.run.dir")

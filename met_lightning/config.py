@@ -63,7 +63,7 @@ def validate_config(cfg: DictConfig) -> None:
     model = typed(cfg, "model", ModelConfig)
     backbone = typed(cfg, "backbone", BackboneSchema)
     net = model.net
-    AdapterConfig(**OmegaConf.to_container(net.adapter))
+    AdapterConfig(**OmegaConf.to_container(net.adapter))  # its checks
     check_token_layout(net.token_layout)
     spec = describe_backbone(backbone.name, OmegaConf.to_container(backbone.model_kwargs))
     exits = check_exits(list(net.exits), spec.depth)
@@ -93,34 +93,24 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# ---------------------------------------------------------------------- instantiated groups
-# Config groups instantiated with Hydra: one `_target_` node (False) or a dict of them (True).
-TARGET_GROUPS = {
-    "model": False,
-    "model.net": False,
-    "model.loss": False,
-    "data": False,
-    "trainer": False,
-    "optimizer": False,
-    "scheduler": False,
-    "callbacks": True,
-    "logger": True,
-}
+# Config groups instantiated with Hydra: one `_target_` node, or a dict of them.
+TARGET_NODES = ("model", "model.net", "model.loss", "data", "trainer", "optimizer", "scheduler")
+TARGET_DICTS = ("callbacks", "logger")
 # How many valid keys an "unknown key" message lists.
 SHOWN_KEYS = 16
 
 
 def check_targets(cfg: DictConfig) -> None:
-    """Check the `_target_` nodes of the groups in `TARGET_GROUPS` against their targets'
+    """Check the `_target_` nodes of `TARGET_NODES` and `TARGET_DICTS` against their targets'
     signatures, before anything is instantiated (see `check_target_node`)."""
-    for group, is_dict in TARGET_GROUPS.items():
-        node = OmegaConf.select(cfg, group)
-        if not isinstance(node, DictConfig):
-            continue
-        items = node.items() if is_dict else [(None, node)]
-        for name, item in items:
-            if isinstance(item, DictConfig) and "_target_" in item:
-                check_target_node(item, group if name is None else f"{group}.{name}")
+    nodes = {group: OmegaConf.select(cfg, group) for group in TARGET_NODES}
+    for group in TARGET_DICTS:
+        items = OmegaConf.select(cfg, group)
+        if isinstance(items, DictConfig):
+            nodes.update({f"{group}.{name}": item for name, item in items.items()})
+    for key, node in nodes.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            check_target_node(node, key)
 
 
 def check_target_node(node: DictConfig, key: str) -> None:
@@ -163,34 +153,17 @@ def check_target_node(node: DictConfig, key: str) -> None:
 
 
 def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
-    """(named parameters that `obj(...)` accepts, whether it also takes arbitrary keywords).
-
-    A class: its `__init__` and the `__init__`s that it passes `**kwargs` on to (the MRO); None
-    if a signature cannot be read.
-    """
-
-    def signature(fn: Any) -> inspect.Signature | None:
-        for eval_str in (True, False):
-            try:
-                return inspect.signature(fn, eval_str=eval_str)
-            except (NameError, TypeError, ValueError, AttributeError, SyntaxError):
-                continue
-        return None
-
-    functions = (
-        [
-            k.__dict__["__init__"]
-            for k in obj.__mro__
-            if k is not object and "__init__" in k.__dict__
-        ]
-        if inspect.isclass(obj)
-        else [obj]
-    )
+    """(named parameters that `obj(...)` accepts, whether it also takes arbitrary keywords); for
+    a class, its `__init__` and those it passes `**kwargs` on to (the MRO). None if a signature
+    cannot be read."""
+    functions = [obj]
+    if inspect.isclass(obj):
+        functions = [k.__init__ for k in obj.__mro__ if k is not object and "__init__" in vars(k)]
     if not functions:
         return None, True
     params: dict[str, Any] = {}
     for fn in functions:
-        sig = signature(fn)
+        sig = _signature(fn)
         if sig is None:
             return None, True
         takes_kwargs = False
@@ -204,15 +177,21 @@ def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
     return params, True  # every one passes **kwargs on
 
 
+def _signature(fn: Any) -> inspect.Signature | None:
+    for eval_str in (True, False):
+        try:
+            return inspect.signature(fn, eval_str=eval_str)
+        except (NameError, TypeError, ValueError, AttributeError, SyntaxError):
+            continue
+    return None
+
+
 def _non_string_kind(annotation: Any) -> str | None:
     """'an integer' / 'a number' / 'true or false' (+ ' or null') if `annotation` admits only
     such values; None if it admits a string or cannot be told."""
     origin = typing.get_origin(annotation)
-    members = (
-        typing.get_args(annotation)
-        if origin is typing.Union or origin is types.UnionType
-        else (annotation,)
-    )
+    union = origin is typing.Union or origin is types.UnionType
+    members = typing.get_args(annotation) if union else (annotation,)
     kinds = set()
     for member in members:
         if member is type(None):
@@ -225,7 +204,7 @@ def _non_string_kind(annotation: Any) -> str | None:
             kinds.add("true or false")
         elif member is int:
             kinds.add("an integer")
-        elif member is float or _is_tensor_type(member):
+        elif member is float or (isinstance(member, type) and issubclass(member, torch.Tensor)):
             kinds.add("a number")
         else:
             return None
@@ -235,10 +214,6 @@ def _non_string_kind(annotation: Any) -> str | None:
     if "an integer" in named and "a number" in named:
         named.remove("an integer")
     return " or ".join(named + (["null"] if "null" in kinds else []))
-
-
-def _is_tensor_type(member: Any) -> bool:
-    return isinstance(member, type) and issubclass(member, torch.Tensor)
 
 
 def check_output_dir(cfg: DictConfig) -> None:

@@ -61,11 +61,8 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def instantiate_model(
     model: DictConfig, backbone: nn.Module, num_classes: int
 ) -> L.LightningModule:
-    """The LightningModule of `model._target_` (conf/method/*.yaml) around `backbone`.
-
-    `model.net` and `model.loss` are partials completed here: the network with the backbone and
-    the data's number of classes, the loss with the network's number of exits.
-    """
+    """The LightningModule of `model._target_` around `backbone`, completing the partials
+    `model.net` (backbone, number of classes) and `model.loss` (number of exits)."""
     net = instantiate(model.net)(backbone=backbone, num_classes=num_classes)
     loss = instantiate(model.loss)(num_exits=net.num_exits)
     plain = OmegaConf.to_container(model, resolve=True)  # untyped: `net` becomes a module
@@ -90,11 +87,8 @@ def rebuild_config(
     datamodule: Any = None,
     fingerprint: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What a trainable checkpoint records to rebuild its network without the training config.
-
-    `model` is the resolved `model` node without the training-only optimizer / scheduler (files
-    written by earlier versions are brought to this shape by `checkpoint.migrate`).
-    """
+    """What a trainable checkpoint records to rebuild its network without the training config:
+    `model` is the resolved `model` node without the training-only optimizer / scheduler."""
     container = OmegaConf.to_container(cfg, resolve=True)
     class_names = getattr(datamodule, "class_names", None)
     model = {k: v for k, v in container["model"].items() if k not in ("optimizer", "scheduler")}
@@ -189,13 +183,10 @@ def fit_and_test(
     test: bool,
     validate_first: bool,
 ) -> tuple[dict[str, Any], str | None]:
-    """Fit; then load the best checkpoint into `module` and, if `test`, test it.
-
-    The module ends with the best checkpoint's weights whenever there is one (those are exported):
-    with `test`, `trainer.test` loads them (after `trainer.validate` for the budget analysis if
-    `validate_first`); without, `trainer.validate` does, so that the val metrics are the exported
-    epoch's. Returns (metrics, the best checkpoint or None: the last epoch's weights).
-    """
+    """Fit, then load the best checkpoint (the exported weights) into `module`: by
+    `trainer.test` if `test` (after `trainer.validate` if `validate_first`, for the budget
+    analysis), else by `trainer.validate` (val metrics of the exported epoch). Returns (metrics,
+    the best checkpoint or None: the last epoch's weights)."""
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = dict(trainer.callback_metrics)
     checkpoint = trainer.checkpoint_callback
@@ -215,9 +206,8 @@ def fit_and_test(
 
 
 def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dict[str, Any]:
-    """Which weights the run exports: the best checkpoint's (file, epoch, global step, monitored
-    score; "latest checkpoint" if its callback monitors nothing) or, without one, the last
-    epoch's. A checkpoint inside the run folder is named relative to it."""
+    """Which weights the run exports: the best checkpoint's (named relative to the run folder if
+    inside it; "latest checkpoint" if its callback monitors nothing) or the last epoch's."""
     if best is None:
         return {
             "source": "last epoch",
@@ -227,9 +217,8 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
         }
     # Lightning has just loaded it (validate / test): only its progress fields are read here
     epoch, global_step = checkpoint_progress(best) or (-1, -1)
-    callback = trainer.checkpoint_callback
-    score = getattr(callback, "best_model_score", None)
-    monitor = getattr(callback, "monitor", None)
+    score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None)
     try:
         name = Path(best).resolve().relative_to(Path(run_dir).resolve())
     except ValueError:
@@ -245,7 +234,6 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
 
 
 def is_multirun() -> bool:
-    """Whether this job is part of a Hydra multirun (a sweep)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -276,8 +264,7 @@ def _task(cfg: DictConfig) -> float | None:
     return metrics.get(metric) if metric else None
 
 
-# the `.env` file `main` loaded, logged by `train`
-ENV_FILE: Path | None = None
+ENV_FILE: Path | None = None  # the `.env` file `main` loaded, logged by `train`
 
 
 def env_file() -> Path | None:
@@ -291,11 +278,8 @@ def env_file() -> Path | None:
 
 
 def main() -> None:
-    """Console entry point: load `.env` (`env_file`), then run the Hydra app.
-
-    `resume=RUN_DIR` also brings in the run's own overrides and its folder
-    (met_lightning.checkpoint.resume).
-    """
+    """Console entry point: load `.env`, then run the Hydra app (`resume=RUN_DIR` brings in the
+    run's own overrides and folder, met_lightning.checkpoint.resume)."""
     global ENV_FILE
     ENV_FILE = env_file()
     if ENV_FILE is not None:

@@ -38,11 +38,8 @@ def knn_affinity(teacher: torch.Tensor, k: int) -> torch.Tensor:
 def graph_energy_ratio(
     features: torch.Tensor, edges: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Mean squared distance over `edges` / (mean over all pairs i != j + eps).
-
-    1 when the graph's edges are no closer than random pairs, towards 0 when they are tight;
-    0 when the graph has no edge.
-    """
+    """Mean squared distance over `edges` / (mean over all pairs i != j + eps): 1 when edges are
+    no closer than random pairs, towards 0 when tight; 0 without edges."""
     n = features.shape[0]
     if n < 2:
         return features.float().sum() * 0.0  # stays in the graph: zero gradient, not a missing one

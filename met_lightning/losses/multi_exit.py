@@ -73,31 +73,21 @@ class MultiExitLoss(nn.Module):
     def forward(
         self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
     ) -> LossParts:
-        """logits [B, K, C], features [B, K, d] (head inputs), labels [B].
-
-        Runs in fp32 outside autocast whatever the network's precision (bf16 would round the
-        graph term of a tight class to 0 and coarsen the reductions).
-        """
+        """logits [B, K, C], features [B, K, d] (head inputs), labels [B]. In fp32 outside
+        autocast whatever the network's precision (bf16 would round the graph term of a tight
+        class to 0 and coarsen the reductions)."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            return self._parts(logits.float(), features.float(), labels)
-
-    def _parts(
-        self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
-    ) -> LossParts:
-        num_exits = logits.shape[1]
-        ce = torch.stack(
-            [
-                F.cross_entropy(logits[:, k], labels, label_smoothing=self.label_smoothing)
-                for k in range(num_exits)
-            ]
-        )
-        total = (self.exit_weights.to(ce.dtype) * ce).sum()
-        graph = ce.new_zeros(num_exits - 1)
-        if self.graph_weight > 0 and num_exits > 1:
-            edges = self.graph.edges(labels, features[:, -1])
-            graph = torch.stack([self.graph(features[:, k], edges) for k in range(num_exits - 1)])
-            total = total + self.graph_weight * graph.sum()
-        return LossParts(total=total, ce=ce.detach(), graph=graph.detach())
+            logits, features = logits.float(), features.float()
+            num_exits = logits.shape[1]
+            ls, per_exit = self.label_smoothing, logits.unbind(1)
+            ce = torch.stack([F.cross_entropy(z, labels, label_smoothing=ls) for z in per_exit])
+            total = (self.exit_weights.to(ce.dtype) * ce).sum()
+            graph = ce.new_zeros(num_exits - 1)
+            if self.graph_weight > 0 and num_exits > 1:
+                edges = self.graph.edges(labels, features[:, -1])
+                graph = torch.stack([self.graph(f, edges) for f in features.unbind(1)[:-1]])
+                total = total + self.graph_weight * graph.sum()
+            return LossParts(total=total, ce=ce.detach(), graph=graph.detach())
 
 
 # model.loss: MultiExitLoss's arguments and defaults; train() adds the number of exits

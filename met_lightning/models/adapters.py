@@ -1,9 +1,5 @@
-"""Bottleneck adapters: MET's E-adapter and AdaptFormer's parallel adapter.
-
-Both have a down-projection `W_down` [r, d] and an up-projection `W_up` [d, r], zero-initialized
-up-projection (the adapter starts as a no-op) and optional 1-bit projections (`bits=1`, see
-`models.binary`).
-"""
+"""Bottleneck adapters (MET's E-adapter, AdaptFormer's): `W_down` [r, d], `W_up` [d, r] starting
+at zero (a no-op adapter), optionally 1-bit (`bits=1`, `models.binary`); and `AdapterConfig`."""
 
 from __future__ import annotations
 
@@ -130,10 +126,8 @@ class _Bottleneck(nn.Module):
 class EAdapter(_Bottleneck):
     """`E_k(t) = t + W_up (gamma_k * GELU(W_down t + b_down)) + b_up` for a token `t` of stream `k`.
 
-    `W_down` [r, d], `W_up` [d, r] and their biases are shared; `gamma` [num_gammas, r] holds one
-    diagonal per exit (`num_gammas = K`) or a single shared one (`num_gammas = 1`).
-    Init: `W_up = 0, b_up = 0, gamma = 1`, so the adapter starts as the identity.
-    Trainable parameters: `2 d r + r + d + num_gammas r`.
+    `W`s and biases are shared; `gamma` [num_gammas, r]: one diagonal per exit or one shared.
+    Starts as the identity (gamma = 1). Trainable parameters: `2 d r + r + d + num_gammas r`.
     """
 
     def __init__(self, dim: int, rank: int, num_gammas: int, bits: int = 32) -> None:
@@ -142,11 +136,8 @@ class EAdapter(_Bottleneck):
         self.gamma = nn.Parameter(torch.ones(num_gammas, rank))
 
     def forward(self, x: torch.Tensor, rows: int | slice | torch.Tensor = 0) -> torch.Tensor:
-        """x: [B, T, d] tokens; `rows`: the gamma row (exit) that scales them all (an int: gamma
-        [r]) or one row per token position (a slice of T rows or a long [T] index: gamma [T, r]).
-
-        gamma is cast to the bottleneck's dtype, so it never promotes bf16 activations.
-        """
+        """x [B, T, d]; `rows`: the gamma row (exit) of all tokens (int) or one per token (a
+        slice or long [T]). gamma is cast to the bottleneck's dtype: it never promotes bf16."""
         h = self.act(self.down(x))  # [B, T, r]
         return x + self.up(h * self.gamma[rows].to(h.dtype))
 
@@ -155,12 +146,9 @@ class EAdapter(_Bottleneck):
 
 
 class ParallelAdapter(_Bottleneck):
-    """AdaptFormer's AdaptMLP: `s * (W_up ReLU(W_down x + b_down) + b_up)`, beside the MLP.
-
-    The block becomes `x = x + MLP(LN2(x)) + s * adapter(x)` (Chen et al., 2022; scale s = 0.1,
-    no layer norm inside the adapter, zero biases at init, as in their released ViT code).
-    Trainable parameters: `2 d r + r + d`.
-    """
+    """AdaptFormer's AdaptMLP (Chen et al., 2022, as in their ViT code: no layer norm, zero
+    biases): `x = x + MLP(LN2(x)) + s * (W_up ReLU(W_down x + b_down) + b_up)`; `2 d r + r + d`
+    trainable parameters."""
 
     def __init__(self, dim: int, rank: int, scale: float = 0.1, bits: int = 32) -> None:
         super().__init__(dim, rank, bits)

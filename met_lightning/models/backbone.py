@@ -61,8 +61,7 @@ def _check_supported(model: nn.Module, name: str) -> None:
 
 
 def meta_backbone(name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """`timm.create_model(name, **model_kwargs)` on the meta device: the architecture and the
-    pretrained config (mean / std, interpolation), no weights allocated or downloaded."""
+    """`timm.create_model(name, **model_kwargs)` on the meta device: no weights allocated."""
     with torch.device("meta"):
         return _create(name, dict(model_kwargs or {}), pretrained=False)
 
@@ -75,8 +74,7 @@ def describe_backbone(name: str, model_kwargs: dict[str, Any] | None = None) -> 
 def spec_of(model: VisionTransformer, name: str = "") -> BackboneSpec:
     """Architecture facts of a built timm ViT."""
     _check_supported(model, name)
-    patch = model.patch_embed
-    block = model.blocks[0]
+    patch, block = model.patch_embed, model.blocks[0]
     return BackboneSpec(
         name=name,
         depth=len(model.blocks),
@@ -115,12 +113,8 @@ def create_backbone(
     weights_file: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> VisionTransformer:
-    """Build a frozen timm ViT without a classifier head (`num_classes=0`), in eval mode.
-
-    Weights come from `weights_file` (a local .npz/.pth/.safetensors, through timm's
-    `pretrained_cfg_overlay=dict(file=...)`) if given, else from the hub if `pretrained`,
-    else stay random (a warning says so).
-    """
+    """A frozen timm ViT without a classifier head, in eval mode, with the weights of
+    `weights_file` (a local file) if given, else of the hub if `pretrained`, else random."""
     model_kwargs = dict(model_kwargs or {})
     if weights_file:
         path = Path(weights_file).expanduser()

@@ -1,14 +1,10 @@
 """1-bit adapter projections (Jie et al., "Revisiting the Parameter Efficiency of Adapters from the
 Perspective of Precision Redundancy").
 
-Each quantized weight matrix is stored as its sign bits plus two numbers::
-
-    W_q = mu + 0.6745 * sigma * sign((W - mu) / sigma)      mu, sigma: mean and std over the matrix
-
-Training keeps the full-precision W ("latent" weights) and uses W_q in the forward pass with a
-straight-through gradient. A checkpoint stores the signs packed 8 per byte and mu, sigma in fp32
-(`met_lightning.checkpoint.packing`); loading rebuilds W_q with the same function, so predictions
-are bit-identical.
+``W_q = mu + 0.6745 * sigma * sign((W - mu) / sigma)`` (mu, sigma: mean and std over the matrix).
+Training keeps the full-precision W and uses W_q with a straight-through gradient; checkpoints
+store the signs packed and mu, sigma (`checkpoint.packing`); loading rebuilds W_q with the same
+function, so predictions are bit-identical.
 """
 
 from __future__ import annotations
@@ -63,10 +59,8 @@ def binarize(weight: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Linear):
-    """`nn.Linear` whose weight is used at `bits` = 32 (as is) or 1 (`binarize`d) precision.
-
-    After `load_binary` the weight holds the exported 1-bit values and is used as is.
-    """
+    """`nn.Linear` whose weight is used at `bits` = 32 (as is) or 1 (`binarize`d) precision;
+    after `load_binary` the weight holds the exported 1-bit values and is used as is."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 32) -> None:
         super().__init__(in_features, out_features)

@@ -1,24 +1,14 @@
 """MET's transformer block: timm's pre-norm `Block` run on a main sequence and an early stream.
 
-`StreamBlock` is a timm `Block` (same submodules, same parameter names, timm's own `forward`
-kept), with one more entry point, `forward_streams`, for MET's two token streams:
+`StreamBlock` is a timm `Block` (same submodules and parameter names, timm's `forward` kept) with
+two more entry points (see `MultiExitViT.token_layout`):
 
-- main  ``x`` [B, T, d]: ``c_K, R, P`` (main class token, register tokens, patches). It runs
-  timm's block computation unmasked: one fused qkv projection and
-  `F.scaled_dot_product_attention(q, k, v)` without a mask (flash-eligible).
-- early ``e`` [B, E, d]: the early class tokens ``c_k`` (k < K), each with its own LayerNorm /
-  adapter / MLP passes. The query of ``c_k`` attends to the main path's keys and values of
-  ``R, P`` (not ``c_K``) and to its own key and value; nothing in the main path reads ``e``.
-
-`forward_joint` runs the same block on the joint sequence ``[early, main]`` [B, E + T, d] with
-the stream semantics as a boolean attention mask (timm's own attention): fewer, larger ops,
-which is faster where kernel launches dominate (a CPU, a tiny model); see
-`MultiExitViT.token_layout`.
-
-The early attention is exact and cheap (E queries): scores against all main keys, the ``c_K``
-column replaced by the token's own score, one softmax, and the ``c_K`` value replaced by the
-token's own value. Nothing of size T is concatenated or copied: the products read the main keys
-and values in place, as strided views of the qkv projection.
+- `forward_streams`: main ``x`` [B, T, d] (``c_K, R, P``) runs unmasked, flash-eligible
+  attention; the early class tokens ``e`` [B, E, d] attend to the main keys / values of ``R, P``
+  and to their own (the ``c_K`` column replaced by the token's own score and value), reading the
+  main keys and values in place as strided views of the qkv projection: nothing of size T is
+  copied. Nothing in the main path reads ``e``.
+- `forward_joint`: the joint sequence ``[early, main]`` with the same semantics as a mask.
 """
 
 from __future__ import annotations
@@ -36,9 +26,8 @@ StreamAdapter = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 class BlockAdapters(NamedTuple):
-    """What a method adds to one block: `attn(tokens, stream)` / `mlp` rewrite a stream ("main",
-    "early" or "joint") before the attention / MLP (E-adapters); `parallel(tokens)` is added
-    beside the MLP (AdaptFormer)."""
+    """`attn(tokens, stream)` / `mlp` rewrite a stream ("main", "early", "joint") before the
+    attention / MLP (E-adapters); `parallel(tokens)` is added beside the MLP (AdaptFormer)."""
 
     attn: StreamAdapter | None = None
     mlp: StreamAdapter | None = None
@@ -61,9 +50,8 @@ class StreamBlock(Block):
         for name, child in block.named_children():
             setattr(new, name, child)
         for name, value in vars(block).items():  # plain attributes (none in timm 1.0 Block)
-            if not name.startswith("_") and name != "training":
+            if not name.startswith("_"):
                 setattr(new, name, value)
-        new.train(block.training)
         return new
 
     def _eye(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -106,13 +94,11 @@ class StreamBlock(Block):
         return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
     def _attend_early(self, q_e, k_e, v_e, k, v, kv=None) -> torch.Tensor:
-        """Early queries q_e [B, H, E, hd] over keys {own, R, P}: column 0 of the main keys
-        (c_K) is replaced by the query's own key k_e, likewise its value. -> [B, H, E, hd]
+        """Early queries q_e [B, H, E, hd] over keys {own, R, P} -> [B, H, E, hd].
 
-        `kv`: the main keys and values as [B, T, d] views of the qkv projection (None when a
-        key norm rewrites them). Then the products run per image over all heads at once with a
-        block-diagonal query ([B, H*E, d], H times the tiny early work) instead of per
-        (image, head), which would copy the strided K and V of the main path every block.
+        `kv`: the main keys and values as [B, T, d] views (None when a key norm rewrites them);
+        then the products run per image over all heads with a block-diagonal query [B, H*E, d]
+        (H times the tiny early work) instead of copying the strided K and V per (image, head).
         """
         attn = self.attn
         q_e = q_e * attn.scale
@@ -163,9 +149,8 @@ class StreamBlock(Block):
     def forward_joint(
         self, x: torch.Tensor, mask: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
     ) -> torch.Tensor:
-        """One block on the joint sequence x [B, E + T, d] = [early, main] with the boolean
-        attention mask [E + T, E + T] (True: may attend; None without early tokens). The same
-        numbers as `forward_streams`; the adapters are called with stream "joint"."""
+        """One block on x [B, E + T, d] = [early, main] with the boolean mask [E + T, E + T]
+        (True: may attend); the same numbers as `forward_streams`."""
         adapt_attn, adapt_mlp, parallel = adapters
         if adapt_attn is not None:
             x = adapt_attn(x, "joint")

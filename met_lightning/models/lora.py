@@ -1,11 +1,8 @@
 """LoRA on the slices of timm's fused `qkv` projection (Hu et al., 2021).
 
-timm computes q, k and v with one `Linear(d, 3d)`. LoRA as the papers apply it to ViTs adapts
-the query and value projections only; `LoRAQKV` wraps the fused layer and adds
-`scale * B_s A_s x` to the output slice of each chosen site `s` in {q, k, v}, where `A_s` [r, d]
-starts Kaiming-uniform and `B_s` [d, r] at zero (so the wrapped layer starts unchanged).
-`scale` is the multiplier itself; `MultiExitViT` passes HF peft's `lora_alpha / r`
-(`model.net.adapter.alpha / model.net.adapter.rank`). Trainable parameters per site: `2 d r`.
+`LoRAQKV` wraps timm's fused `Linear(d, 3d)` and adds `scale * B_s A_s x` to the output slice of
+each chosen site `s` in {q, k, v}; `A_s` [r, d] starts Kaiming-uniform and `B_s` [d, r] at zero
+(the layer starts unchanged). `scale`: HF peft's `lora_alpha / r`. Parameters per site: `2 d r`.
 """
 
 from __future__ import annotations
@@ -24,22 +21,16 @@ class LoRAQKV(nn.Module):
 
     def __init__(self, qkv: nn.Linear, rank: int, sites: Sequence[str], scale: float) -> None:
         super().__init__()
-        if not isinstance(qkv, nn.Linear):
-            raise ValueError(f"LoRAQKV wraps timm's fused qkv nn.Linear(d, 3d), got {qkv}")
         dim = qkv.in_features
-        if qkv.out_features != 3 * dim:
-            raise ValueError(f"expected a fused qkv Linear({dim}, {3 * dim}), got {qkv}")
+        if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * dim:
+            raise ValueError(f"LoRAQKV wraps timm's fused qkv nn.Linear(d, 3d), got {qkv}")
         self.base = qkv
         self.dim = dim
         self.rank = int(rank)
         self.scale = float(scale)
         self.sites = tuple(sites)
-        self.lora_a = nn.ParameterDict(
-            {s: nn.Parameter(torch.empty(rank, dim)) for s in self.sites}
-        )
-        self.lora_b = nn.ParameterDict(
-            {s: nn.Parameter(torch.zeros(dim, rank)) for s in self.sites}
-        )
+        self.lora_a = nn.ParameterDict({s: torch.empty(rank, dim) for s in self.sites})
+        self.lora_b = nn.ParameterDict({s: torch.zeros(dim, rank) for s in self.sites})
         for a in self.lora_a.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -56,11 +47,8 @@ class LoRAQKV(nn.Module):
 
 
 def add_lora(blocks: nn.ModuleList, rank: int, sites: Sequence[str], scale: float) -> None:
-    """Wrap `attn.qkv` of every block in `LoRAQKV` (in place).
-
-    ValueError, before any block is changed, if a block is already wrapped: a backbone takes one
-    LoRA (build each LoRA network on a fresh backbone).
-    """
+    """Wrap `attn.qkv` of every block in `LoRAQKV` (in place); ValueError, before any change, if
+    a block is already wrapped."""
     wrapped = [i for i, blk in enumerate(blocks) if isinstance(blk.attn.qkv, LoRAQKV)]
     if wrapped:
         raise ValueError(

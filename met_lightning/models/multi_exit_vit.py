@@ -5,20 +5,15 @@ Token streams (``separate_cls=true``, K exits)::
     main  [B, T, d]: [c_K, R, P]          c_K: the backbone's class token, R: registers, P: patches
     early [B, E, d]: [c_{s+1}, ..., c_{K-1}]  the early class tokens alive in stage s (E = K-1-s)
 
-``c_k`` (k < K) lives in blocks ``1..e_k``: after block ``e_k`` head k reads it and it is dropped,
-so the early token about to leave is always ``early[:, 0]``. The semantics are the attention mask
-of `attention_mask` over ``[c_1, ..., c_{K-1}, c_K, R, P]``: queries of ``c_K, R, P`` attend to
-``{c_K, R, P}`` (the plain ViT), the query of ``c_k`` to ``{c_k, R, P}``. The implementation
-runs the main stream unmasked (timm's fused attention) and the early tokens as a small separate
-stream (`blocks.StreamBlock`); both give the same numbers. With ``separate_cls=false`` there are
-no early tokens and every exit reads ``c_K``.
+``c_k`` (k < K) lives in blocks ``1..e_k``; head k reads it after block ``e_k`` and it is dropped,
+so the token about to leave is always ``early[:, 0]``. Semantics (`attention_mask`): ``c_K, R, P``
+attend to ``{c_K, R, P}`` (the plain ViT), ``c_k`` to ``{c_k, R, P}``. With
+``separate_cls=false`` there are no early tokens and every exit reads ``c_K``.
 
-`token_layout` picks how a stage runs the two streams (same numbers, different speed):
-``streams`` (the layout above: flash-eligible attention, no per-token gamma gather; the fast one
-on a GPU), ``joint`` (the early tokens concatenated in front of the main ones once per stage and
-the mask above: about half the kernel launches per block; the fast one on a CPU, where small ops
-dominate) or ``auto`` (streams on CUDA, joint elsewhere). Between stages the state is always the
-two streams.
+`token_layout` (same numbers, different speed): ``streams`` runs the main stream unmasked (fused
+attention) and the early tokens as a small side stream (`blocks.StreamBlock`), fast on a GPU;
+``joint`` concatenates them once per stage and runs the mask (fewer kernel launches, fast on a
+CPU); ``auto``: streams on CUDA, joint elsewhere. Between stages the state is the two streams.
 """
 
 from __future__ import annotations
@@ -92,20 +87,15 @@ def check_token_layout(layout: str) -> str:
 class MultiExitViT(nn.Module):
     """Frozen timm ViT + adapters + ``LN_k -> Linear`` head after each exit block.
 
-    `adapter` (an `AdapterConfig` or its fields) picks the parameter-efficient modules: MET's
-    E-adapters, AdaptFormer, LoRA or none; with one exit and no adapter this is a linear probe,
-    and `finetune_backbone=True` trains the whole backbone too (full fine-tuning). The defaults
-    here are the `model.net` node's (`NetConfig`).
+    `adapter` (an `AdapterConfig` or its fields): E-adapters, AdaptFormer, LoRA or none (one
+    exit and none: a linear probe); `finetune_backbone=True` trains the backbone too. The
+    backbone's blocks become `blocks.StreamBlock`s (same parameter names).
 
-    Stage API: `stage` is the one sequence that `forward`, the early-exit engine (eager and CUDA
-    graphs) and the ONNX stage graphs run, exit by exit::
+    Stage API, the one sequence `forward`, the early-exit engine and the ONNX graphs run::
 
         state = images
         for k in range(net.num_exits):
             state, features, logits = net.stage(k, state)  # logits [B, C]; state None after K
-
-    The backbone's blocks become `blocks.StreamBlock`s (timm `Block`s with the same submodules
-    and parameter names; `backbone.forward_features` is unchanged).
     """
 
     def __init__(
@@ -143,37 +133,31 @@ class MultiExitViT(nn.Module):
                 if isinstance(part, nn.Module):
                     part.requires_grad_(False)
 
-        dim, depth, k, rank, bits = (
-            self.spec.embed_dim, self.spec.depth, self.num_exits, adapter.rank, adapter.bits
-        )  # fmt: skip
+        dim, depth, k = self.spec.embed_dim, self.spec.depth, self.num_exits
         # E-adapters, keyed by site, run before the sub-layer; AdaptFormer's run beside the MLP
         self.adapters = nn.ModuleDict()
         self.parallel_adapters: nn.ModuleList | None = None
         if adapter.kind == "e_adapter":
-            num_gammas = k if adapter.exit_specific else 1
-            self.adapters.update(
-                {
-                    s: nn.ModuleList(EAdapter(dim, rank, num_gammas, bits) for _ in range(depth))
-                    for s in adapter.sites
-                }  # fmt: skip
-            )
+            gammas = k if adapter.exit_specific else 1
+            for site in adapter.sites:
+                self.adapters[site] = nn.ModuleList(
+                    EAdapter(dim, adapter.rank, gammas, adapter.bits) for _ in range(depth)
+                )
         elif adapter.kind == "adaptformer" and adapter.sites:
             self.parallel_adapters = nn.ModuleList(
-                ParallelAdapter(dim, rank, adapter.multiplier, bits) for _ in range(depth)
+                ParallelAdapter(dim, adapter.rank, adapter.multiplier, adapter.bits)
+                for _ in range(depth)
             )
         elif adapter.kind == "lora" and adapter.sites:
-            add_lora(backbone.blocks, rank, adapter.sites, adapter.multiplier)
+            add_lora(backbone.blocks, adapter.rank, adapter.sites, adapter.multiplier)
         self.norms = nn.ModuleList(copy.deepcopy(backbone.norm) for _ in range(k))
-        for param in self.norms.parameters():
-            param.requires_grad_(True)
+        self.norms.requires_grad_(True)
         self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(k))
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        # the stream semantics as a mask (joint layout), per (layout, device)
-        self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        # the gamma row of every token of the joint sequence, per (stage, device)
-        self._gamma_index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        # the joint layout's attention masks and gamma indices, per (kind, sizes, device)
+        self._joint_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def token_layout(self) -> str:
@@ -220,40 +204,38 @@ class MultiExitViT(nn.Module):
         return StreamState(x, early)
 
     def attention_mask(self, n_early: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """The stream semantics as a boolean [T, T] mask over ``[c_1..c_{K-1}, c_K, R, P]``, True
-        where a query (row) may attend to a key (column); the joint layout runs with it."""
-        key = (n_early, num_tokens, device)
-        mask = self._mask_cache.get(key)
+        """Boolean [T, T] over ``[c_1..c_{K-1}, c_K, R, P]``: True where a query (row) may attend
+        to a key (column)."""
+        key = ("mask", n_early, num_tokens, device)
+        mask = self._joint_cache.get(key)
         if mask is None:
             mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool, device=device)
             mask[n_early:, n_early:] = True  # c_K, R, P: the plain ViT
             early = torch.arange(n_early, device=device)
             mask[early, early] = True  # c_k sees itself ...
             mask[:n_early, n_early + 1 :] = True  # ... and R, P, not c_K nor other c_j
-            self._mask_cache[key] = mask
+            self._joint_cache[key] = mask
         return mask
 
     def gamma_rows(self, stage: int) -> tuple[int, slice]:
-        """Rows of an E-adapter's gamma for the main stream (one exit) and the early stream (one
-        exit per token) in `stage`."""
+        """E-adapter gamma rows of `stage`'s main stream (one exit) and early tokens (one each)."""
         if not self.exit_specific:
             return 0, slice(0, 1)
         return self.num_exits - 1, slice(stage, stage + self.num_early_tokens(stage))
 
     def gamma_index(self, stage: int, num_tokens: int, device: torch.device) -> int | torch.Tensor:
-        """The gamma row of each token of the joint sequence ``[early, main]`` of `stage`:
-        long [num_tokens] (E early rows, then the main row repeated); 0 (one row for every
-        token) when gamma is shared."""
+        """The gamma row of each token of `stage`'s joint sequence ``[early, main]``: long
+        [num_tokens]; 0 when gamma is shared."""
         if not self.exit_specific:
             return 0
-        key = (stage, num_tokens, device)
-        index = self._gamma_index_cache.get(key)
+        key = ("gamma", stage, num_tokens, device)
+        index = self._joint_cache.get(key)
         if index is None:
             main_row, early_rows = self.gamma_rows(stage)
             rows = [*range(early_rows.start, early_rows.stop)]
             rows += [main_row] * (num_tokens - len(rows))
             index = torch.tensor(rows, dtype=torch.long, device=device)
-            self._gamma_index_cache[key] = index
+            self._joint_cache[key] = index
         return index
 
     def block_adapters(
@@ -275,18 +257,16 @@ class MultiExitViT(nn.Module):
     def run_stage(self, stage: int, state: StreamState) -> StreamState:
         """Run the blocks of exit stage `stage` on both streams (in `token_layout`)."""
         x, e = state
-        blocks = self.stage_blocks(stage)
         if e is not None and self.runs_joint(x):
             n_early = e.shape[1]
             xs = torch.cat([e, x], dim=1)  # once per stage, not per block
             mask = self.attention_mask(n_early, xs.shape[1], xs.device)
             rows = self.gamma_index(stage, xs.shape[1], xs.device)
-            for i in blocks:
-                xs = self.backbone.blocks[i].forward_joint(
-                    xs, mask, self.block_adapters(i, stage, rows)
-                )
+            for i in self.stage_blocks(stage):
+                adapters = self.block_adapters(i, stage, rows)
+                xs = self.backbone.blocks[i].forward_joint(xs, mask, adapters)
             return StreamState(xs[:, n_early:], xs[:, :n_early])
-        for i in blocks:
+        for i in self.stage_blocks(stage):
             x, e = self.backbone.blocks[i].forward_streams(x, e, self.block_adapters(i, stage))
         return StreamState(x, e)
 
@@ -297,17 +277,15 @@ class MultiExitViT(nn.Module):
 
     def leave(self, stage: int, state: StreamState) -> StreamState:
         """Drop the class token that exit `stage` has read, if it was an early one."""
-        if not self.num_early_tokens(stage):
+        n_early = self.num_early_tokens(stage)
+        if not n_early:
             return state
-        early = state.early[:, 1:].contiguous() if self.num_early_tokens(stage) > 1 else None
-        return StreamState(state.main, early)
+        return StreamState(state.main, state.early[:, 1:].contiguous() if n_early > 1 else None)
 
     # ------------------------------------------------------------------ stages
     def stage(self, stage: int, x: torch.Tensor | StreamState) -> tuple:
-        """Exit stage `stage`, the network's one stage sequence: embed the images (stage 0; else
-        `x` is the state stage-1 left) -> blocks e_{stage-1}+1..e_stage -> LN_k and head k ->
-        leave (drop the early token head k read) -> (the state stage+1 takes, None after the
-        last exit; head input [B, d]; logits [B, C]). Nothing branches on data."""
+        """Embed (stage 0; else `x` is the previous stage's state) -> blocks -> LN_k, head k ->
+        leave: (next state, None after the last exit; head input [B, d]; logits [B, C])."""
         state = self.run_stage(stage, self.embed(x) if stage == 0 else x)
         features = self.exit_features(stage, state)
         after = self.leave(stage, state) if stage < self.num_exits - 1 else None

@@ -1,14 +1,6 @@
 """Runs beyond one process: the processes a launcher (torchrun, srun, `hydra/launcher=slurm`)
-starts must be the ones the trainer expects, and a requeued Slurm job goes on from last.ckpt.
-
-- `check_world_size` (in `train`): torchrun's / srun's processes per node and nodes must equal
-  `trainer.devices` and `trainer.num_nodes` (Lightning's DDP would hang or fail later);
-- `check_launcher` (`LaunchCheck.on_multirun_start`, before anything is submitted): the Slurm
-  launcher's `tasks_per_node` / `nodes` must equal `trainer.devices` / `trainer.num_nodes`;
-- `LaunchCheck.on_run_start`: a run of several processes names its folder (`hydra.run.dir`, the
-  default is named by each node's clock) and only rank 0 writes Hydra's `.hydra/`;
-- `resume_requeued` (in `train`): a Slurm job started again (preemption, time limit, Lightning's
-  auto-requeue on SIGUSR1) continues as `resume=<its run folder>` from checkpoints/last.ckpt.
+starts must be the ones the trainer expects (`check_world_size`, `check_launcher`, `LaunchCheck`),
+and a requeued Slurm job goes on from last.ckpt (`resume_requeued`).
 """
 
 from __future__ import annotations
@@ -16,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from met_lightning.checkpoint.resume import LAST_CHECKPOINT
+from met_lightning.cli import exit_on_user_error
 from met_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -60,14 +52,14 @@ def launcher_world(environ: Mapping[str, str] = os.environ) -> World | None:
     return None
 
 
-def _devices(trainer: DictConfig) -> int | None:
-    """trainer.devices as a number of processes per node; None for -1 / "auto" (all of them)."""
-    devices = trainer.get("devices", 1)
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
-        return int(devices)
-    return len(devices) if not isinstance(devices, (int, str)) else None
+def _devices_nodes(trainer: DictConfig) -> tuple[int | None, int]:
+    """(trainer.devices as processes per node, None for -1 / "auto"; trainer.num_nodes)."""
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        return (devices if devices > 0 else None), nodes
+    return (len(devices) if not isinstance(devices, str) else None), nodes
 
 
 def check_world_size(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> None:
@@ -75,7 +67,7 @@ def check_world_size(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -
     world = launcher_world(environ)
     if world is None:
         return
-    devices, nodes = _devices(cfg.trainer), int(cfg.trainer.get("num_nodes", 1))
+    devices, nodes = _devices_nodes(cfg.trainer)
     if devices == world.per_node and nodes == world.nodes:
         return
     started = (f"{world.launcher} started {world.per_node} process(es) per node on {world.nodes} "
@@ -104,7 +96,7 @@ def check_launcher(launcher: DictConfig, trainer: DictConfig) -> None:
         )
     if not target.endswith("SlurmLauncher"):
         return
-    devices, nodes = _devices(trainer), int(trainer.get("num_nodes", 1))
+    devices, nodes = _devices_nodes(trainer)
     if devices is None:
         raise ConfigError(f"trainer.devices={trainer.devices!r}: with hydra/launcher=slurm set "
                           "trainer.devices=N, the GPUs (processes) per node")  # fmt: skip
@@ -144,17 +136,6 @@ def resume_requeued(cfg: DictConfig, environ: Mapping[str, str] = os.environ) ->
         cfg.resume = str(run_dir)
 
 
-def _exit_on(check: Any, *args: Any) -> None:
-    """Run a check of a Hydra callback: a ConfigError is one `error:` line and exit code 2."""
-    try:
-        check(*args)
-    except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _check_run_dir(config: DictConfig) -> None:
     world = launcher_world()
     if world is None or world.per_node * world.nodes == 1:
@@ -175,7 +156,7 @@ class LaunchCheck(Callback):
     """Hydra callback (conf/hydra/default.yaml): the checks above, before any folder is made."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on(_check_run_dir, config)
+        exit_on_user_error(lambda: _check_run_dir(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on(check_launcher, config.hydra.launcher, config.trainer)
+        exit_on_user_error(lambda: check_launcher(config.hydra.launcher, config.trainer))

@@ -23,6 +23,7 @@ from met_lightning.structured import target_config
 from met_lightning.training.loggers import flush_csv
 
 STAGES = ("train", "val", "test")
+Batch = tuple[torch.Tensor, torch.Tensor]  # images [B, C, H, W], labels [B]
 # Our part of a Lightning checkpoint besides the trainable parameters: what an exact resume needs.
 RESUME_STATE = "met_resume_state"
 
@@ -52,8 +53,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["torch.cuda"])
 
 
-def _fmt(values: torch.Tensor) -> str:
-    return "[" + ", ".join(f"{v:.4g}" for v in values.detach().float().cpu().tolist()) + "]"
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -62,17 +63,21 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in module.parameters())
 
 
+def compute_and_reset(metrics: Any) -> list[torch.Tensor]:
+    """The values of torchmetrics `metrics`, which start over."""
+    values = [metric.compute() for metric in metrics]
+    for metric in metrics:
+        metric.reset()
+    return values
+
+
 class MultiExitClassifier(L.LightningModule):
     """Logs `stage/acc_exit{k}` for every exit and `stage/acc` for the last one.
 
-    The `model` config node (conf/method/*.yaml, `ModelConfig`) holds exactly these arguments:
-    `name` (the method's label in summary.json and the reports), `net` (a MultiExitViT), `loss`,
-    `optimizer` and
-    `scheduler` (partials completed in `configure_optimizers`; a scheduler that is None or a config
-    without `_target_`, as `scheduler=none` gives: a constant learning rate), `compile` /
-    `compile_mode` (torch.compile the network and the loss, `compile_network`).
-
-    Checkpoints hold the trainable parameters only: the frozen backbone is rebuilt from config.
+    Its arguments are the `model` node (`ModelConfig`): `name` (the method's label in reports),
+    `optimizer` / `scheduler` (partials completed in `configure_optimizers`; no scheduler: a
+    constant learning rate), `compile` / `compile_mode` (`compile_network`). Checkpoints hold the
+    trainable parameters only: the frozen backbone is rebuilt from config.
     """
 
     def __init__(
@@ -93,25 +98,20 @@ class MultiExitClassifier(L.LightningModule):
         # scheduler=none: a config without `_target_` (the demo's warmup_epochs may be left in it)
         self.scheduler_factory = scheduler if callable(scheduler) else None
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
-        num_exits, num_classes = net.num_exits, net.num_classes
-        # keys are "train_acc" etc.: a plain "train" would shadow nn.Module.train
-        self.accuracy = nn.ModuleDict(
-            {
-                f"{stage}_acc": nn.ModuleList(
-                    MulticlassAccuracy(
-                        num_classes=num_classes, average="micro", validate_args=False
-                    )  # the argument checks read values on the host: a sync per update
-                    for _ in range(num_exits)
-                )
-                for stage in STAGES
-            }
-        )
+        num_exits = net.num_exits
+        # keys are "train_acc" etc.: a plain "train" would shadow nn.Module.train;
+        # validate_args=False: the argument checks read values on the host, a sync per update
+        self.accuracy = nn.ModuleDict()
+        for stage in STAGES:
+            self.accuracy[f"{stage}_acc"] = nn.ModuleList(
+                MulticlassAccuracy(net.num_classes, average="micro", validate_args=False)
+                for _ in range(num_exits)
+            )
         # nan_strategy="disable": the default NaN check reads a value on the host every update;
         # a NaN loss is caught by the divergence record (see `_record_divergence`)
         self.val_loss = MeanMetric(nan_strategy="disable")
-        # epoch means of the loss terms. torchmetrics syncs them under DDP inside our own hook, on
-        # every rank at the same point; `self.log(sync_dist=True)` would sync lazily and can
-        # deadlock when only rank 0's progress bar asks for the value.
+        # epoch means of the loss terms, synced by torchmetrics in our hook on every rank;
+        # `self.log(sync_dist=True)` syncs lazily: a deadlock if only rank 0's bar asks for it
         self.train_term_names = (
             ["train/loss_epoch"]
             + [f"train/ce_exit{k + 1}" for k in range(num_exits)]
@@ -130,9 +130,8 @@ class MultiExitClassifier(L.LightningModule):
             self.compile_network(mode=compile_mode)
 
     def compile_network(self, mode: str | None = None, **options: Any) -> None:
-        """torch.compile the network and the loss in place (`nn.Module.compile`): parameter
-        names, checkpoints and the export stay those of the eager modules, and the early-exit
-        engine's direct calls (net.embed, net.run_stage) run eagerly. `options`: e.g. backend."""
+        """torch.compile the network and the loss in place (`nn.Module.compile`): parameter names
+        stay the eager modules', and the early-exit engine's direct calls run eagerly."""
         self.net.compile(mode=mode, **options)
         self.loss.compile(mode=mode, **options)
 
@@ -141,21 +140,19 @@ class MultiExitClassifier(L.LightningModule):
         return self.net(images).logits
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str):
+    def _shared_step(self, batch: Batch, stage: str) -> tuple[Any, dict[str, torch.Tensor]]:
         images, labels = batch
         out = self.net(images)
         parts = self.loss(out.logits, out.features, labels)
         for k, metric in enumerate(self.accuracy[f"{stage}_acc"]):
             metric.update(out.logits[:, k].detach(), labels)
-        return parts, out.logits.detach()
+        # the logits are for callbacks (the budget analysis)
+        return parts, {"logits": out.logits.detach(), "labels": labels}
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         parts, _ = self._shared_step(batch, "train")
         self._record_divergence(parts, batch_idx)  # checked every log_every_n_steps, no sync here
-        # the step value for the logger (read every log_every_n_steps); epoch means come from
-        # synced metrics (see below). Not for the progress bar: it reads its values every batch.
+        # for the logger (read every log_every_n_steps), not the progress bar (reads every batch)
         self.log("train/loss", parts.total, on_step=True, on_epoch=False)
         terms = [parts.total.detach(), *parts.ce, *parts.graph]
         # a tensor weight: a Python number is turned into a tensor and checked for NaN on the host
@@ -164,18 +161,13 @@ class MultiExitClassifier(L.LightningModule):
             metric.update(value, weight=weight)
         return parts.total
 
-    def validation_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> dict[str, torch.Tensor]:
-        parts, logits = self._shared_step(batch, "val")
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        parts, outputs = self._shared_step(batch, "val")
         self.val_loss.update(parts.total, weight=torch.full_like(parts.total, batch[0].shape[0]))
-        return {"logits": logits, "labels": batch[1]}  # for callbacks (the budget analysis)
+        return outputs
 
-    def test_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> dict[str, torch.Tensor]:
-        _, logits = self._shared_step(batch, "test")
-        return {"logits": logits, "labels": batch[1]}
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")[1]
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Logits of every exit [B, K, C] (`batch` is images, or (images, labels))."""
@@ -184,9 +176,7 @@ class MultiExitClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ epoch ends
     def _log_accuracy(self, stage: str) -> torch.Tensor:
-        values = [metric.compute() for metric in self.accuracy[f"{stage}_acc"]]
-        for metric in self.accuracy[f"{stage}_acc"]:
-            metric.reset()
+        values = compute_and_reset(self.accuracy[f"{stage}_acc"])
         self.log_dict({f"{stage}/acc_exit{k + 1}": v for k, v in enumerate(values)})
         self.log(f"{stage}/acc", values[-1], prog_bar=True)
         return values[-1]
@@ -194,13 +184,8 @@ class MultiExitClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.raise_if_diverged()  # before ModelCheckpoint's hook, which runs after this one
         self._log_accuracy("train")
-        means = {
-            name: m.compute()
-            for name, m in zip(self.train_term_names, self.train_terms, strict=True)
-        }
-        for metric in self.train_terms:
-            metric.reset()
-        self.log_dict(means)
+        means = compute_and_reset(self.train_terms)
+        self.log_dict(dict(zip(self.train_term_names, means, strict=True)))
 
     def on_validation_epoch_start(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
@@ -208,8 +193,7 @@ class MultiExitClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         acc = self._log_accuracy("val")
-        self.log("val/loss", self.val_loss.compute())
-        self.val_loss.reset()
+        self.log("val/loss", compute_and_reset([self.val_loss])[0])
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
@@ -265,9 +249,7 @@ class MultiExitClassifier(L.LightningModule):
         """Keep the step and loss parts of the first non-finite loss, on the device (no sync)."""
         total = parts.total.detach().float()
         if self._bad_step is None or self._bad_step.device != total.device:
-            self._bad_step = torch.full((3,), -1, dtype=torch.long, device=total.device)
-            self._bad_parts = torch.zeros(1 + len(parts.ce) + len(parts.graph),
-                                          device=total.device)  # fmt: skip
+            self._empty_record(total.device)
         first = ~torch.isfinite(total) & (self._bad_step[0] < 0)
         where = torch.stack(
             [torch.full_like(self._bad_step[0], v)
@@ -276,6 +258,10 @@ class MultiExitClassifier(L.LightningModule):
         values = torch.cat([total[None], parts.ce.float(), parts.graph.float()])
         self._bad_step = torch.where(first, where, self._bad_step)
         self._bad_parts = torch.where(first, values, self._bad_parts)
+
+    def _empty_record(self, device: torch.device) -> None:
+        self._bad_step = torch.full((3,), -1, dtype=torch.long, device=device)
+        self._bad_parts = torch.zeros(2 * self.net.num_exits, device=device)
 
     def raise_if_diverged(self) -> None:
         """Raise TrainingDivergedError if a training step of any process had a non-finite loss.
@@ -294,9 +280,7 @@ class MultiExitClassifier(L.LightningModule):
         if self._bad_step is None:
             if not collective:
                 return
-            # this process trained no step yet; it still takes part in the collective
-            self._bad_step = torch.full((3,), -1, dtype=torch.long, device=self.device)
-            self._bad_parts = torch.zeros(2 * self.net.num_exits, device=self.device)
+            self._empty_record(self.device)  # no step trained yet; still in the collective
         record = torch.cat([self._bad_step.double(), self._bad_parts.double()])
         width = record.shape[0]
         if collective:
@@ -308,8 +292,8 @@ class MultiExitClassifier(L.LightningModule):
         ce, graph = rest[: self.net.num_exits], rest[self.net.num_exits :]
         raise TrainingDivergedError(
             f"training diverged: the loss is {total} at step {int(step)} (epoch {int(epoch)}, "
-            f"batch {int(batch)}); loss parts: ce per exit {_fmt(torch.tensor(ce))}, graph per "
-            f"exit {_fmt(torch.tensor(graph))}. {self._after_divergence()}"
+            f"batch {int(batch)}); loss parts: ce per exit {_fmt(ce)}, graph per exit "
+            f"{_fmt(graph)}. {self._after_divergence()}"
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -318,19 +302,19 @@ class MultiExitClassifier(L.LightningModule):
 
     def _after_divergence(self) -> str:
         """How to go on after a divergence: the last good checkpoint and the usual fix."""
-        lr = ""
-        if self._trainer is not None and self.trainer.optimizers:
-            group = self.trainer.optimizers[0].param_groups[0]
-            lr = f" (now {group.get('initial_lr', group['lr']):.3g})"
-        callbacks = self._trainer.checkpoint_callbacks if self._trainer is not None else []
-        saved = [
-            path
-            for callback in callbacks
-            for path in (getattr(callback, "last_model_path", ""), callback.best_model_path)
-            if path and os.path.isfile(path)
-        ]
+        trainer, lr, saved, start = self._trainer, "", [], None
+        if trainer is not None:
+            if trainer.optimizers:
+                group = trainer.optimizers[0].param_groups[0]
+                lr = f" (now {group.get('initial_lr', group['lr']):.3g})"
+            saved = [
+                path
+                for callback in trainer.checkpoint_callbacks
+                for path in (getattr(callback, "last_model_path", ""), callback.best_model_path)
+                if path and os.path.isfile(path)
+            ]
+            start = trainer.ckpt_path
         last = max(saved, key=os.path.getmtime) if saved else ""
-        start = self._trainer.ckpt_path if self._trainer is not None else None
         if last:
             kept = f"the last good checkpoint is {last}"
         elif start:
