@@ -27,7 +27,17 @@ LAYERS = [
     ["training", "config"],  # LightningModule, optimizer, loggers, ...; the config's checks
     ["export", "demo"],  # ONNX graphs and runner; the demo's source task
     # entry points: python -m met_lightning{,.predict,.serve,.export,.demo.pretrain}
-    ["cli", "train", "predict", "serve", "__main__", "export.__main__", "demo.pretrain"],
+    [
+        "cli",
+        "cluster",
+        "train",
+        "predict",
+        "serve",
+        "serve_metrics",
+        "__main__",
+        "export.__main__",
+        "demo.pretrain",
+    ],
 ]
 # top-level packages of the optional extras (pyproject), which may be imported where used
 OPTIONAL = {"litserve", "uvicorn", "onnx", "onnxruntime", "onnxscript", "wandb", "optuna"}

@@ -38,7 +38,7 @@ from met_lightning.config import check_moved_overrides, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.training.budget_analysis import BudgetAnalysis
-from met_lightning.training.cluster import check_world_size, resume_requeued
+from met_lightning.cluster import check_world_size, resume_requeued
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.summary import report_summary
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from met_lightning.errors import ConfigError
 from met_lightning.paths import config_dir
-from met_lightning.training.cluster import (
+from met_lightning.cluster import (
     LaunchCheck,
     check_launcher,
     check_world_size,
