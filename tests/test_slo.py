@@ -131,7 +131,10 @@ from tests.test_serve import (  # noqa: E402
 
 
 async def post_and_scrape(server, requests):
-    """post_all's run, then GET /metrics: (info model, answers, {(name, labels): value})."""
+    """post_all's run, then GET /metrics: (info model, answers, {(name, labels): value}).
+
+    Counters and histograms are what this run added (the scrape before the requests subtracted:
+    an earlier in-process server of this pytest process wrote to the same metric files)."""
     import asyncio
 
     import httpx
@@ -146,16 +149,25 @@ async def post_and_scrape(server, requests):
                 if (await client.get("/health")).status_code == 200:
                     break
                 await asyncio.sleep(0.2)
+            before = await client.get("/metrics")
             answers = await asyncio.gather(*(client.post("/predict", **r) for r in requests))
             info = (await client.get("/info")).json()
-            scraped = await client.get("/metrics")
-    assert scraped.status_code == 200
+            after = await client.get("/metrics")
+    assert before.status_code == after.status_code == 200
+    start, samples = _samples(before.text), _samples(after.text)
+    for key in samples:
+        if key[0].endswith(("_total", "_sum", "_count", "_bucket")):
+            samples[key] -= start.get(key, 0)
+    return info, answers, samples
+
+
+def _samples(text: str) -> dict:
     samples = {}
-    for family in text_string_to_metric_families(scraped.text):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))
             samples[key] = samples.get(key, 0) + s.value
-    return info, answers, samples
+    return samples
 
 
 def test_two_cpu_workers_answer_right_and_metrics_count_what_was_sent(tiny_run, tmp_path):
