@@ -58,6 +58,7 @@ def split_pixels(overrides: Sequence[str]) -> dict[str, tuple[Any, Any]]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import met_lightning.train  # noqa: F401 - registers the structured configs train.yaml uses
     from met_lightning.data.base import build_datamodule
     from met_lightning.data.torchvision_data import split_arrays
     from met_lightning.paths import config_dir

@@ -555,7 +555,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
 
 def split_arrays(dm: TorchvisionDataModule) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (uint8 images [N, C, H, W], labels [N])} of a set-up DataModule's splits, for
-    baselines on the very same images (stored size, no transform)."""
+    baselines on the very same images (stored size, no transform; images of one size)."""
     out = {}
     for split, dataset in zip(SPLITS, (dm.train_set, dm.val_set, dm.test_set), strict=True):
         if isinstance(dataset, TensorImageDataset):
