@@ -34,11 +34,11 @@ from met_lightning.checkpoint import (
     save_trainable,
 )
 from met_lightning.cli import exit_on_user_error, hydra_app, user_error
+from met_lightning.cluster import check_world_size, resume_requeued
 from met_lightning.config import check_moved_overrides, validate_config
 from met_lightning.data.base import InputSpec, build_datamodule
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.training.budget_analysis import BudgetAnalysis
-from met_lightning.cluster import check_world_size, resume_requeued
 from met_lightning.training.loggers import build_loggers, finish_wandb, rewind_csv
 from met_lightning.training.summary import report_summary
 

@@ -85,6 +85,16 @@ def _mnist_like(cls: str, url: str) -> TvDataset:
 
 
 _SPLIT = {"split": "train"}, {"split": "val"}, {"split": "test"}
+
+
+def _train_test(cls: str, num_classes: int, files: Sequence[str], url: str, **extra: Any):
+    """A dataset with an official train and test split and no val split: `train=True/False`
+    (`flag=True`) or `split="train"/"test"`."""
+    flag = extra.pop("flag", False)
+    train, test = ({"train": True}, {"train": False}) if flag else (_SPLIT[0], _SPLIT[2])
+    return TvDataset(cls, num_classes, train, None, test, tuple(files), url, **extra)
+
+
 DATASETS: dict[str, TvDataset] = {
     "MNIST": _mnist_like("MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
     "FashionMNIST": _mnist_like(
@@ -92,32 +102,31 @@ DATASETS: dict[str, TvDataset] = {
     ),
     "KMNIST": _mnist_like("KMNIST", "http://codh.rois.ac.jp/kmnist/dataset/kmnist/"),
     # EMNIST "balanced" (47 classes); torchvision gives its images as stored (transposed)
-    "EMNIST": TvDataset(
-        "EMNIST", 47, {"train": True}, None, {"train": False},
-        tuple(f"EMNIST/raw/emnist-balanced-{s}-{k}-ubyte"
-              for s in ("train", "test") for k in ("images-idx3", "labels-idx1")),
-        "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip", extra={"split": "balanced"},
+    "EMNIST": _train_test(
+        "EMNIST", 47,
+        [f"EMNIST/raw/emnist-balanced-{s}-{k}-ubyte"
+         for s in ("train", "test") for k in ("images-idx3", "labels-idx1")],
+        "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip", flag=True,
+        extra={"split": "balanced"},
     ),
-    "CIFAR10": TvDataset(
-        "CIFAR10", 10, {"train": True}, None, {"train": False},
-        tuple(f"cifar-10-batches-py/{n}" for n in
-              ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-               "test_batch", "batches.meta")),
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "CIFAR10": _train_test(
+        "CIFAR10", 10,
+        [f"cifar-10-batches-py/{n}" for n in
+         (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")],
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", flag=True,
     ),
-    "CIFAR100": TvDataset(
-        "CIFAR100", 100, {"train": True}, None, {"train": False},
-        ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "CIFAR100": _train_test(
+        "CIFAR100", 100, [f"cifar-100-python/{n}" for n in ("train", "test", "meta")],
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", flag=True,
     ),
-    "SVHN": TvDataset(
-        "SVHN", 10, _SPLIT[0], None, _SPLIT[2], ("train_32x32.mat", "test_32x32.mat"),
+    "SVHN": _train_test(
+        "SVHN", 10, ("train_32x32.mat", "test_32x32.mat"),
         "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
     ),
-    "STL10": TvDataset(
-        "STL10", 10, _SPLIT[0], None, _SPLIT[2],
-        tuple(f"stl10_binary/{n}" for n in
-              ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")),
+    "STL10": _train_test(
+        "STL10", 10,
+        [f"stl10_binary/{n}" for n in
+         ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")],
         "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
     ),
     "Flowers102": TvDataset(
@@ -138,12 +147,12 @@ DATASETS: dict[str, TvDataset] = {
         ("oxford-iiit-pet/images", "oxford-iiit-pet/annotations"),
         "https://thor.robots.ox.ac.uk/datasets/pets/images.tar.gz",
     ),
-    "Food101": TvDataset(
-        "Food101", 101, _SPLIT[0], None, _SPLIT[2], ("food-101/images", "food-101/meta"),
+    "Food101": _train_test(
+        "Food101", 101, ("food-101/images", "food-101/meta"),
         "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
     ),
-    "GTSRB": TvDataset(
-        "GTSRB", 43, _SPLIT[0], None, _SPLIT[2],
+    "GTSRB": _train_test(
+        "GTSRB", 43,
         ("gtsrb/GTSRB/Training", "gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv"),
         "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/",
     ),
@@ -430,13 +439,15 @@ class TorchvisionDataModule(ImageClassificationDataModule):
                 f"reachable (offline?). Put {self._where()}{hint}."
             )
 
-    def check_files(self) -> None:
-        """Before the backbone is built: the files are there, or a download can fetch them."""
+    def check_files(self) -> bool:
+        """Before the backbone is built: the files are there (False), or a download can fetch
+        them (True); else a DataError naming the files."""
         if not self._missing():
-            return
+            return False
         if not self.download:
             raise self._not_found()
         self._probe()
+        return True
 
     def _official(self, split: str) -> dict[str, Any] | None:
         return getattr(self.entry, split)
@@ -457,11 +468,8 @@ class TorchvisionDataModule(ImageClassificationDataModule):
 
     def prepare_data(self) -> None:
         """Download what is missing (rank 0 only) when `download`."""
-        if not self._missing():
+        if not self.check_files():
             return
-        if not self.download:
-            raise self._not_found()
-        self._probe()
         self.root.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             kwargs = self._official(split)

@@ -7,14 +7,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from met_lightning.errors import ConfigError
-from met_lightning.paths import config_dir
 from met_lightning.cluster import (
     LaunchCheck,
     check_launcher,
     check_world_size,
     resume_requeued,
 )
+from met_lightning.errors import ConfigError
+from met_lightning.paths import config_dir
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "2", "RANK": "1"}
 SRUN = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_NNODES": "2",
