@@ -496,6 +496,20 @@ def make_parser(prog: str, description: str, default_out: str) -> argparse.Argum
     return parser
 
 
+def add_choices(
+    parser: argparse.ArgumentParser, flag: str, choices: Sequence[str], help: str, nargs="+"
+) -> None:
+    """`flag A B ...`, each one of `choices`; all of them by default."""
+    parser.add_argument(flag, nargs=nargs, choices=list(choices), default=list(choices), help=help)
+
+
+def add_results(parser: argparse.ArgumentParser, default: Path, what: str) -> None:
+    """`--results FOLDER`: where a launcher writes `what`."""
+    parser.add_argument(
+        "--results", type=Path, default=default, help=f"where {what} go (default: {default})"
+    )
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)"

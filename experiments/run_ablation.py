@@ -59,19 +59,8 @@ def setting_run(out: Path, setting: str, seed: int, extra: Sequence[str]) -> lau
 
 def build_parser() -> argparse.ArgumentParser:
     parser = launch.make_parser("run_ablation.py", __doc__, "outputs/ablation_demo")
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        choices=list(SETTINGS),
-        default=list(SETTINGS),
-        help="settings to run (default: all)",
-    )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=RESULTS,
-        help=f"where the report and plot go (default: {RESULTS})",
-    )
+    launch.add_choices(parser, "--settings", list(SETTINGS), "settings to run (default: all)")
+    launch.add_results(parser, RESULTS, "the report and plot")
     parser.add_argument("--name", default="ablation_demo", help="file stem of the report and plot")
     return parser
 

@@ -248,27 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fashion_mnist_1k",
         help="the recipe, conf/experiment/NAME.yaml (default: fashion_mnist_1k)",
     )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        choices=METHODS,
-        default=list(METHODS),
-        help="methods of conf/method/ (default: all)",
-    )
+    launch.add_choices(parser, "--methods", METHODS, "methods of conf/method/ (default: all)")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs (default: the recipe's)")
-    parser.add_argument(
-        "--baselines",
-        nargs="*",
-        choices=BASELINES,
-        default=list(BASELINES),
-        help="pixel baselines (default: both; none: --baselines)",
+    launch.add_choices(
+        parser, "--baselines", BASELINES, "pixel baselines (default: both; none: --baselines)", "*"
     )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=RESULTS,
-        help=f"where <name>.md / .json go (default: {RESULTS})",
-    )
+    launch.add_results(parser, RESULTS, "<name>.md / .json")
     parser.add_argument("--name", help="file stem of the results (default: <experiment>_cpu)")
     parser.add_argument("--note", default="", help="a sentence for the results file's header")
     return parser  # fmt: skip

@@ -246,12 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tune grid axis, repeatable (the grid is their product), e.g. "
         "--grid model.net.adapter.rank=4,8 --grid model.loss.graph_weight=0.1,0.3",
     )
-    parser.add_argument(
+    launch.add_choices(
+        parser,
         "--stages",
-        nargs="+",
-        choices=STAGES,
-        default=list(STAGES),
-        help="stages to run (default: tune final); final alone reads the tune runs if --grid",
+        STAGES,
+        "stages to run (default: tune final); final alone reads the tune runs if --grid",
     )
     parser.add_argument(
         "--select-by", type=launch.parse_select, default="last", help=launch.SELECT_HELP
