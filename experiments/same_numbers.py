@@ -48,7 +48,7 @@ print(json.dumps([[f.name, int(c), int(e), round(float(g), 4)] for f, c, e, g in
 
 
 def python(checkout: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "MET_DEMO_QUIET": "0"}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
     return subprocess.run(
         [sys.executable, *args], cwd=checkout, env=env, text=True, capture_output=True,
         check=True, **kwargs,

@@ -18,7 +18,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from met_lightning.checkpoint.migrate import MOVED_KEYS, moved_key
+from met_lightning.checkpoint.migrate import MOVED_KEYS, migrate_override, moved_key
 from met_lightning.errors import ConfigError
 from met_lightning.losses.multi_exit import check_loss
 from met_lightning.models.adapters import AdapterConfig
@@ -44,10 +44,8 @@ def moved_key_error(key: str) -> str | None:
 def check_moved_overrides(overrides: list[str]) -> None:
     """ConfigError for a command-line override of a key that moved (`model.adapter.rank=4`)."""
     for override in overrides:
-        key, sep, _ = override.partition("=")
-        message = moved_key_error(key.lstrip("+~")) if sep else None
-        if message:
-            raise ConfigError(message)
+        if migrate_override(override) != override:  # migrate's own parsing of an override
+            raise ConfigError(moved_key_error(override.partition("=")[0].lstrip("+~")))
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -30,6 +30,7 @@ MOVED_KEYS = {
     f"model.{key}": f"model.net.{key}"
     for key in ("exits", "adapter", "finetune_backbone", "token_layout")
 }
+SWITCHES = tuple(key.split(".", 1)[1] for key in MOVED_KEYS)  # exits, adapter, ...
 # callback `_target_`s that moved: the recorded one -> today's
 MOVED_TARGETS = {
     "met_lightning.inference.callback.BudgetAnalysis": (
@@ -97,7 +98,7 @@ def _model_node(model: dict[str, Any], method: Any, source: str) -> dict[str, An
             f"{err}, in a `model` node written before model.net held the adapter)"
         ) from None
     name = method.get("name") if isinstance(method, dict) else model.get("name")
-    node = {k: v for k, v in model.items() if k not in ("net", *_switches())}
+    node = {k: v for k, v in model.items() if k not in ("net", "name", *SWITCHES)}
     node.setdefault("_target_", MODULE)
     loss = {k: v for k, v in (model.get("loss") or {}).items() if not k.startswith("_")}
     return {
@@ -108,7 +109,3 @@ def _model_node(model: dict[str, Any], method: Any, source: str) -> dict[str, An
         "compile": model.get("compile", False),
         "compile_mode": model.get("compile_mode"),
     }
-
-
-def _switches() -> tuple[str, ...]:
-    return tuple(key.split(".", 1)[1] for key in MOVED_KEYS) + ("name",)

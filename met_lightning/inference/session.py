@@ -35,7 +35,7 @@ from met_lightning.inference.engine import (
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
 from met_lightning.inference.logit_store import LogitStore, recorded_precision
 from met_lightning.macs import ExitCosts, format_macs, model_exit_costs
-from met_lightning.structured import typed as _typed
+from met_lightning.structured import typed
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class SessionOptions(CheckpointOptions):
 
 def typed_options(cfg: Any, schema: type, name: str) -> Any:
     """`cfg` merged into the dataclass `schema`; an unknown key or wrong type is a ConfigError."""
-    return _typed(OmegaConf.create({name: cfg}), name, schema)
+    return typed(OmegaConf.create({name: cfg}), name, schema)
 
 
 def calibration_scores(
