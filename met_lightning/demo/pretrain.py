@@ -1,11 +1,14 @@
-"""Pretrain the demo backbone from scratch on rendered letter glyphs and ship its weights.
+"""Pretrain the demo backbone from scratch on generated images and ship its weights.
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
 
-The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh glyphs per epoch
-(`met_lightning.demo.glyphs`, no digits). The backbone is saved without its head as fp16
-safetensors, next to a JSON record of the run and of a transfer check (a logistic-regression
-probe of scikit-learn's digits on the frozen class token, vs random weights).
+The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh images per epoch, no
+real image among them: rendered letter glyphs (`met_lightning.demo.glyphs`, no digits) and
+formula-driven fractals and radial contours (`met_lightning.demo.formulas`), one label space.
+The backbone is saved without its head as fp16 safetensors, next to a JSON record of the run
+and of transfer checks (logistic-regression probes on the frozen class token, vs random weights:
+scikit-learn's digits, and Fashion-MNIST's 1k protocol where the Debian package is installed).
+A snapshot of the backbone is saved after every epoch (`*.partial.safetensors`) until the end.
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from met_lightning.data.lowres import lowres_to_tensor
+from met_lightning.data.lowres import LOWRES_MAX, lowres_to_tensor
+from met_lightning.data.torchvision_data import IDX_FILES, read_idx_split
+from met_lightning.demo.formulas import (
+    contour_classes,
+    fractal_systems,
+    render_contours,
+    render_fractals,
+)
 from met_lightning.demo.glyphs import SOURCE_CLASSES, render_glyphs
 from met_lightning.models.backbone import create_backbone
 from met_lightning.paths import ASSETS_DIR, config_dir
@@ -55,7 +65,8 @@ WEIGHT_DECAY = 0.05
 WARMUP_FRACTION = 0.05
 LABEL_SMOOTHING = 0.1
 GRAD_CLIP = 1.0
-THREADS = 2
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+FASHION_PER_CLASS = 100  # the 1k protocol: 100 training images per class, the full test set
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,11 +76,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=5, help="passes, each on fresh glyphs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=48_000, help="glyphs rendered per epoch")
+    parser.add_argument("--train-size", type=int, default=48_000, help="images made per epoch")
+    parser.add_argument("--fractal-classes", type=int, default=300)
+    parser.add_argument("--contour-classes", type=int, default=200)
+    parser.add_argument(
+        "--formula-share", type=float, default=2 / 3,
+        help="share of each epoch's images that are fractals and contours (half each)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="backbone .safetensors")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.train_size < 1:
-        parser.error("--epochs and --train-size must be positive")
+    if min(args.epochs, args.train_size, args.threads) < 1:
+        parser.error("--epochs, --train-size and --threads must be positive")
+    if args.formula_share > 0 and min(args.fractal_classes, args.contour_classes) < 1:
+        parser.error("--fractal-classes and --contour-classes must be positive")
+    if not 0 <= args.formula_share <= 1:
+        parser.error(f"--formula-share must be in [0, 1], got {args.formula_share}")
     return args
 
 
@@ -84,11 +106,39 @@ def data_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def glyph_tensors(n: int, seed: int, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` rendered glyphs as backbone inputs, through the digits' input pipeline."""
-    images, labels = render_glyphs(n, seed)
-    x = lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
-    return x, torch.from_numpy(labels)
+class Sources:
+    """The pretraining classes: glyphs, then fractal systems, then radial contours."""
+
+    def __init__(self, fractals: int, contours: int, share: float, seed: int) -> None:
+        self.fractals = fractal_systems(fractals, seed) if share > 0 else None
+        self.contours = contour_classes(contours, seed) if share > 0 else []
+        self.share = share
+        self.num_fractals = fractals if share > 0 else 0
+        self.num_classes = len(SOURCE_CLASSES) + self.num_fractals + len(self.contours)
+
+    def tensors(self, n: int, seed: int, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` images [n, C, H, W] as backbone inputs and their labels [n], mixed by `share`."""
+        rng = np.random.default_rng(seed)
+        n_formula = round(n * self.share)
+        n_fractal = n_formula // 2
+        n_glyph = n - n_formula
+        glyphs, glyph_labels = render_glyphs(n_glyph, seed)
+        parts = [self._input(glyphs, spec)]
+        labels = [glyph_labels]
+        if n_formula:
+            offset = len(SOURCE_CLASSES)
+            fractal = rng.integers(0, self.num_fractals, n_fractal)
+            contour = rng.integers(0, len(self.contours), n_formula - n_fractal)
+            chunks = np.array_split(fractal, max(1, len(fractal) // 1024))
+            drawn = [render_fractals(*self.fractals, chunk, rng) for chunk in chunks]
+            drawn.append(render_contours(self.contours, contour, rng))
+            parts += [self._input(images * LOWRES_MAX, spec) for images in drawn]
+            labels += [fractal + offset, contour + offset + self.num_fractals]
+        return torch.cat(parts), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+    @staticmethod
+    def _input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
+        return lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
 
 
 @torch.no_grad()
@@ -114,18 +164,21 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
 def train(
     model: nn.Module,
     spec: InputSpec,
-    epochs: int,
-    train_size: int,
-    seed: int,
+    sources: Sources,
+    args: argparse.Namespace,
     val: tuple[torch.Tensor, torch.Tensor],
 ) -> list[dict[str, float]]:
-    """Train `model` in place; returns per-epoch train loss and val accuracy (+ last train acc)."""
+    """Train `model` in place; returns per-epoch train loss and val accuracy (+ last train acc).
+    A backbone snapshot is saved after each epoch next to `args.out`."""
+    epochs, train_size, seed = args.epochs, args.train_size, args.seed
     steps_per_epoch = math.ceil(train_size / BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch))
     history = []
     for epoch in range(epochs):
-        x, y = glyph_tensors(train_size, data_seed(seed, epoch), spec)
+        started = time.perf_counter()
+        x, y = sources.tensors(train_size, data_seed(seed, epoch), spec)
+        made = time.perf_counter() - started
         model.train()
         order = torch.randperm(train_size)
         total_loss = 0.0
@@ -144,16 +197,24 @@ def train(
             "epoch": epoch + 1,
             "train_loss": round(total_loss / steps_per_epoch, 4),
             "val_acc": round(accuracy(model, *val), 4),
+            "data_s": round(made, 1),
+            "epoch_s": round(time.perf_counter() - started, 1),
         }
         history.append(record)
+        save_backbone(model, partial_path(args.out), {"format": "pt", "epoch": str(epoch + 1)})
         print(
             f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}  "
-            f"val acc {record['val_acc']:.4f}",
+            f"val acc {record['val_acc']:.4f}  ({record['epoch_s']:.0f} s, data {made:.0f} s)",
             flush=True,
         )
     # The last epoch's glyphs were seen once, late in training: a fair score on training data.
     history[-1]["train_acc"] = round(accuracy(model, x[:VAL_SIZE], y[:VAL_SIZE]), 4)
     return history
+
+
+def partial_path(out: Path) -> Path:
+    """Where the per-epoch snapshot of `out` goes."""
+    return out.with_suffix(".partial.safetensors")
 
 
 def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
@@ -167,25 +228,39 @@ def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
     save_file(tensors, str(path), metadata=metadata)
 
 
-def digits_features(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """Normed class tokens of the frozen `model` for all of scikit-learn's digits."""
-    digits = load_digits()
+def features(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """Class tokens [N, D] of the frozen `model` for grey `images` [N, h, w] (values 0..16)."""
     spec = InputSpec.from_timm(model)
-    x = lowres_to_tensor(digits.images, spec.input_size, spec.mean, spec.std, spec.interpolation)
+    x = lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([model.forward_features(c)[:, 0] for c in x.split(EVAL_BATCH_SIZE)])
-    return feats.numpy(), digits.target
+        feats = [model.forward_features(chunk)[:, 0] for chunk in x.split(EVAL_BATCH_SIZE)]
+    return torch.cat(feats).numpy()
 
 
 def linear_probe(model: nn.Module) -> float:
     """Digits test accuracy of a logistic regression on frozen features (stratified 60/40)."""
-    feats, labels = digits_features(model)
+    digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        feats, labels, test_size=0.4, stratify=labels, random_state=0
-    )
+        features(model, digits.images), digits.target, test_size=0.4, stratify=digits.target,
+        random_state=0,
+    )  # fmt: skip
     probe = LogisticRegression(max_iter=2000).fit(x_train, y_train)
     return float(probe.score(x_test, y_test))
+
+
+def fashion_probe(model: nn.Module, folder: Path = FASHION_MNIST) -> float:
+    """Fashion-MNIST test accuracy of a logistic regression on frozen features of
+    `FASHION_PER_CLASS` training images per class (seeded): the 1k protocol's linear probe."""
+    (train_x, train_y), (test_x, test_y) = (
+        (x.squeeze(1).numpy() * (LOWRES_MAX / 255), y.numpy())
+        for x, y in (read_idx_split(folder, split, 10) for split in ("train", "test"))
+    )
+    rng = np.random.default_rng(0)
+    pick = np.concatenate([rng.choice(np.flatnonzero(train_y == c), FASHION_PER_CLASS,
+                                      replace=False) for c in range(10)])  # fmt: skip
+    probe = LogisticRegression(max_iter=3000).fit(features(model, train_x[pick]), train_y[pick])
+    return float(probe.score(features(model, test_x), test_y))
 
 
 def transfer_check(name: str, model_kwargs: dict[str, Any], weights: Path, seed: int) -> dict:
@@ -200,37 +275,52 @@ def transfer_check(name: str, model_kwargs: dict[str, Any], weights: Path, seed:
         raise RuntimeError(f"{weights} does not load into {name} {model_kwargs} unchanged")
     torch.manual_seed(seed)
     random = create_backbone(name, model_kwargs=model_kwargs)
-    return {
+    check = {
         "probe": "LogisticRegression(max_iter=2000) on forward_features(x)[:, 0] of all "
         "sklearn digits, stratified 60/40 split, random_state=0",
         "pretrained_acc": round(linear_probe(pretrained), 4),
         "random_init_acc": round(linear_probe(random), 4),
     }
+    if all((FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES["test"]):
+        check["fashion_mnist"] = {
+            "probe": f"LogisticRegression(max_iter=3000) on forward_features(x)[:, 0] of "
+            f"{FASHION_PER_CLASS} Fashion-MNIST training images per class (seed 0), "
+            f"scored on the 10,000 test images ({FASHION_MNIST})",
+            "pretrained_acc": round(fashion_probe(pretrained), 4),
+            "random_init_acc": round(fashion_probe(random), 4),
+        }
+    return check
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     start = time.perf_counter()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     name, model_kwargs = backbone_architecture()
-
-    model = timm.create_model(
-        name, pretrained=False, num_classes=len(SOURCE_CLASSES), **model_kwargs
-    )
+    sources = Sources(args.fractal_classes, args.contour_classes, args.formula_share, args.seed)
+    model = timm.create_model(name, pretrained=False, num_classes=sources.num_classes,
+                              **model_kwargs)  # fmt: skip
     spec = InputSpec.from_timm(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name} {model_kwargs}: {n_params / 1e6:.2f} M parameters, input {spec}", flush=True)
-    val = glyph_tensors(VAL_SIZE, data_seed(args.seed, VAL_STREAM), spec)
-    history = train(model, spec, args.epochs, args.train_size, args.seed, val)
+    val = sources.tensors(VAL_SIZE, data_seed(args.seed, VAL_STREAM), spec)
+    history = train(model, spec, sources, args, val)
 
     record = {
         "command": shlex.join(["python", "-m", "met_lightning.demo.pretrain", *argv]),
         "seed": args.seed,
         "epochs": args.epochs,
         "train_size_per_epoch": args.train_size,
-        "train_glyphs_seen": args.epochs * args.train_size,
+        "train_images_seen": args.epochs * args.train_size,
+        "data": {
+            "glyph_classes": len(SOURCE_CLASSES),
+            "fractal_classes": sources.num_fractals,
+            "contour_classes": len(sources.contours),
+            "formula_share": args.formula_share,
+            "real_images": 0,
+        },
         "val_size": VAL_SIZE,
         "backbone": {"name": name, "model_kwargs": model_kwargs, "parameters": n_params},
         "input": asdict(spec),
@@ -255,11 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
             "format": "pt",
             "name": name,
             "model_kwargs": json.dumps(model_kwargs),
-            "source_task": "rendered letter glyphs (met_lightning.demo.glyphs), no digits",
+            "source_task": "rendered letter glyphs (no digits), formula-driven fractals and "
+            "radial contours (met_lightning.demo.glyphs, .formulas); no real image",
             "source_classes": record["source_classes"],
             "command": record["command"],
         },
     )
+    partial_path(args.out).unlink(missing_ok=True)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)", flush=True)
 
     record["transfer_check"] = transfer_check(name, model_kwargs, args.out, args.seed)
@@ -274,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             "freetype": PIL.features.version("freetype2"),
             "matplotlib": matplotlib.__version__,
         },
-        threads=THREADS,
+        threads=args.threads,
     )
     record_file = args.out.with_suffix(".json")
     record_file.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,114 @@
+"""Formula-driven pretraining images (fractals, radial contours) and the pretraining script."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from met_lightning.demo import pretrain
+from met_lightning.demo.formulas import (
+    SIZE,
+    contour_classes,
+    fractal_systems,
+    render_contours,
+    render_fractals,
+)
+from met_lightning.demo.glyphs import SOURCE_CLASSES
+from met_lightning.spec import InputSpec
+
+SPEC = InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+
+def nearest_centroid_accuracy(images: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """Accuracy of class means of the first half on the second half (is the class visible?)."""
+    flat = images.reshape(len(images), -1)
+    half = len(flat) // 2
+    centroids = np.stack([flat[:half][labels[:half] == c].mean(axis=0) for c in range(classes)])
+    distance = ((flat[half:, None, :] - centroids[None]) ** 2).sum(axis=2)
+    return float((distance.argmin(axis=1) == labels[half:]).mean())
+
+
+def test_fractal_systems_are_contractive_ifs_with_the_sigma_factor_of_their_size() -> None:
+    maps, probs = fractal_systems(40, seed=3)
+    assert maps.shape == (40, 4, 2, 3) and probs.shape == (40, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    for system, p in zip(maps, probs, strict=True):
+        used = p > 0
+        n = int(used.sum())
+        assert 2 <= n <= 4 and (system[~used] == 0).all()
+        singular = np.linalg.svd(system[used, :, :2], compute_uv=False)  # [n, 2], descending
+        assert singular.max() <= 1.0 + 1e-9  # every map contracts
+        sigma = (singular[:, 0] + 2 * singular[:, 1]).sum()
+        assert (5 + n) / 2 - 1e-9 <= sigma <= (6 + n) / 2 + 1e-9
+    again = fractal_systems(40, seed=3)
+    np.testing.assert_array_equal(again[0], maps)
+    assert not np.array_equal(fractal_systems(40, seed=4)[0], maps)
+
+
+# A class mean on raw pixels tells fractal classes apart well; contours less so (random turns,
+# sizes, outline or fill), so their bound is lower (chance is 1/6; the runs are seeded).
+@pytest.mark.parametrize(("family", "above_chance"), [("fractals", 2.5), ("contours", 1.25)])
+def test_images_are_drawn_in_range_and_their_class_is_visible(family, above_chance) -> None:
+    classes, rng = 6, np.random.default_rng(0)
+    labels = np.tile(np.arange(classes), 40)
+    if family == "fractals":
+        images = render_fractals(*fractal_systems(classes, seed=0), labels, rng)
+    else:
+        images = render_contours(contour_classes(classes, seed=0), labels, rng)
+    assert images.shape == (len(labels), SIZE, SIZE)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    lit = (images > 0.05).reshape(len(images), -1).mean(axis=1)
+    assert (lit > 0.01).all() and (lit < 0.9).all()  # neither blank nor a filled square
+    # Instances vary (jitter, flips, turns) but a class mean still tells classes apart.
+    assert len({image.tobytes() for image in images[labels == 0]}) == 40
+    assert nearest_centroid_accuracy(images, labels, classes) > above_chance / classes
+
+
+def test_sources_mix_glyphs_fractals_and_contours_in_one_label_space() -> None:
+    sources = pretrain.Sources(fractals=5, contours=4, share=0.5, seed=0)
+    assert sources.num_classes == len(SOURCE_CLASSES) + 5 + 4
+    x, y = sources.tensors(120, seed=1, spec=SPEC)
+    assert x.shape == (120, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    glyphs = int((y < len(SOURCE_CLASSES)).sum())
+    fractal = int(((y >= len(SOURCE_CLASSES)) & (y < len(SOURCE_CLASSES) + 5)).sum())
+    assert (glyphs, fractal, 120 - glyphs - fractal) == (60, 30, 30)
+    assert y.max() < sources.num_classes
+    x2, y2 = sources.tensors(120, seed=1, spec=SPEC)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    only_glyphs = pretrain.Sources(fractals=5, contours=4, share=0.0, seed=0)
+    assert only_glyphs.num_classes == len(SOURCE_CLASSES)
+
+
+def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pretrain, "FASHION_MNIST", tmp_path / "absent")  # no Fashion-MNIST probe
+    monkeypatch.setattr(pretrain, "VAL_SIZE", 64)
+    out = tmp_path / "b.safetensors"
+    argv = ["--epochs", "1", "--train-size", "96", "--fractal-classes", "3",
+            "--contour-classes", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    record = pretrain.main(argv)
+    assert out.is_file() and not pretrain.partial_path(out).exists()
+    assert not any(k.startswith("head.") for k in load_file(str(out)))
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["data"] == {"glyph_classes": len(SOURCE_CLASSES), "fractal_classes": 3,
+                             "contour_classes": 2, "formula_share": pytest.approx(2 / 3),
+                             "real_images": 0}  # fmt: skip
+    assert saved["train_images_seen"] == 96 and "fashion_mnist" not in saved["transfer_check"]
+    assert 0 <= saved["transfer_check"]["pretrained_acc"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--formula-share", "1.5"], "--formula-share must be in [0, 1]"),
+     (["--threads", "0"], "must be positive"),
+     (["--fractal-classes", "0"], "--fractal-classes and --contour-classes must be positive")],
+)  # fmt: skip
+def test_pretrain_refuses_impossible_arguments(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(argv)
+    assert message in capsys.readouterr().err
