@@ -2,7 +2,10 @@
 ramps from half the server's capacity to twice it and back; fixed keep-100 % thresholds, the
 fixed cheapest point over the floor and `slo_ms=` compared in one run.
 
-    python experiments/bench_slo.py --run RUN --slo-ms 100 --phase-seconds 10 [--shift]
+    python -m experiments.bench_slo --run RUN [--slo-ms MS] --phase-seconds 10 [--shift]
+
+Without --slo-ms the SLO is --slo-factor (3) x the unloaded p50 of keep-100 % (one request at a
+time). The servers' logs go to the temporary folder (`bench_slo_<ramp|shift>_<config>.log`).
 
 Per phase: p50 / p95 / p99 latency, goodput (answers within the SLO per second), accuracy (the
 digits' labels are known); the controller's trace (rate, p95, point over time) as a PNG.
@@ -16,6 +19,8 @@ import asyncio
 import io
 import json
 import random
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,6 +108,17 @@ async def capacity(url: str, pngs: list[bytes], seconds: float = 4.0, clients: i
     return done / seconds
 
 
+async def unloaded_p50_ms(url: str, pngs: list[bytes], requests: int = 30) -> float:
+    """Median latency of one request at a time (no queue): the SLO's unit."""
+    latencies = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for k in range(requests):
+            sent = time.monotonic()
+            await client.post("/predict", files={"file": ("x.png", pngs[k % len(pngs)])})
+            latencies.append(time.monotonic() - sent)
+    return float(np.median(latencies) * 1000)
+
+
 def summary(records: list[dict], labels: list[int], slo_s: float, seconds: float) -> list[dict]:
     rows = []
     for phase in sorted({r["phase"] for r in records}):
@@ -143,7 +159,8 @@ def plot(records: list[dict], labels: dict[str, int], path: Path, slo_ms: float)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--slo-ms", type=float, default=100.0)
+    parser.add_argument("--slo-ms", type=float, help="default: --slo-factor x unloaded p50")
+    parser.add_argument("--slo-factor", type=float, default=3.0)
     parser.add_argument("--floor", type=float, default=0.99)
     parser.add_argument("--phase-seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=16)
@@ -157,32 +174,35 @@ def main() -> None:
     scores = calibration_scores(options, plan.macs_per_exit, plan.exits)
     points = operating_points(scores, plan.macs_per_exit, args.floor)
     index = {p.label: i for i, p in enumerate(points)}
-    configs = {
-        "keep-100%": (list(points[-1].thresholds), ()),
-        "cheapest": (list(points[0].thresholds), ()),
-        f"slo_ms={args.slo_ms:g}": (
-            None,
-            (f"slo_ms={args.slo_ms}", f"accuracy_floor={args.floor}"),
-        ),
-    }
-    results, rates = {}, None
-    for name, (thresholds, extra) in configs.items():
-        proc, url = start_server(args.run, thresholds, args, extra)
-        try:
-            if rates is None:  # the capacity at keep-100 %: the ramp's unit
-                cap = asyncio.run(capacity(url, pngs))
-                rates = [f * cap for f in RAMP]
-            records = asyncio.run(open_loop(url, pngs, rates, args.phase_seconds))
-            info = httpx.get(f"{url}/info").json()["model"]
-        finally:
-            stop_server(proc)
-        results[name] = {"phases": summary(records, labels, args.slo_ms / 1000, args.phase_seconds),
+    tag = "shift" if args.shift else "ramp"
+    fixed = {"keep-100%": list(points[-1].thresholds), "cheapest": list(points[0].thresholds)}
+    results, rates, slo_ms = {}, None, args.slo_ms
+    for name in [*fixed, "slo"]:
+        extra = () if name in fixed else (f"slo_ms={slo_ms}", f"accuracy_floor={args.floor}")
+        # the server's log goes to a file: a pipe nobody reads would block it once full
+        with open(Path(tempfile.gettempdir()) / f"bench_slo_{tag}_{name}.log", "w") as log:
+            proc, url = start_server(args.run, fixed.get(name), args, extra, stderr=log)
+            try:
+                if rates is None:  # keep-100 %: the ramp's unit, and the SLO's
+                    cap = asyncio.run(capacity(url, pngs))
+                    rates = [f * cap for f in RAMP]
+                    unloaded = asyncio.run(unloaded_p50_ms(url, pngs))
+                    slo_ms = slo_ms or round(args.slo_factor * unloaded)
+                    print(f"capacity {cap:.1f}/s, unloaded p50 {unloaded:.1f} ms, SLO {slo_ms} ms")
+                records = asyncio.run(open_loop(url, pngs, rates, args.phase_seconds))
+                info = httpx.get(f"{url}/info").json()["model"]
+            finally:
+                stop_server(proc)
+        name = name if name in fixed else f"slo_ms={slo_ms:g}"
+        results[name] = {"phases": summary(records, labels, slo_ms / 1000, args.phase_seconds),
                          "changes": info.get("slo", {}).get("changes", [])}  # fmt: skip
-        if thresholds is None:
-            tag = "shift" if args.shift else "ramp"
-            plot(records, index, RESULTS / f"bench_slo_{tag}.png", args.slo_ms)
-    out = RESULTS / f"bench_slo_{'shift' if args.shift else 'ramp'}.json"
-    out.write_text(json.dumps({"rates": rates, "results": results}, indent=1))
+        if name not in fixed:
+            plot(records, index, RESULTS / f"bench_slo_{tag}.png", slo_ms)
+    out = RESULTS / f"bench_slo_{tag}.json"
+    meta = {"command": " ".join(["python -m experiments.bench_slo", *sys.argv[1:]]),
+            "capacity": cap, "unloaded_p50_ms": unloaded, "slo_ms": slo_ms,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    out.write_text(json.dumps({**meta, "rates": rates, "results": results}, indent=1))
     for name, r in results.items():
         print(name)
         for row in r["phases"]:
