@@ -1,8 +1,6 @@
 """Checkpoints: trainable-only safetensors (`trainable.py`), Lightning's `.ckpt` written atomically
 and read weights-only (`lightning_io.py`), and `resume=RUN_DIR` (`resume.py`)."""
 
-from met_lightning.checkpoint.fingerprint import KEY as FINGERPRINT_KEY
-from met_lightning.checkpoint.fingerprint import backbone_fingerprint
 from met_lightning.checkpoint.lightning_io import (
     SafeCheckpointIO,
     checkpoint_progress,
@@ -17,7 +15,9 @@ from met_lightning.checkpoint.resume import (
 )
 from met_lightning.checkpoint.trainable import (
     FILENAME,
+    FINGERPRINT_KEY,
     FORMAT,
+    backbone_fingerprint,
     load_trainable,
     read_trainable,
     save_trainable,

@@ -63,23 +63,18 @@ def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the tensors `export_state` stores, not computed (works on meta device)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, param, layer in _trainable(net):
-        if layer is None:
-            shapes[name] = tuple(param.shape)
-            continue
-        packed = ((math.prod(param.shape) + 7) // 8,), (1,), (1,)
-        shapes.update({name + s: shape for s, shape in zip(PACKED_SUFFIXES, packed, strict=True)})
-    return shapes
-
-
 def check_shapes(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """CheckpointError naming `source` unless `tensors` have exactly the names and shapes that
-    `export_state(net)` (`net` e.g. on the meta device) would store."""
+    `export_state(net)` would store (computed from the parameters' shapes: `net` may be on the
+    meta device)."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    expected = export_shapes(net)
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, param, layer in _trainable(net):
+        if layer is None:
+            expected[name] = tuple(param.shape)
+        else:
+            signs = (math.prod(param.shape) + 7) // 8
+            expected.update({f"{name}.signs": (signs,), f"{name}.mu": (1,), f"{name}.sigma": (1,)})
     if set(shapes) != set(expected):
         missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
         raise CheckpointError(

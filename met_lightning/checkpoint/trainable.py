@@ -1,7 +1,8 @@
 """Trainable-only checkpoints: the adapters and heads in safetensors, plus the config to rebuild.
 
 The frozen backbone is not stored (like peft's `save_pretrained`): `load_trainable` rebuilds it
-from the recorded config, checks its `fingerprint` and loads the trainable tensors on top.
+from the recorded config, checks it is the one training recorded (`backbone_fingerprint`: timm
+name and a SHA-256 over its weights) and loads the trainable tensors on top.
 The file may come from someone else: its JSON metadata is never resolved, checked field by field
 (`check_recorded`), and its network is built on the meta device and compared with the tensors'
 shapes before any weight is allocated.
@@ -9,7 +10,9 @@ shapes before any weight is allocated.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +20,61 @@ import torch
 from torch import nn
 
 from met_lightning.builders import build_backbone, meta_network, rebuild_network
-from met_lightning.checkpoint.fingerprint import verify_backbone
 from met_lightning.checkpoint.migrate import migrate
 from met_lightning.checkpoint.packing import check_shapes, export_state, load_export
 from met_lightning.checkpoint.tagged import read_tagged, write_tagged
 from met_lightning.errors import CheckpointError, MetError
 from met_lightning.spec import InputSpec
 
+log = logging.getLogger(__name__)
+
 FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
+FINGERPRINT_KEY = "backbone_fingerprint"  # its key in a checkpoint's rebuild config
+
+
+def backbone_fingerprint(backbone: nn.Module, name: str) -> dict[str, str]:
+    """{"name": timm name, "sha256": weights hash} of a freshly built backbone; the hash runs over
+    its `state_dict()`: every tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return {"name": str(name), "sha256": digest.hexdigest()}
+
+
+def verify_backbone(
+    backbone: nn.Module, config: dict[str, Any], path: str | Path, weights_file: str | None = None
+) -> None:
+    """CheckpointError naming both identities and the fix unless `backbone` (just built from a
+    checkpoint's config) is the one it was trained on; a warning if none is recorded (older)."""
+    recorded = config.get(FINGERPRINT_KEY) or {}
+    backbone_cfg = config.get("backbone") or {}
+    name = str(backbone_cfg.get("name", "?"))
+    if not recorded.get("sha256"):
+        log.warning(
+            "checkpoint %s records no backbone weights hash (made by an older met_lightning): "
+            "the backbone %s it is loaded on cannot be verified",
+            path,
+            name,
+        )
+        return
+    now = backbone_fingerprint(backbone, name)
+    if now == {"name": str(recorded.get("name")), "sha256": recorded["sha256"]}:
+        return
+    source = weights_file or backbone_cfg.get("weights_file")
+    built = f"weights file {source}" if source else "hub weights"
+    if not source and not backbone_cfg.get("pretrained"):
+        built = f"random weights, seed {config.get('seed')}"
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} is for another backbone: it was trained on "
+        f"{recorded.get('name')!r} with weights sha256 {recorded['sha256'][:16]}…, but the "
+        f"backbone built now is {name!r} ({built}) with sha256 {now['sha256'][:16]}…. Load it "
+        "with the weights it was trained on: weights_file=/path/to/weights (predict, "
+        "load_trainable) or backbone.weights_file=... (training)"
+    )
 
 
 def save_trainable(

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from met_lightning.data.base import ImageClassificationDataModule
 from met_lightning.data.images import ImageListDataset, Sample, check_exist, check_images
-from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
 
@@ -99,8 +98,6 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         task: str,
         split: str = "final",
         num_classes: int | None = None,
-        normalize: str = "backbone",
-        augment: bool = False,
         skip_bad_images: bool = False,
         **kwargs,
     ) -> None:
@@ -122,17 +119,12 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         super().__init__(num_classes=info.num_classes, **kwargs)
         self.root = Path(root).expanduser()
         self.task = task
+        self.task_dir = self.root / task
         self.group = info.group
         self.split = split
-        self.normalize = check_normalize(normalize)
-        self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
         self.class_names = [str(i) for i in range(info.num_classes)]
         self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, list file)
-
-    @property
-    def task_dir(self) -> Path:
-        return self.root / self.task
 
     def _samples(self, list_name: str) -> list[Sample]:
         path = self.task_dir / list_name

@@ -270,11 +270,6 @@ class MultiExitViT(nn.Module):
             x, e = self.backbone.blocks[i].forward_streams(x, e, self.block_adapters(i, stage))
         return StreamState(x, e)
 
-    def exit_features(self, stage: int, state: StreamState) -> torch.Tensor:
-        """Head input of exit `stage`: LN_k of the class token it reads. [B, d]"""
-        token = state.early[:, 0] if self.num_early_tokens(stage) else state.main[:, 0]
-        return self.norms[stage](token)
-
     def leave(self, stage: int, state: StreamState) -> StreamState:
         """Drop the class token that exit `stage` has read, if it was an early one."""
         n_early = self.num_early_tokens(stage)
@@ -287,7 +282,8 @@ class MultiExitViT(nn.Module):
         """Embed (stage 0; else `x` is the previous stage's state) -> blocks -> LN_k, head k ->
         leave: (next state, None after the last exit; head input [B, d]; logits [B, C])."""
         state = self.run_stage(stage, self.embed(x) if stage == 0 else x)
-        features = self.exit_features(stage, state)
+        token = state.early[:, 0] if self.num_early_tokens(stage) else state.main[:, 0]
+        features = self.norms[stage](token)  # LN_k of the class token exit `stage` reads
         after = self.leave(stage, state) if stage < self.num_exits - 1 else None
         return after, features, self.heads[stage](features)
 
