@@ -1,14 +1,12 @@
 """Checkpoints: trainable-only safetensors (`trainable.py`), Lightning's `.ckpt` written atomically
-and read weights-only (`lightning_io.py`), and `resume=RUN_DIR` (`resume.py`)."""
+and read weights-only, and `resume=RUN_DIR` (`resume.py`)."""
 
-from met_lightning.checkpoint.lightning_io import (
-    SafeCheckpointIO,
-    checkpoint_progress,
-    load_lightning_checkpoint,
-)
 from met_lightning.checkpoint.resume import (
     ResumePoint,
+    SafeCheckpointIO,
     checkpoint_folders,
+    checkpoint_progress,
+    load_lightning_checkpoint,
     remove_stale_files,
     resume_argv,
     resume_checkpoint,

@@ -74,6 +74,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
                 "uses a GPU), true or false"
             )
         self.num_classes = int(num_classes)
+        self.class_names = [str(i) for i in range(self.num_classes)]  # a subclass may name them
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)

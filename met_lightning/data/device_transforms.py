@@ -180,7 +180,6 @@ class BatchTransform:
         spec: InputSpec,
         normalize: bool | str = "backbone",
         augment: bool = False,
-        crop_scale: tuple[float, float] = CROP_SCALE,
         value_max: float = 255.0,
         mode: str | None = None,
     ) -> None:
@@ -190,7 +189,6 @@ class BatchTransform:
         if self.mode not in MODES:
             raise ValueError(f"resize mode {self.mode!r} is not one of {', '.join(MODES)}")
         self.augment = bool(augment)
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.value_max = float(value_max)
         stats = resolve_normalization(spec, normalize)
         self.mean, self.std = (None, None) if stats is None else stats
@@ -229,9 +227,7 @@ class BatchTransform:
     def augment_with(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """The augmented input from the `draws` of `crop_draws` (generator-free: compiles)."""
         x = to_unit(images, self.value_max)
-        top, left, crop_h, crop_w, flip = crops_from_draws(
-            draws, x.shape[-2], x.shape[-1], self.crop_scale
-        )
+        top, left, crop_h, crop_w, flip = crops_from_draws(draws, x.shape[-2], x.shape[-1])
         x = resized_crop(x, top, left, crop_h, crop_w, self.size, self.mode, flip)
         return self.finish(x.clamp_(0.0, 1.0))
 

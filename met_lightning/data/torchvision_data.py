@@ -388,11 +388,8 @@ class TorchvisionDataModule(ImageClassificationDataModule):
             key = f"data.{split}_per_class" if per_class else f"data.{split}_size"
             self.draws[split] = key, _per_class_counts(per_class, size, self.num_classes, self.seed)
         names = getattr(getattr(tvd, self.entry.cls), "classes", None)
-        self.class_names = (
-            list(names)
-            if isinstance(names, list | tuple) and len(names) == self.num_classes
-            else [str(i) for i in range(self.num_classes)]
-        )
+        if isinstance(names, list | tuple) and len(names) == self.num_classes:
+            self.class_names = list(names)
 
     # ------------------------------------------------------------------ files
     @property
@@ -499,10 +496,9 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     def split_indices(self, labels: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
         """{split: (source split, indices)} for train / val / test, from the official splits'
         labels (`labels[split]`, absent where there is none) by the rules of the module."""
-        train_labels = labels["train"]
         has_val, has_test = "val" in labels, "test" in labels
         parts = stratified_indices(
-            train_labels,
+            labels["train"],
             0.0 if has_val else self.val_fraction,
             0.0 if has_test else self.test_fraction,
             self.seed,
@@ -532,8 +528,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         if self._missing():
             raise self._not_found()
-        loaded = {split: self._load(split) for split in SPLITS}
-        loaded = {split: value for split, value in loaded.items() if value is not None}
+        loaded = {split: value for split in SPLITS if (value := self._load(split)) is not None}
         plan = self.split_indices({split: labels for split, (_, labels) in loaded.items()})
         self.split_sizes = {split: len(idx) for split, (_, idx) in plan.items()}
         log.info("%s: %s", self.name, ", ".join(f"{s} {n}" for s, n in self.split_sizes.items()))

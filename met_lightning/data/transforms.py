@@ -17,6 +17,8 @@ luma, L = 0.299 R + 0.587 G + 0.114 B, rounded.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from PIL import Image
@@ -32,18 +34,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm's default RandomResizedCrop area range.
 CROP_SCALE = (0.08, 1.0)
+# Clamp to [0, 1] (bicubic resizing overshoots); a partial, so dataloader workers can pickle it.
+CLAMP_01 = v2.Lambda(partial(torch.clamp, min=0.0, max=1.0))
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
     """torchvision's mode for a timm interpolation name (bicubic unless bilinear / nearest)."""
     return InterpolationMode(name) if name in ("bilinear", "nearest") else InterpolationMode.BICUBIC
-
-
-class Clamp01(torch.nn.Module):
-    """Clamp to [0, 1] (bicubic resizing overshoots); a module, so workers can pickle it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(0.0, 1.0)
 
 
 # 16-bit grey modes (and `I`, read as 16-bit values): v8 = round(v / 257)
@@ -119,7 +116,7 @@ def eval_transform(spec: InputSpec, normalize: bool | str = True) -> v2.Compose:
         spec.input_size[1:], interpolation=interpolation_mode(spec.interpolation), antialias=True
     )
     return v2.Compose(
-        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), resize, Clamp01()]
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), resize, CLAMP_01]
         + _normalize_steps(spec, normalize)
     )
 
@@ -172,20 +169,19 @@ def train_transform(
     spec: InputSpec,
     normalize: bool | str = "backbone",
     augment: bool = False,
-    crop_scale: tuple[float, float] = CROP_SCALE,
 ) -> v2.Compose:
-    """`eval_transform` without `augment`, else RandomResizedCrop (area `crop_scale`, aspect
+    """`eval_transform` without `augment`, else RandomResizedCrop (area `CROP_SCALE`, aspect
     3/4..4/3) + horizontal flip, then scale to [0, 1] and normalize (the per-image reference of
     the batched `device_transforms.BatchTransform`)."""
     if not augment:
         return eval_transform(spec, normalize)
     crop = v2.RandomResizedCrop(
         spec.input_size[1:],
-        scale=tuple(crop_scale),
+        scale=CROP_SCALE,
         interpolation=interpolation_mode(spec.interpolation),
         antialias=True,
     )
     return v2.Compose(
         [v2.ToImage(), crop, v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
-        + [Clamp01(), *_normalize_steps(spec, normalize)]
+        + [CLAMP_01, *_normalize_steps(spec, normalize)]
     )

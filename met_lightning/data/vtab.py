@@ -53,33 +53,6 @@ PREPARE_HINT = (
 )
 
 
-def read_list_file(path: Path, num_classes: int) -> list[Sample]:
-    """(absolute image path, label) of every non-empty line `relative/path label` of `path`."""
-    if not path.is_file():
-        raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
-    samples: list[Sample] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().rsplit(maxsplit=1)
-        try:
-            relative, label = parts[0], int(parts[1])
-        except (IndexError, ValueError):
-            raise DataError(
-                f"{path}, line {number}: expected 'relative/path label', got {line.strip()!r}"
-            ) from None
-        if not 0 <= label < num_classes:
-            raise DataError(
-                f"{path}, line {number}: label {label} is outside 0..{num_classes - 1} "
-                f"(the task has {num_classes} classes)"
-            )
-        samples.append((path.parent / relative, label))
-    if not samples:
-        raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
-    return samples
-
-
 class Vtab1kDataModule(ImageClassificationDataModule):
     """One VTAB-1K task from its list files.
 
@@ -123,12 +96,34 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         self.group = info.group
         self.split = split
         self.skip_bad_images = bool(skip_bad_images)
-        self.class_names = [str(i) for i in range(info.num_classes)]
         self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, list file)
 
     def _samples(self, list_name: str) -> list[Sample]:
+        """(absolute image path, label) of every non-empty line `relative/path label` of the list
+        file `list_name`, checked: labels, files (`check_exist`), images (`check_images`)."""
         path = self.task_dir / list_name
-        samples = read_list_file(path, self.num_classes)
+        if not path.is_file():
+            raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
+        samples: list[Sample] = []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            try:
+                relative, label = parts[0], int(parts[1])
+            except (IndexError, ValueError):
+                raise DataError(
+                    f"{path}, line {number}: expected 'relative/path label', got {line.strip()!r}"
+                ) from None
+            if not 0 <= label < self.num_classes:
+                raise DataError(
+                    f"{path}, line {number}: label {label} is outside 0..{self.num_classes - 1} "
+                    f"(the task has {self.num_classes} classes)"
+                )
+            samples.append((path.parent / relative, label))
+        if not samples:
+            raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
         check_exist(samples, str(path), hint=PREPARE_HINT)
         return check_images(samples, str(path), self.task_dir, self.skip_bad_images)
 

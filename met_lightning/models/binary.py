@@ -64,9 +64,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bits: int = 32) -> None:
         super().__init__(in_features, out_features)
-        if bits not in BITS:
-            raise ValueError(f"bits={bits} must be one of {BITS}")
-        self.bits = bits
+        self.bits = bits  # checked by `AdapterConfig`
         self.loaded: BinaryParts | None = None
 
     def binary_parts(self) -> BinaryParts:
