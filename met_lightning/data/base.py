@@ -1,9 +1,9 @@
 """Base LightningDataModule of every image-classification dataset of the project.
 
 A subclass implements `_build_splits()` (train / val / test datasets). The datasets yield uint8
-images [C, h, w] at their stored size, collated as uint8 batches (`device_transforms.ImageCollate`);
+images [C, h, w] at their stored size, collated as uint8 batches (`transforms.ImageCollate`);
 `on_after_batch_transfer` turns each batch, on the trainer's device, into the backbone's normalized
-float input [B, C, H, W] (`device_transforms.BatchTransform`).
+float input [B, C, H, W] (`transforms.BatchTransform`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
-from met_lightning.data.device_transforms import BatchTransform, ImageCollate, augment_seed
-from met_lightning.data.transforms import check_normalize
+from met_lightning.data.transforms import (
+    BatchTransform,
+    ImageCollate,
+    augment_seed,
+    check_normalize,
+)
 from met_lightning.errors import ConfigError, MetError
 from met_lightning.spec import InputSpec
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.images import ImageListDataset, Sample, check_exist, check_images
+from met_lightning.data.images import ImageListDataset, Sample, check_images, listing
 from met_lightning.errors import ConfigError, DataError
 
 
@@ -100,7 +100,7 @@ class Vtab1kDataModule(ImageClassificationDataModule):
 
     def _samples(self, list_name: str) -> list[Sample]:
         """(absolute image path, label) of every non-empty line `relative/path label` of the list
-        file `list_name`, checked: labels, files (`check_exist`), images (`check_images`)."""
+        file `list_name`, checked: labels, files, images (`check_images`)."""
         path = self.task_dir / list_name
         if not path.is_file():
             raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
@@ -124,7 +124,12 @@ class Vtab1kDataModule(ImageClassificationDataModule):
             samples.append((path.parent / relative, label))
         if not samples:
             raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
-        check_exist(samples, str(path), hint=PREPARE_HINT)
+        missing = [image for image, _ in samples if not image.is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} image(s) listed in {path} do not exist: {listing(missing)}. "
+                f"{PREPARE_HINT}"
+            )
         return check_images(samples, str(path), self.task_dir, self.skip_bad_images)
 
     def check_files(self) -> None:

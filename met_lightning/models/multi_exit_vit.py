@@ -37,9 +37,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from met_lightning.errors import ConfigError
-from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter
+from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter, add_lora
 from met_lightning.models.backbone import spec_of
-from met_lightning.models.lora import add_lora
 from met_lightning.structured import target_config
 
 # timm ViT modules after the last block: MultiExitViT reads the class token through its own norms
