@@ -23,7 +23,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _create_temporary(path)
     try:
         yield tmp
-        _fsync(tmp)  # the data is on disk before the name points to it
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points to it
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -40,14 +44,6 @@ def _create_temporary(path: Path) -> Path:
             continue
         return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

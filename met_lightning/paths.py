@@ -1,11 +1,16 @@
-"""Where the package's files are (`conf/`, `assets/`) and whether a path the user gives can be
-written (`check_writable`). The lowest floor: only the errors below it."""
+"""Where the package's files are (`conf/`, `assets/`), whether a path the user gives can be
+written (`check_writable`) and whether a URL's host can be reached (`host_reachable`). The lowest
+floor: only the errors below it."""
 
 from __future__ import annotations
 
 import importlib.resources
 import os
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -24,13 +29,9 @@ def config_dir() -> str:
     return str(importlib.resources.files("met_lightning") / "conf")
 
 
-def asset_path(name: str) -> str:
-    """Absolute path of a file shipped in met_lightning/assets (resolver `${met_asset:NAME}`)."""
-    return str(ASSETS_DIR / name)
-
-
-if not OmegaConf.has_resolver("met_asset"):  # the configs of conf/ use it
-    OmegaConf.register_new_resolver("met_asset", asset_path)
+# `${met_asset:NAME}` in the configs of conf/: the absolute path of met_lightning/assets/NAME
+if not OmegaConf.has_resolver("met_asset"):
+    OmegaConf.register_new_resolver("met_asset", lambda name: str(ASSETS_DIR / name))
 
 
 def check_writable(path: str | Path, key: str, folder: bool = True) -> Path:
@@ -52,3 +53,28 @@ def check_writable(path: str | Path, key: str, folder: bool = True) -> Path:
             f"{key}={path} is not writable (no write permission on {existing}); {WRITABLE_HINT}"
         )
     return target
+
+
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `url`'s host (or urllib's proxy) opens within `timeout` s.
+
+    In a daemon thread: name resolution ignores socket timeouts and can block much longer offline.
+    """
+    parsed = urlparse(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # downloads go there
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except (OSError, ValueError):
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])

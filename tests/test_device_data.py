@@ -15,18 +15,19 @@ from torchvision.transforms.v2 import functional as TF
 
 from met_lightning.data.base import InputSpec
 from met_lightning.data.cifar import Cifar100DataModule
-from met_lightning.data.device_transforms import (
-    BatchTransform,
-    augment_seed,
-    crop_draws,
-    resized_crop,
-    sample_crops,
-)
 from met_lightning.data.digits import DigitsDataModule, stratified_split
 from met_lightning.data.image_folder import ImageFolderDataModule
 from met_lightning.data.images import load_image
 from met_lightning.data.lowres import lowres_to_tensor
-from met_lightning.data.transforms import eval_transform, interpolation_mode
+from met_lightning.data.transforms import (
+    BatchTransform,
+    augment_seed,
+    crop_draws,
+    eval_transform,
+    interpolation_mode,
+    resized_crop,
+    sample_crops,
+)
 from met_lightning.data.vtab import Vtab1kDataModule
 from met_lightning.errors import ConfigError
 from tests.data_fixtures import VTAB_TASK, write_cifar100, write_image, write_vtab_task

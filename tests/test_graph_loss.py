@@ -2,8 +2,12 @@
 
 import torch
 
-from met_lightning.losses.graph import GraphRegularizer, graph_energy_ratio, label_affinity
-from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.losses.multi_exit import (
+    GraphRegularizer,
+    MultiExitLoss,
+    graph_energy_ratio,
+    label_affinity,
+)
 
 
 def label_graph_loss(features, labels):

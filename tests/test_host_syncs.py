@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from met_lightning.errors import TrainingDivergedError
-from met_lightning.losses.graph import graph_energy_ratio, label_affinity
+from met_lightning.losses.multi_exit import graph_energy_ratio, label_affinity
 from tests.helpers import METHODS
 from tests.step_helpers import SyncCounter, build_module, loader, tiny_trainer
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from met_lightning.checkpoint import load_trainable, save_trainable
 from met_lightning.config import validate_config
 from met_lightning.errors import ConfigError
-from met_lightning.models.lora import LoRAQKV, add_lora
+from met_lightning.models.adapters import LoRAQKV, add_lora
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.spec import InputSpec
 from tests.helpers import (

@@ -9,13 +9,19 @@ import torch
 from hydra.utils import instantiate
 
 from met_lightning.checkpoint import load_trainable, read_trainable, save_trainable
-from met_lightning.checkpoint.packing import export_state, pack, storage_bytes, unpack
+from met_lightning.checkpoint.trainable import export_state, pack, storage_bytes, unpack
 from met_lightning.config import validate_config
 from met_lightning.data.base import InputSpec
 from met_lightning.errors import ConfigError
-from met_lightning.models.adapters import EAdapter, ParallelAdapter
-from met_lightning.models.binary import SIGN_SCALE, BinaryParts, binarize, binary_weights
-from met_lightning.models.lora import LoRAQKV
+from met_lightning.models.adapters import (
+    SIGN_SCALE,
+    BinaryParts,
+    EAdapter,
+    LoRAQKV,
+    ParallelAdapter,
+    binarize,
+    binary_weights,
+)
 from met_lightning.models.multi_exit_vit import MultiExitViT
 from met_lightning.training.module import MultiExitClassifier, count_parameters
 from tests.helpers import METHODS, TINY_BACKBONE, TINY_KWARGS, compose_config, tiny_backbone

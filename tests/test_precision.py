@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from met_lightning.losses.graph import graph_energy_ratio, label_affinity, pairwise_sq_dist
-from met_lightning.losses.multi_exit import MultiExitLoss
+from met_lightning.losses.multi_exit import (
+    MultiExitLoss,
+    graph_energy_ratio,
+    label_affinity,
+    pairwise_sq_dist,
+)
 from tests.helpers import TINY_OVERRIDES, run_folder, run_task
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from met_lightning.errors import ConfigError
 from met_lightning.inference.engine import take
-from met_lightning.models import blocks as blocks_module
+from met_lightning.models import multi_exit_vit
 from met_lightning.models.adapters import EAdapter
 from met_lightning.models.backbone import create_backbone
 from met_lightning.models.multi_exit_vit import MultiExitViT, StreamState
@@ -119,7 +119,7 @@ def test_main_attention_is_unmasked_and_holds_no_early_token(monkeypatch):
         calls.append((q.shape[-2], k.shape[-2], kwargs.get("attn_mask"), args))
         return sdpa(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(blocks_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(multi_exit_vit.F, "scaled_dot_product_attention", spy)
     net = build("registers")
     with torch.no_grad():
         net(torch.randn(2, 3, 32, 32))

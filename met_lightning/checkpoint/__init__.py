@@ -1,23 +1,21 @@
 """Checkpoints: trainable-only safetensors (`trainable.py`), Lightning's `.ckpt` written atomically
-and read weights-only (`lightning_io.py`), and `resume=RUN_DIR` (`resume.py`)."""
+and read weights-only, and `resume=RUN_DIR` (`resume.py`)."""
 
-from met_lightning.checkpoint.fingerprint import KEY as FINGERPRINT_KEY
-from met_lightning.checkpoint.fingerprint import backbone_fingerprint
-from met_lightning.checkpoint.lightning_io import (
-    SafeCheckpointIO,
-    checkpoint_progress,
-    load_lightning_checkpoint,
-)
 from met_lightning.checkpoint.resume import (
     ResumePoint,
+    SafeCheckpointIO,
     checkpoint_folders,
+    checkpoint_progress,
+    load_lightning_checkpoint,
     remove_stale_files,
     resume_argv,
     resume_checkpoint,
 )
 from met_lightning.checkpoint.trainable import (
     FILENAME,
+    FINGERPRINT_KEY,
     FORMAT,
+    backbone_fingerprint,
     load_trainable,
     read_trainable,
     save_trainable,

@@ -1,31 +1,165 @@
 """Trainable-only checkpoints: the adapters and heads in safetensors, plus the config to rebuild.
 
 The frozen backbone is not stored (like peft's `save_pretrained`): `load_trainable` rebuilds it
-from the recorded config, checks its `fingerprint` and loads the trainable tensors on top.
+from the recorded config, checks it is the one training recorded (`backbone_fingerprint`: timm
+name and a SHA-256 over its weights) and loads the trainable tensors on top.
 The file may come from someone else: its JSON metadata is never resolved, checked field by field
 (`check_recorded`), and its network is built on the meta device and compared with the tensors'
 shapes before any weight is allocated.
+
+The tensors as stored (`export_state`): a 1-bit weight (`models.adapters.BinaryParts`) as
+`NAME.signs` (uint8 [ceil(n/8)]: 8 signs per byte), `NAME.mu` and `NAME.sigma` (fp32 [1]), from
+which loading rebuilds the same, bit-identical `BinaryParts`; every other tensor as is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from met_lightning.builders import build_backbone, meta_network, rebuild_network
-from met_lightning.checkpoint.fingerprint import verify_backbone
 from met_lightning.checkpoint.migrate import migrate
-from met_lightning.checkpoint.packing import check_shapes, export_state, load_export
 from met_lightning.checkpoint.tagged import read_tagged, write_tagged
 from met_lightning.errors import CheckpointError, MetError
+from met_lightning.models.adapters import BinaryParts, QuantLinear, binary_weights
 from met_lightning.spec import InputSpec
+
+log = logging.getLogger(__name__)
 
 FORMAT = "met_lightning.trainable/1"
 FILENAME = "trainable.safetensors"
+FINGERPRINT_KEY = "backbone_fingerprint"  # its key in a checkpoint's rebuild config
+
+
+def pack(parts: BinaryParts, name: str) -> dict[str, torch.Tensor]:
+    """`{name.signs: uint8 [ceil(n/8)], name.mu: fp32 [1], name.sigma: fp32 [1]}`."""
+    bits = np.packbits(parts.positive.flatten().cpu().numpy().astype(np.uint8))
+    return {
+        f"{name}.signs": torch.from_numpy(bits),
+        f"{name}.mu": parts.mu.reshape(1).cpu(),
+        f"{name}.sigma": parts.sigma.reshape(1).cpu(),
+    }
+
+
+def unpack(tensors: dict[str, torch.Tensor], name: str, shape: torch.Size) -> BinaryParts:
+    """Inverse of `pack` for a weight of `shape`; CheckpointError if the sizes disagree."""
+    signs, mu, sigma = (tensors[f"{name}.{part}"] for part in ("signs", "mu", "sigma"))
+    numel = math.prod(shape)
+    if signs.dtype != torch.uint8 or signs.numel() != (numel + 7) // 8:
+        raise CheckpointError(
+            f"{name}: {signs.numel()} packed sign bytes of dtype {signs.dtype} do not fit a "
+            f"weight of shape {list(shape)} (expected {(numel + 7) // 8} uint8)"
+        )
+    bits = np.unpackbits(signs.numpy(), count=numel).reshape(tuple(shape))
+    positive = torch.from_numpy(bits > 0)
+    return BinaryParts(mu.float().reshape(()), sigma.float().reshape(()), positive)
+
+
+def _trainable(net: nn.Module) -> Iterator[tuple[str, nn.Parameter, QuantLinear | None]]:
+    """(name, parameter, its 1-bit layer or None) of every trainable parameter of `net`."""
+    binary = binary_weights(net)
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            yield name, param, binary.get(name)
+
+
+def export_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors as stored: 1-bit weights packed (`pack`), the rest as is."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param, layer in _trainable(net):
+        if layer is not None:
+            tensors.update(pack(layer.binary_parts(), name))
+        else:
+            tensors[name] = param.detach().cpu().contiguous()
+    return tensors
+
+
+def check_shapes(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming `source` unless `tensors` have exactly the names and shapes that
+    `export_state(net)` would store (computed from the parameters' shapes: `net` may be on the
+    meta device)."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, param, layer in _trainable(net):
+        if layer is None:
+            expected[name] = tuple(param.shape)
+        else:
+            signs = (math.prod(param.shape) + 7) // 8
+            expected.update({f"{name}.signs": (signs,), f"{name}.mu": (1,), f"{name}.sigma": (1,)})
+    if set(shapes) != set(expected):
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        raise CheckpointError(
+            f"checkpoint {source!r} does not match the network its config builds "
+            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    wrong = [n for n in sorted(expected) if tuple(shapes[n]) != expected[n]]
+    if wrong:
+        name = wrong[0]
+        raise CheckpointError(
+            f"checkpoint {source!r}: {name} has shape {list(shapes[name])}, the network its "
+            f"config builds expects {list(expected[name])} ({len(wrong)} tensor(s) differ)"
+        )
+
+
+def storage_bytes(net: nn.Module) -> int:
+    """Bytes of the trainable state as `export_state` stores it (computed, nothing copied)."""
+    return sum(
+        (math.ceil(p.numel() / 8) + 8) if layer is not None else p.numel() * p.element_size()
+        for _, p, layer in _trainable(net)
+    )
+
+
+def backbone_fingerprint(backbone: nn.Module, name: str) -> dict[str, str]:
+    """{"name": timm name, "sha256": weights hash} of a freshly built backbone; the hash runs over
+    its `state_dict()`: every tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return {"name": str(name), "sha256": digest.hexdigest()}
+
+
+def verify_backbone(
+    backbone: nn.Module, config: dict[str, Any], path: str | Path, weights_file: str | None = None
+) -> None:
+    """CheckpointError naming both identities and the fix unless `backbone` (just built from a
+    checkpoint's config) is the one it was trained on; a warning if none is recorded (older)."""
+    recorded = config.get(FINGERPRINT_KEY) or {}
+    backbone_cfg = config.get("backbone") or {}
+    name = str(backbone_cfg.get("name", "?"))
+    if not recorded.get("sha256"):
+        log.warning(
+            "checkpoint %s records no backbone weights hash (made by an older met_lightning): "
+            "the backbone %s it is loaded on cannot be verified",
+            path,
+            name,
+        )
+        return
+    now = backbone_fingerprint(backbone, name)
+    if now == {"name": str(recorded.get("name")), "sha256": recorded["sha256"]}:
+        return
+    source = weights_file or backbone_cfg.get("weights_file")
+    built = f"weights file {source}" if source else "hub weights"
+    if not source and not backbone_cfg.get("pretrained"):
+        built = f"random weights, seed {config.get('seed')}"
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} is for another backbone: it was trained on "
+        f"{recorded.get('name')!r} with weights sha256 {recorded['sha256'][:16]}…, but the "
+        f"backbone built now is {name!r} ({built}) with sha256 {now['sha256'][:16]}…. Load it "
+        "with the weights it was trained on: weights_file=/path/to/weights (predict, "
+        "load_trainable) or backbone.weights_file=... (training)"
+    )
 
 
 def save_trainable(
@@ -149,7 +283,13 @@ def verify(path: str | Path, weights_file: str | None = None) -> dict[str, Any]:
 def load_trainable(path: str | Path, weights_file: str | None = None) -> tuple[nn.Module, dict]:
     """(network, config) of a trainable checkpoint, in eval mode; `weights_file` overrides the
     recorded backbone weights file (e.g. after moving it)."""
-    tensors, config, backbone = _checked(path, weights_file)
+    tensors, config, backbone = _checked(path, weights_file)  # shapes checked by network_plan
     net = rebuild_network(config, backbone)
-    load_export(net, tensors, str(path))
+    plain = {}
+    for name, param, layer in _trainable(net):
+        if layer is not None:
+            layer.load_binary(unpack(tensors, name, param.shape))
+        else:
+            plain[name] = tensors[name]
+    net.load_state_dict(plain, strict=False)
     return net.eval(), config

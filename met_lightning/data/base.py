@@ -1,9 +1,9 @@
 """Base LightningDataModule of every image-classification dataset of the project.
 
 A subclass implements `_build_splits()` (train / val / test datasets). The datasets yield uint8
-images [C, h, w] at their stored size, collated as uint8 batches (`device_transforms.ImageCollate`);
+images [C, h, w] at their stored size, collated as uint8 batches (`transforms.ImageCollate`);
 `on_after_batch_transfer` turns each batch, on the trainer's device, into the backbone's normalized
-float input [B, C, H, W] (`device_transforms.BatchTransform`).
+float input [B, C, H, W] (`transforms.BatchTransform`).
 """
 
 from __future__ import annotations
@@ -18,20 +18,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
-from met_lightning.data.device_transforms import BatchTransform, ImageCollate, augment_seed
+from met_lightning.data.transforms import (
+    BatchTransform,
+    ImageCollate,
+    augment_seed,
+    check_normalize,
+)
 from met_lightning.errors import ConfigError, MetError
 from met_lightning.spec import InputSpec
-
-
-def check_pin_memory(value: bool | str) -> bool | str:
-    """`data.pin_memory`: "auto" (pin when the trainer runs on a GPU), true or false."""
-    choices = {"auto": "auto", "true": True, "false": False}
-    if isinstance(value, bool | str) and str(value).lower() in choices:
-        return choices[str(value).lower()]
-    raise ConfigError(
-        f"data.pin_memory={value!r} must be auto (pin host memory when the trainer uses a GPU), "
-        "true or false"
-    )
 
 
 def check_fractions(val: float, test: float, test_may_be_0: bool = False) -> tuple[float, float]:
@@ -50,11 +44,10 @@ def check_fractions(val: float, test: float, test_may_be_0: bool = False) -> tup
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
     """Common options: `input_spec` (an InputSpec or its fields), `num_classes`, `batch_size`,
-    `eval_batch_size`, `num_workers`, `pin_memory` (auto | true | false), `seed`. Subclasses set
-    `normalize` / `augment` / `value_max` / `resize_mode` for the `batch_transform` of setup."""
+    `eval_batch_size`, `num_workers`, `pin_memory` (auto | true | false), `seed`, `normalize`
+    (`transforms.NORMALIZATIONS`), `augment` (RandomResizedCrop + horizontal flip on the training
+    split). Subclasses set `value_max` / `resize_mode` for the `batch_transform` of setup."""
 
-    normalize: str = "backbone"
-    augment: bool = False
     value_max: float = 255.0  # the stored value of a white pixel
     resize_mode: str | None = None  # None: the spec's interpolation, mapped as eval_transform does
 
@@ -67,6 +60,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         num_workers: int = 0,
         pin_memory: bool | str = "auto",
         seed: int = 0,
+        normalize: str = "backbone",
+        augment: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("data.batch_size", batch_size), ("data.num_classes", num_classes)):
@@ -76,12 +71,21 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be positive or null")
         if int(num_workers) < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        pin = {"auto": "auto", "true": True, "false": False}.get(str(pin_memory).lower())
+        if pin is None or not isinstance(pin_memory, bool | str):
+            raise ConfigError(
+                f"data.pin_memory={pin_memory!r} must be auto (pin host memory when the trainer "
+                "uses a GPU), true or false"
+            )
         self.num_classes = int(num_classes)
+        self.class_names = [str(i) for i in range(self.num_classes)]  # a subclass may name them
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.pin_memory = check_pin_memory(pin_memory)
+        self.pin_memory = pin
         self.seed = int(seed)
+        self.normalize = check_normalize(normalize)
+        self.augment = bool(augment)
         self.input_spec = InputSpec.of(input_spec)
         self.train_set = self.val_set = self.test_set = None  # Datasets, made at setup
         self.batch_transform: BatchTransform | None = None  # made at setup
@@ -116,8 +120,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         """`data.pin_memory` resolved: "auto" pins when the attached trainer runs on a GPU."""
         if self.pin_memory != "auto":
             return self.pin_memory
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
         transform = self.batch_transform
@@ -138,8 +141,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        trainer = getattr(self, "trainer", None)
-        rank = trainer.global_rank if trainer is not None else 0
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         generator.manual_seed(augment_seed(self.seed, rank, epoch, batch_idx))
         return generator
 
@@ -150,8 +152,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             raise RuntimeError("call setup() before preparing batches")
         if not (train and self.batch_transform.augment):
             return self.batch_transform.eval(images)
-        trainer = getattr(self, "trainer", None)
-        epoch, batch_idx = 0, 0
+        trainer, epoch, batch_idx = self.trainer, 0, 0
         if trainer is not None:
             epoch = trainer.current_epoch
             # the loop counts a batch as ready right after this hook: this batch's index
@@ -162,8 +163,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):  # noqa: ANN001, ANN201
         """Lightning hook (train / val / test / predict), on the trainer's device: (uint8 images,
         labels) -> (normalized float images [B, C, H, W], labels); augmentation in training only."""
-        trainer = getattr(self, "trainer", None)
-        train = trainer is not None and trainer.training
+        train = self.trainer is not None and self.trainer.training
         if isinstance(batch, torch.Tensor):
             return self.prepare_batch(batch, train)
         images, *rest = batch
@@ -172,21 +172,17 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     @property
     def world_size(self) -> int:
         """Processes sharing the batch (devices × nodes under DDP), 1 outside a Trainer."""
-        trainer = getattr(self, "trainer", None)
-        return trainer.world_size if trainer is not None else 1
-
-    def per_device(self, batch_size: int, key: str = "data.batch_size") -> int:
-        """`batch_size` is global (the recipe's); each DDP process loads its share."""
-        world = self.world_size
-        if batch_size % world:
-            raise ConfigError(
-                f"{key}={batch_size} is the global batch size and must be divisible by the "
-                f"{world} processes (trainer.devices × trainer.num_nodes)"
-            )
-        return batch_size // world
+        return self.trainer.world_size if self.trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.per_device(self.batch_size), shuffle=True)
+        """`data.batch_size` is global (the recipe's): each DDP process loads its share."""
+        world = self.world_size
+        if self.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch size and must be divisible "
+                f"by the {world} processes (trainer.devices × trainer.num_nodes)"
+            )
+        return self._loader(self.train_set, self.batch_size // world, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, max(self.eval_batch_size // self.world_size, 1))

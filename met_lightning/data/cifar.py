@@ -6,11 +6,7 @@ by an unpickler that builds plain data and numpy arrays only, so a crafted file 
 
 from __future__ import annotations
 
-import logging
 import pickle
-import socket
-import threading
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +23,8 @@ from torchvision.transforms import v2
 
 from met_lightning.data.base import ImageClassificationDataModule
 from met_lightning.data.images import LabelledImages
-from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
+from met_lightning.paths import host_reachable
 
 CIFAR100_URL = CIFAR100.url
 CIFAR100_MD5 = CIFAR100.tgz_md5
@@ -51,31 +45,6 @@ CIFAR100_CLASSES = (
     "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
     "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
-
-
-def host_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Whether a TCP connection to `url`'s host (or urllib's proxy) opens within `timeout` s.
-
-    In a daemon thread: name resolution ignores socket timeouts and can block much longer offline.
-    """
-    parsed = urlparse(url)
-    proxy = urllib.request.getproxies().get(parsed.scheme)
-    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
-        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # downloads go there
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-            result.append(True)
-        except (OSError, ValueError):
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 def _latin1(text: str, encoding: str = "utf-8") -> bytes:
@@ -172,20 +141,9 @@ def _reading(path: Path) -> Iterator[None]:
         ) from None
 
 
-def read_class_names(folder: Path) -> list[str]:
-    """The fine label names of `folder`'s `meta` file, in label order."""
-    path = folder / "meta"
-    with _reading(path):
-        names = list(_load(path)["fine_label_names"])
-    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
-    if len(names) != NUM_CLASSES or not all(isinstance(n, str) for n in names):
-        raise DataError(f"CIFAR-100 file {path}: expected {NUM_CLASSES} 'fine_label_names'")
-    return names
-
-
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """uint8 images [N, 3, 32, 32], int64 fine labels [N] and the class names of the `train` /
-    `test` file in `folder`, checked."""
+    """uint8 images [N, 3, 32, 32], int64 fine labels [N] of the `train` / `test` file in
+    `folder` and the fine label names of its `meta` file (in label order), checked."""
     path = folder / split
     with _reading(path):
         entry = _load(path)
@@ -200,7 +158,12 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, li
         raise DataError(f"CIFAR-100 file {path}: {len(data)} images but {labels.size} labels")
     if len(labels) and not (0 <= labels.min() and labels.max() < NUM_CLASSES):
         raise DataError(f"CIFAR-100 file {path}: fine labels outside 0..{NUM_CLASSES - 1}")
-    names = read_class_names(folder)
+    meta = folder / "meta"
+    with _reading(meta):
+        names = list(_load(meta)["fine_label_names"])
+    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+    if len(names) != NUM_CLASSES or not all(isinstance(n, str) for n in names):
+        raise DataError(f"CIFAR-100 file {meta}: expected {NUM_CLASSES} 'fine_label_names'")
     return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), names
 
 
@@ -237,8 +200,6 @@ class Cifar100DataModule(ImageClassificationDataModule):
         root: str,
         download: bool = False,
         val_size: int = 5000,
-        normalize: str = "backbone",
-        augment: bool = False,
         num_classes: int = NUM_CLASSES,
         **kwargs,
     ) -> None:
@@ -252,8 +213,6 @@ class Cifar100DataModule(ImageClassificationDataModule):
         self.archive = self.root / Path(urlparse(CIFAR100_URL).path).name
         self.download = bool(download)
         self.val_size = int(val_size)
-        self.normalize = check_normalize(normalize)
-        self.augment = bool(augment)
         self.class_names = list(CIFAR100_CLASSES)
 
     def _missing(self) -> list[Path]:
@@ -296,27 +255,23 @@ class Cifar100DataModule(ImageClassificationDataModule):
         self._probe()
 
     def prepare_data(self) -> None:
-        """Download and extract the archive unless the files are there (rank 0 only)."""
+        """Download and extract the archive unless the files are there (rank 0 only); an archive
+        in data.root whose md5 matches is extracted without a download."""
         if not self._missing():
             return
-        archive = self.archive
-        if archive.is_file() and download_utils.check_integrity(str(archive), CIFAR100_MD5):
-            log.info("extracting %s", archive)
-            download_utils.extract_archive(str(archive), str(self.root))
-        elif not self.download and not archive.is_file():
-            raise self._not_found()
-        else:
+        if not download_utils.check_integrity(str(self.archive), CIFAR100_MD5):
+            if not self.download and not self.archive.is_file():
+                raise self._not_found()
             self._probe()
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                download_utils.download_and_extract_archive(
-                    CIFAR100_URL, download_root=str(self.root), md5=CIFAR100_MD5
-                )
-            except Exception as err:  # noqa: BLE001 - urllib / md5 / tar errors alike
-                raise DataError(
-                    f"could not download CIFAR-100 from {CIFAR100_URL} "
-                    f"({type(err).__name__}: {err}). Retry, or {self._how()}."
-                ) from None
+        try:  # torchvision downloads the archive only if it is not there with the right md5
+            download_utils.download_and_extract_archive(
+                CIFAR100_URL, download_root=str(self.root), md5=CIFAR100_MD5
+            )
+        except Exception as err:  # noqa: BLE001 - urllib / md5 / tar errors alike
+            raise DataError(
+                f"could not download CIFAR-100 from {CIFAR100_URL} "
+                f"({type(err).__name__}: {err}). Retry, or {self._how()}."
+            ) from None
         if self._missing():
             raise DataError(
                 f"the CIFAR-100 archive did not give {', '.join(map(str, self._missing()))}; "

@@ -43,7 +43,6 @@ class DigitsDataModule(ImageClassificationDataModule):
         self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction)
         # lowres_to_tensor's resize: bicubic for a bicubic backbone, else bilinear
         self.resize_mode = "bicubic" if self.input_spec.interpolation == "bicubic" else "bilinear"
-        self.class_names = [str(d) for d in range(10)]
 
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()

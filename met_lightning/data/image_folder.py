@@ -25,7 +25,6 @@ from met_lightning.data.images import (
     check_images,
     stratified_indices,
 )
-from met_lightning.data.transforms import check_normalize
 from met_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,6 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         num_classes: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        normalize: str = "backbone",
-        augment: bool = False,
         skip_bad_images: bool = False,
         **kwargs,
     ) -> None:
@@ -87,20 +84,16 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 f"folders ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); set "
                 "data.num_classes=null to use the folders' count"
             )
-        self.val_dir = self.test_dir = None
-        if self.split_layout:
-            val, test = self.root / "val", self.root / "test"
-            self.val_dir = val if val.is_dir() else None
-            self.test_dir = test if test.is_dir() else None
-            if self.val_dir is None and self.test_dir is None:
-                raise DataError(
-                    f"{self.root} has train/ but neither val/ nor test/: add at least one of "
-                    f"{val} and {test} (class folders like train's)"
-                )
+        val, test = self.root / "val", self.root / "test"
+        self.val_dir = val if self.split_layout and val.is_dir() else None
+        self.test_dir = test if self.split_layout and test.is_dir() else None
+        if self.split_layout and self.val_dir is None and self.test_dir is None:
+            raise DataError(
+                f"{self.root} has train/ but neither val/ nor test/: add at least one of "
+                f"{val} and {test} (class folders like train's)"
+            )
         super().__init__(num_classes=len(classes), **kwargs)
         self.class_names = classes
-        self.normalize = check_normalize(normalize)
-        self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
         self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, source) per split
 
@@ -138,13 +131,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     def _sample_lists(self) -> list[tuple[list[Sample], str]]:
         """[(samples, source)] of train, val, test: the images of each split and where from."""
-        everything = self._scan(self.train_dir, is_train=True)
-        source = str(self.train_dir)
-        train, val, test = (everything, source), None, None
-        if self.val_dir:
-            val = (self._scan(self.val_dir, False), str(self.val_dir))
-        if self.test_dir:
-            test = (self._scan(self.test_dir, False), str(self.test_dir))
+        everything, source = self._scan(self.train_dir, is_train=True), str(self.train_dir)
+        train = (everything, source)
+        val, test = (
+            (self._scan(d, False), str(d)) if d else None for d in (self.val_dir, self.test_dir)
+        )
         if val is None:  # the single layout, or no val/: split train per class
             if self.split_layout:
                 log.info(

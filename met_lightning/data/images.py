@@ -36,7 +36,7 @@ SKIP_HINT = (
 Sample = tuple[Path, int]
 
 
-def _listing(paths: Sequence[Path | str], root: Path | None = None) -> str:
+def listing(paths: Sequence[Path | str], root: Path | None = None) -> str:
     """The first `SHOWN` of `paths` (relative to `root` when inside it), then "..."."""
     names = [
         str(Path(p).relative_to(root)) if root and Path(p).is_relative_to(root) else str(p)
@@ -128,16 +128,6 @@ class ImageListDataset(LabelledImages):
         return load_image(self.samples[index][0], self.spec, self.source)
 
 
-def check_exist(samples: Sequence[Sample], source: str, hint: str = "") -> None:
-    """DataError naming the missing files (and `source`) if any listed image does not exist."""
-    missing = [path for path, _ in samples if not Path(path).is_file()]
-    if missing:
-        raise DataError(
-            f"{len(missing)} image(s) listed in {source} do not exist: {_listing(missing)}"
-            + (f". {hint}" if hint else "")
-        )
-
-
 def check_images(samples: Sequence[Sample], source: str, root: Path, skip_bad: bool) -> list:
     """`samples` checked (names shown relative to `root`). `skip_bad`: every image is decoded
     (threads: PIL releases the GIL) and the bad ones dropped with one counted warning; DataError
@@ -153,7 +143,7 @@ def check_images(samples: Sequence[Sample], source: str, root: Path, skip_bad: b
     if bad and not skip_bad:
         first = next(error for error in errors if error is not None)
         raise DataError(
-            f"{len(bad)} undecodable image(s) in {source}: {_listing(bad, root)} "
+            f"{len(bad)} undecodable image(s) in {source}: {listing(bad, root)} "
             f"(first: {first}). {SKIP_HINT}"
         )
     if bad:
@@ -161,7 +151,7 @@ def check_images(samples: Sequence[Sample], source: str, root: Path, skip_bad: b
             "skipped %d undecodable image(s) in %s (data.skip_bad_images=true): %s",
             len(bad),
             source,
-            _listing(bad, root),
+            listing(bad, root),
         )
     kept = [sample for sample, error in zip(samples, errors, strict=True) if error is None]
     if not kept:

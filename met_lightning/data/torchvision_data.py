@@ -42,10 +42,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from met_lightning.data.base import ImageClassificationDataModule, check_fractions
-from met_lightning.data.cifar import TensorImageDataset, host_reachable
+from met_lightning.data.cifar import TensorImageDataset
 from met_lightning.data.images import LabelledImages, stratified_indices
-from met_lightning.data.transforms import check_normalize, to_input_mode
+from met_lightning.data.transforms import to_input_mode
 from met_lightning.errors import ConfigError, DataError
+from met_lightning.paths import host_reachable
 from met_lightning.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,6 @@ class TvDataset:
     idx_layout: bool = False  # also read from the Debian layout (four .gz idx files in root)
 
 
-def _mnist_like(cls: str, url: str) -> TvDataset:
-    files = tuple(f"{cls}/raw/{name}" for pair in IDX_FILES.values() for name in pair)
-    train, test = {"train": True}, {"train": False}
-    return TvDataset(cls, 10, train, None, test, files, url, idx_layout=True)
-
-
 _SPLIT = {"split": "train"}, {"split": "val"}, {"split": "test"}
 
 
@@ -93,6 +88,11 @@ def _train_test(cls: str, num_classes: int, files: Sequence[str], url: str, **ex
     flag = extra.pop("flag", False)
     train, test = ({"train": True}, {"train": False}) if flag else (_SPLIT[0], _SPLIT[2])
     return TvDataset(cls, num_classes, train, None, test, tuple(files), url, **extra)
+
+
+def _mnist_like(cls: str, url: str) -> TvDataset:
+    files = [f"{cls}/raw/{name}" for pair in IDX_FILES.values() for name in pair]
+    return _train_test(cls, 10, files, url, flag=True, idx_layout=True)
 
 
 DATASETS: dict[str, TvDataset] = {
@@ -294,7 +294,7 @@ class TorchvisionImages(LabelledImages):
 
 # ---------------------------------------------------------------------- few-shot draws
 def _per_class_counts(
-    labels: np.ndarray, per_class: int | None, total: int | None, num_classes: int, seed: int
+    per_class: int | None, total: int | None, num_classes: int, seed: int
 ) -> np.ndarray | None:
     """How many images each class gives: `per_class` each, or `total` spread evenly (the
     remainder to classes drawn by `seed`); None: all."""
@@ -356,8 +356,6 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         val_per_class: int | None = None,
         train_size: int | None = None,
         val_size: int | None = None,
-        normalize: str = "backbone",
-        augment: bool = False,
         **kwargs,
     ) -> None:
         self.entry = lookup(name)
@@ -371,36 +369,27 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         self.root = Path(root).expanduser()
         self.download = bool(download)
         self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction, True)
-        counts = {
-            key: _count(key, value)
-            for key, value in (
-                ("train_per_class", train_per_class),
-                ("val_per_class", val_per_class),
-                ("train_size", train_size),
-                ("val_size", val_size),
-            )
-        }
-        for split in ("train", "val"):
-            if counts[f"{split}_per_class"] is not None and counts[f"{split}_size"] is not None:
+        # few-shot draws: split -> (the option's key, images per class [num_classes] or None: all)
+        self.draws: dict[str, tuple[str, np.ndarray | None]] = {}
+        for split, per_class, size in (
+            ("train", _count("train_per_class", train_per_class), _count("train_size", train_size)),
+            ("val", _count("val_per_class", val_per_class), _count("val_size", val_size)),
+        ):
+            if per_class is not None and size is not None:
                 raise ConfigError(
                     f"data.{split}_per_class and data.{split}_size are both set: give one "
                     f"(per class, or in all, class-balanced)"
                 )
-            size = counts[f"{split}_size"]
             if size is not None and size < self.num_classes:
                 raise ConfigError(
                     f"data.{split}_size={size} is fewer than the {self.num_classes} classes of "
                     f"{self.name}: every class needs at least one image"
                 )
-        self.counts = counts
-        self.normalize = check_normalize(normalize)
-        self.augment = bool(augment)
+            key = f"data.{split}_per_class" if per_class else f"data.{split}_size"
+            self.draws[split] = key, _per_class_counts(per_class, size, self.num_classes, self.seed)
         names = getattr(getattr(tvd, self.entry.cls), "classes", None)
-        self.class_names = (
-            list(names)
-            if isinstance(names, list | tuple) and len(names) == self.num_classes
-            else [str(i) for i in range(self.num_classes)]
-        )
+        if isinstance(names, list | tuple) and len(names) == self.num_classes:
+            self.class_names = list(names)
 
     # ------------------------------------------------------------------ files
     @property
@@ -421,22 +410,20 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         if self.entry.idx_layout:
             gz = _braced([f"{name}.gz" for pair in IDX_FILES.values() for name in pair])
             text += f" (torchvision's layout), or {gz} directly in it (the Debian layout)"
-        return text
+        return text + (f", {APT_HINT}" if self.entry.cls == "FashionMNIST" else "")
 
     def _not_found(self) -> DataError:
-        hint = f", {APT_HINT}" if self.entry.cls == "FashionMNIST" else ""
         return DataError(
             f"{self.name} not found ({len(self._missing())} of {len(self.entry.files)} expected "
             f"paths missing): expected {self._where()}. Set data.download=true to fetch it from "
-            f"{urlparse(self.entry.url).hostname}{hint}."
+            f"{urlparse(self.entry.url).hostname}."
         )
 
     def _probe(self) -> None:
         if not host_reachable(self.entry.url):
-            hint = f", {APT_HINT}" if self.entry.cls == "FashionMNIST" else ""
             raise DataError(
                 f"cannot download {self.name}: {urlparse(self.entry.url).hostname} is not "
-                f"reachable (offline?). Put {self._where()}{hint}."
+                f"reachable (offline?). Put {self._where()}."
             )
 
     def check_files(self) -> bool:
@@ -448,9 +435,6 @@ class TorchvisionDataModule(ImageClassificationDataModule):
             raise self._not_found()
         self._probe()
         return True
-
-    def _official(self, split: str) -> dict[str, Any] | None:
-        return getattr(self.entry, split)
 
     def _construct(self, kwargs: dict[str, Any], download: bool = False) -> Dataset:
         cls = getattr(tvd, self.entry.cls)
@@ -472,14 +456,14 @@ class TorchvisionDataModule(ImageClassificationDataModule):
             return
         self.root.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            kwargs = self._official(split)
+            kwargs = getattr(self.entry, split)
             if kwargs is not None:
                 self._construct(kwargs, download=True)
 
     # ------------------------------------------------------------------ splits
     def _load(self, split: str) -> tuple[Callable, np.ndarray] | None:
         """(make(indices) -> Dataset, labels) of an official split, None if it has none."""
-        kwargs = self._official(split)
+        kwargs = getattr(self.entry, split)
         if kwargs is None:
             return None
         if self.idx_folder is not None:
@@ -512,10 +496,9 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     def split_indices(self, labels: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
         """{split: (source split, indices)} for train / val / test, from the official splits'
         labels (`labels[split]`, absent where there is none) by the rules of the module."""
-        train_labels = labels["train"]
         has_val, has_test = "val" in labels, "test" in labels
         parts = stratified_indices(
-            train_labels,
+            labels["train"],
             0.0 if has_val else self.val_fraction,
             0.0 if has_test else self.test_fraction,
             self.seed,
@@ -528,16 +511,8 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         if not has_test and self.test_fraction == 0.0:
             out["test"] = out["val"]
         for offset, split in enumerate(("train", "val")):
-            counts = _per_class_counts(
-                labels[out[split][0]],
-                self.counts[f"{split}_per_class"],
-                self.counts[f"{split}_size"],
-                self.num_classes,
-                self.seed,
-            )
+            key, counts = self.draws[split]
             if counts is not None:
-                key = "data." + (f"{split}_per_class" if self.counts[f"{split}_per_class"]
-                                 else f"{split}_size")  # fmt: skip
                 source, pool = out[split]
                 chosen = draw_per_class(
                     pool, labels[source], counts, self.seed * 2 + offset, key, split
@@ -553,8 +528,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         if self._missing():
             raise self._not_found()
-        loaded = {split: self._load(split) for split in SPLITS}
-        loaded = {split: value for split, value in loaded.items() if value is not None}
+        loaded = {split: value for split in SPLITS if (value := self._load(split)) is not None}
         plan = self.split_indices({split: labels for split, (_, labels) in loaded.items()})
         self.split_sizes = {split: len(idx) for split, (_, idx) in plan.items()}
         log.info("%s: %s", self.name, ", ".join(f"{s} {n}" for s, n in self.split_sizes.items()))
@@ -575,13 +549,3 @@ def split_arrays(dm: TorchvisionDataModule) -> dict[str, tuple[np.ndarray, np.nd
             labels = torch.as_tensor(dataset.labels)
         out[split] = (images.numpy(), labels.numpy())
     return out
-
-
-__all__: Sequence[str] = (
-    "DATASETS",
-    "TorchvisionDataModule",
-    "TvDataset",
-    "lookup",
-    "read_idx",
-    "split_arrays",
-)

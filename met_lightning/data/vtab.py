@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from met_lightning.data.base import ImageClassificationDataModule
-from met_lightning.data.images import ImageListDataset, Sample, check_exist, check_images
-from met_lightning.data.transforms import check_normalize
+from met_lightning.data.images import ImageListDataset, Sample, check_images, listing
 from met_lightning.errors import ConfigError, DataError
 
 
@@ -54,33 +53,6 @@ PREPARE_HINT = (
 )
 
 
-def read_list_file(path: Path, num_classes: int) -> list[Sample]:
-    """(absolute image path, label) of every non-empty line `relative/path label` of `path`."""
-    if not path.is_file():
-        raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
-    samples: list[Sample] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().rsplit(maxsplit=1)
-        try:
-            relative, label = parts[0], int(parts[1])
-        except (IndexError, ValueError):
-            raise DataError(
-                f"{path}, line {number}: expected 'relative/path label', got {line.strip()!r}"
-            ) from None
-        if not 0 <= label < num_classes:
-            raise DataError(
-                f"{path}, line {number}: label {label} is outside 0..{num_classes - 1} "
-                f"(the task has {num_classes} classes)"
-            )
-        samples.append((path.parent / relative, label))
-    if not samples:
-        raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
-    return samples
-
-
 class Vtab1kDataModule(ImageClassificationDataModule):
     """One VTAB-1K task from its list files.
 
@@ -99,8 +71,6 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         task: str,
         split: str = "final",
         num_classes: int | None = None,
-        normalize: str = "backbone",
-        augment: bool = False,
         skip_bad_images: bool = False,
         **kwargs,
     ) -> None:
@@ -122,22 +92,44 @@ class Vtab1kDataModule(ImageClassificationDataModule):
         super().__init__(num_classes=info.num_classes, **kwargs)
         self.root = Path(root).expanduser()
         self.task = task
+        self.task_dir = self.root / task
         self.group = info.group
         self.split = split
-        self.normalize = check_normalize(normalize)
-        self.augment = bool(augment)
         self.skip_bad_images = bool(skip_bad_images)
-        self.class_names = [str(i) for i in range(info.num_classes)]
         self._splits: list[tuple[list[Sample], str]] | None = None  # (samples, list file)
 
-    @property
-    def task_dir(self) -> Path:
-        return self.root / self.task
-
     def _samples(self, list_name: str) -> list[Sample]:
+        """(absolute image path, label) of every non-empty line `relative/path label` of the list
+        file `list_name`, checked: labels, files, images (`check_images`)."""
         path = self.task_dir / list_name
-        samples = read_list_file(path, self.num_classes)
-        check_exist(samples, str(path), hint=PREPARE_HINT)
+        if not path.is_file():
+            raise DataError(f"VTAB-1K list file {path} does not exist. {PREPARE_HINT}.")
+        samples: list[Sample] = []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            try:
+                relative, label = parts[0], int(parts[1])
+            except (IndexError, ValueError):
+                raise DataError(
+                    f"{path}, line {number}: expected 'relative/path label', got {line.strip()!r}"
+                ) from None
+            if not 0 <= label < self.num_classes:
+                raise DataError(
+                    f"{path}, line {number}: label {label} is outside 0..{self.num_classes - 1} "
+                    f"(the task has {self.num_classes} classes)"
+                )
+            samples.append((path.parent / relative, label))
+        if not samples:
+            raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
+        missing = [image for image, _ in samples if not image.is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} image(s) listed in {path} do not exist: {listing(missing)}. "
+                f"{PREPARE_HINT}"
+            )
         return check_images(samples, str(path), self.task_dir, self.skip_bad_images)
 
     def check_files(self) -> None:

@@ -1,17 +1,158 @@
-"""Bottleneck adapters (MET's E-adapter, AdaptFormer's): `W_down` [r, d], `W_up` [d, r] starting
-at zero (a no-op adapter), optionally 1-bit (`bits=1`, `models.binary`); and `AdapterConfig`."""
+"""What MET trains on the frozen ViT besides the heads, and `AdapterConfig`, their options.
+
+- Bottleneck adapters (MET's E-adapter, AdaptFormer's): `W_down` [r, d], `W_up` [d, r] starting
+  at zero (a no-op adapter).
+- LoRA on the slices of timm's fused `qkv` projection (Hu et al., 2021): `LoRAQKV` wraps timm's
+  fused `Linear(d, 3d)` and adds `scale * B_s A_s x` to the output slice of each chosen site `s`
+  in {q, k, v}; `A_s` [r, d] starts Kaiming-uniform and `B_s` [d, r] at zero (the layer starts
+  unchanged). `scale`: HF peft's `lora_alpha / r`. Parameters per site: `2 d r`.
+- 1-bit bottleneck projections (`bits=1`; Jie et al., "Revisiting the Parameter Efficiency of
+  Adapters from the Perspective of Precision Redundancy"): ``W_q = mu + 0.6745 * sigma *
+  sign((W - mu) / sigma)`` (mu, sigma: mean and std over the matrix). Training keeps the
+  full-precision W and uses W_q with a straight-through gradient; checkpoints store the signs
+  packed and mu, sigma (`checkpoint.trainable`); loading rebuilds W_q with the same function, so
+  predictions are bit-identical.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from met_lightning.errors import ConfigError
-from met_lightning.models.binary import BITS, QuantLinear
-from met_lightning.models.lora import LORA_SITES
+
+SIGN_SCALE = 0.6745  # the median of |z| for z ~ N(0, 1) (its 75th percentile)
+BITS = (1, 32)
+
+
+@dataclass(frozen=True)
+class BinaryParts:
+    """What a 1-bit weight is made of: mean, std (0-d fp32) and where it is >= its mean."""
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    positive: torch.Tensor  # bool, the weight's shape
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> BinaryParts:
+        w = weight.detach().float()
+        mu = w.mean()
+        # sign((W - mu) / sigma) with sign(0) = +1, so a matrix takes exactly two values (one
+        # when sigma = 0: a zero-initialized up-projection stays exactly 0)
+        return cls(mu, w.std(unbiased=False), w >= mu)
+
+    def weight(self) -> torch.Tensor:
+        """`mu + 0.6745 sigma sign`: the one function both training and loading use."""
+        signs = torch.where(self.positive, 1.0, -1.0).to(self.mu.device)
+        return self.mu + (SIGN_SCALE * self.sigma) * signs
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the 1-bit weight. Backward: the gradient unchanged (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return BinaryParts.of(weight).weight().to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+def binarize(weight: torch.Tensor) -> torch.Tensor:
+    """The 1-bit version of `weight`, differentiable with a straight-through gradient."""
+    return _StraightThrough.apply(weight)
+
+
+class QuantLinear(nn.Linear):
+    """`nn.Linear` whose weight is used at `bits` = 32 (as is) or 1 (`binarize`d) precision;
+    after `load_binary` the weight holds the exported 1-bit values and is used as is."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 32) -> None:
+        super().__init__(in_features, out_features)
+        self.bits = bits  # checked by `AdapterConfig`
+        self.loaded: BinaryParts | None = None
+
+    def binary_parts(self) -> BinaryParts:
+        return self.loaded if self.loaded is not None else BinaryParts.of(self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.bits == 32 or self.loaded is not None:
+            return self.weight
+        return binarize(self.weight)
+
+    def load_binary(self, parts: BinaryParts) -> None:
+        with torch.no_grad():
+            self.weight.copy_(parts.weight())
+        self.loaded = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}"
+
+
+def binary_weights(net: nn.Module) -> dict[str, QuantLinear]:
+    """`{parameter name: layer}` of every 1-bit weight in `net`."""
+    return {
+        f"{name}.weight": m
+        for name, m in net.named_modules()
+        if isinstance(m, QuantLinear) and m.bits == 1
+    }
+
+
+LORA_SITES = ("q", "k", "v")
+
+
+class LoRAQKV(nn.Module):
+    """`qkv(x) + scale * [B_q A_q x | B_k A_k x | B_v A_v x]` for the chosen slices."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, sites: Sequence[str], scale: float) -> None:
+        super().__init__()
+        dim = qkv.in_features
+        if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * dim:
+            raise ValueError(f"LoRAQKV wraps timm's fused qkv nn.Linear(d, 3d), got {qkv}")
+        self.base = qkv
+        self.dim = dim
+        self.rank = int(rank)
+        self.scale = float(scale)
+        self.sites = tuple(sites)
+        self.lora_a = nn.ParameterDict({s: torch.empty(rank, dim) for s in self.sites})
+        self.lora_b = nn.ParameterDict({s: torch.zeros(dim, rank) for s in self.sites})
+        for a in self.lora_a.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for site in self.sites:
+            j = LORA_SITES.index(site)
+            delta = (x @ self.lora_a[site].t()) @ self.lora_b[site].t()
+            out[..., j * self.dim : (j + 1) * self.dim] += self.scale * delta
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, sites={list(self.sites)}, scale={self.scale}"
+
+
+def add_lora(blocks: nn.ModuleList, rank: int, sites: Sequence[str], scale: float) -> None:
+    """Wrap `attn.qkv` of every block in `LoRAQKV` (in place); ValueError, before any change, if
+    a block is already wrapped."""
+    wrapped = [i for i, blk in enumerate(blocks) if isinstance(blk.attn.qkv, LoRAQKV)]
+    if wrapped:
+        raise ValueError(
+            f"attn.qkv of block(s) {wrapped} is already wrapped in LoRAQKV: this backbone already "
+            "carries a LoRA; build the new LoRA network on a fresh backbone (e.g. create_backbone "
+            "again, or copy.deepcopy the plain one before wrapping)"
+        )
+    for blk in blocks:
+        blk.attn.qkv = LoRAQKV(blk.attn.qkv, rank, sites, scale)
+
 
 KEY = "model.net.adapter"
 # kind -> the sites it can use

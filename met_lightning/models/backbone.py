@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from met_lightning.errors import BackboneError
+from met_lightning.paths import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def create_backbone(
             ) from None
     elif pretrained:
         # Offline, huggingface_hub would retry for about a minute before using its cache.
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not hub_reachable()
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        offline = offline or not host_reachable(f"https://{HUB_HOST}")
         try:
             with _hub_offline() if offline else nullcontext():
                 model = _create(name, model_kwargs, pretrained=True)
@@ -163,15 +164,6 @@ def create_backbone(
         model = _create(name, model_kwargs, pretrained=False)
     _check_supported(model, name)
     return freeze(model)
-
-
-def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the weights hub opens within `timeout` seconds."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 @contextmanager

@@ -11,32 +11,182 @@ attend to ``{c_K, R, P}`` (the plain ViT), ``c_k`` to ``{c_k, R, P}``. With
 ``separate_cls=false`` there are no early tokens and every exit reads ``c_K``.
 
 `token_layout` (same numbers, different speed): ``streams`` runs the main stream unmasked (fused
-attention) and the early tokens as a small side stream (`blocks.StreamBlock`), fast on a GPU;
-``joint`` concatenates them once per stage and runs the mask (fewer kernel launches, fast on a
-CPU); ``auto``: streams on CUDA, joint elsewhere. Between stages the state is the two streams.
+attention) and the early tokens as a small side stream, fast on a GPU; ``joint`` concatenates
+them once per stage and runs the mask (fewer kernel launches, fast on a CPU); ``auto``: streams on
+CUDA, joint elsewhere. Between stages the state is the two streams. Both run in `StreamBlock`, a
+timm pre-norm `Block` (same submodules and parameter names, timm's `forward` kept) with two more
+entry points:
+
+- `forward_streams`: main ``x`` [B, T, d] (``c_K, R, P``) runs unmasked, flash-eligible
+  attention; the early class tokens ``e`` [B, E, d] attend to the main keys / values of ``R, P``
+  and to their own (the ``c_K`` column replaced by the token's own score and value), reading the
+  main keys and values in place as strided views of the qkv projection: nothing of size T is
+  copied. Nothing in the main path reads ``e``.
+- `forward_joint`: the joint sequence ``[early, main]`` with the same semantics as a mask.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from met_lightning.errors import ConfigError
-from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter
+from met_lightning.models.adapters import AdapterConfig, EAdapter, ParallelAdapter, add_lora
 from met_lightning.models.backbone import spec_of
-from met_lightning.models.blocks import BlockAdapters, StreamAdapter, StreamBlock
-from met_lightning.models.lora import add_lora
 from met_lightning.structured import target_config
 
 # timm ViT modules after the last block: MultiExitViT reads the class token through its own norms
 UNUSED_BACKBONE_PARTS = ("norm", "fc_norm", "attn_pool", "head_drop", "head")
 # how a stage runs the main and early streams (module docstring); auto: streams on CUDA only
 TOKEN_LAYOUTS = ("auto", "streams", "joint")
+
+# An adapter applied to a stream before a sub-layer: (tokens [B, n, d], stream) -> tokens
+StreamAdapter = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class BlockAdapters(NamedTuple):
+    """`attn(tokens, stream)` / `mlp` rewrite a stream ("main", "early", "joint") before the
+    attention / MLP (E-adapters); `parallel(tokens)` is added beside the MLP (AdaptFormer)."""
+
+    attn: StreamAdapter | None = None
+    mlp: StreamAdapter | None = None
+    parallel: nn.Module | None = None
+
+
+NO_ADAPTERS = BlockAdapters()
+
+
+class StreamBlock(Block):
+    """A timm `Block` that also runs MET's main sequence and early class-token stream."""
+
+    @classmethod
+    def from_block(cls, block: Block) -> StreamBlock:
+        """The same block (shared submodules and parameters, same names) as a StreamBlock."""
+        if isinstance(block, cls):
+            return block
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        for name, value in vars(block).items():  # plain attributes (none in timm 1.0 Block)
+            if not name.startswith("_"):
+                setattr(new, name, value)
+        return new
+
+    def _eye(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The identity [n, n], made once per (n, dtype, device): no allocation per call."""
+        cache = self.__dict__.setdefault("_eye_cache", {})
+        key = (n, dtype, device)
+        if key not in cache:
+            cache[key] = torch.eye(n, dtype=dtype, device=device)
+        return cache[key]
+
+    def _qkv(self, h: torch.Tensor):
+        """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms) and
+        (k, v) as [B, n, heads * head_dim] views (None if a key norm rewrites k)."""
+        attn = self.attn
+        b, n, _ = h.shape
+        flat = attn.qkv(h)  # [B, n, 3 * heads * head_dim]
+        qkv = flat.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        width = attn.num_heads * attn.head_dim
+        kv = None
+        if isinstance(attn.k_norm, nn.Identity):
+            kv = (flat[..., width : 2 * width], flat[..., 2 * width :])
+        return attn.q_norm(q), attn.k_norm(k), v, kv
+
+    def _out(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, heads, n, head_dim] -> sub-layer output [B, n, d]."""
+        attn = self.attn
+        b, _, n, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.attn_dim))
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(h).sigmoid()
+        return self.drop_path1(self.ls1(attn.proj_drop(attn.proj(o))))
+
+    def _attend_main(self, q, k, v) -> torch.Tensor:
+        attn = self.attn
+        if attn.fused_attn:
+            p = attn.attn_drop.p if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        return attn.attn_drop(scores.softmax(dim=-1)) @ v
+
+    def _attend_early(self, q_e, k_e, v_e, k, v, kv=None) -> torch.Tensor:
+        """Early queries q_e [B, H, E, hd] over keys {own, R, P} -> [B, H, E, hd].
+
+        `kv`: the main keys and values as [B, T, d] views (None when a key norm rewrites them);
+        then the products run per image over all heads with a block-diagonal query [B, H*E, d]
+        (H times the tiny early work) instead of copying the strided K and V per (image, head).
+        """
+        attn = self.attn
+        q_e = q_e * attn.scale
+        b, h, e, hd = q_e.shape
+        if kv is not None:
+            keys, values = kv  # [B, T, d] each, strided views
+            eye = self._eye(h, q_e.dtype, q_e.device)
+            q_bd = (q_e.unsqueeze(3) * eye[:, None, :, None]).reshape(b, h * e, h * hd)
+            scores = (q_bd @ keys.transpose(-2, -1)).view(b, h, e, -1)  # [B, H, E, T]
+        else:
+            scores = q_e @ k.transpose(-2, -1)  # [B, H, E, T]
+        own = (q_e * k_e).sum(dim=-1, keepdim=True)  # [B, H, E, 1]
+        scores = torch.cat([own.to(scores.dtype), scores[..., 1:]], dim=-1)
+        probs = attn.attn_drop(scores.softmax(dim=-1))
+        if kv is not None:
+            out = (probs.reshape(b, h * e, -1).to(values.dtype) @ values).view(b, h, e, h, hd)
+            out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, E, hd]
+        else:
+            out = probs @ v
+        # sum_j p_j v_j with v_0 := v_e:  p @ v - p_0 v_cK + p_0 v_e
+        own_p = probs[..., :1]
+        return out + own_p * (v_e - v[:, :, :1])
+
+    def forward_streams(
+        self, x: torch.Tensor, e: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block on main tokens x [B, T, d] and early tokens e [B, E, d] (or None)."""
+        adapt_attn, adapt_mlp, parallel = adapters
+        if adapt_attn is not None:
+            x = adapt_attn(x, "main")
+            e = adapt_attn(e, "early") if e is not None else None
+        h = self.norm1(x)
+        q, k, v, kv = self._qkv(h)
+        x_attn = self._out(self._attend_main(q, k, v), h)
+        if e is not None:
+            h_e = self.norm1(e)
+            q_e, k_e, v_e, _ = self._qkv(h_e)
+            e = e + self._out(self._attend_early(q_e, k_e, v_e, k, v, kv), h_e)
+        x = x + x_attn
+        if adapt_mlp is not None:
+            x = adapt_mlp(x, "main")
+            e = adapt_mlp(e, "early") if e is not None else None
+        x = x + self._mlp(x, parallel)
+        if e is not None:
+            e = e + self._mlp(e, parallel)
+        return x, e
+
+    def forward_joint(
+        self, x: torch.Tensor, mask: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
+    ) -> torch.Tensor:
+        """One block on x [B, E + T, d] = [early, main] with the boolean mask [E + T, E + T]
+        (True: may attend); the same numbers as `forward_streams`."""
+        adapt_attn, adapt_mlp, parallel = adapters
+        if adapt_attn is not None:
+            x = adapt_attn(x, "joint")
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask)))
+        if adapt_mlp is not None:
+            x = adapt_mlp(x, "joint")
+        return x + self._mlp(x, parallel)
+
+    def _mlp(self, x: torch.Tensor, parallel: nn.Module | None) -> torch.Tensor:
+        out = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return out + parallel(x) if parallel is not None else out
 
 
 class StreamState(NamedTuple):
@@ -89,7 +239,7 @@ class MultiExitViT(nn.Module):
 
     `adapter` (an `AdapterConfig` or its fields): E-adapters, AdaptFormer, LoRA or none (one
     exit and none: a linear probe); `finetune_backbone=True` trains the backbone too. The
-    backbone's blocks become `blocks.StreamBlock`s (same parameter names).
+    backbone's blocks become `StreamBlock`s (same parameter names).
 
     Stage API, the one sequence `forward`, the early-exit engine and the ONNX graphs run::
 
@@ -270,11 +420,6 @@ class MultiExitViT(nn.Module):
             x, e = self.backbone.blocks[i].forward_streams(x, e, self.block_adapters(i, stage))
         return StreamState(x, e)
 
-    def exit_features(self, stage: int, state: StreamState) -> torch.Tensor:
-        """Head input of exit `stage`: LN_k of the class token it reads. [B, d]"""
-        token = state.early[:, 0] if self.num_early_tokens(stage) else state.main[:, 0]
-        return self.norms[stage](token)
-
     def leave(self, stage: int, state: StreamState) -> StreamState:
         """Drop the class token that exit `stage` has read, if it was an early one."""
         n_early = self.num_early_tokens(stage)
@@ -287,7 +432,8 @@ class MultiExitViT(nn.Module):
         """Embed (stage 0; else `x` is the previous stage's state) -> blocks -> LN_k, head k ->
         leave: (next state, None after the last exit; head input [B, d]; logits [B, C])."""
         state = self.run_stage(stage, self.embed(x) if stage == 0 else x)
-        features = self.exit_features(stage, state)
+        token = state.early[:, 0] if self.num_early_tokens(stage) else state.main[:, 0]
+        features = self.norms[stage](token)  # LN_k of the class token exit `stage` reads
         after = self.leave(stage, state) if stage < self.num_exits - 1 else None
         return after, features, self.heads[stage](features)
 

@@ -12,7 +12,6 @@ import io
 import logging
 import netrc
 import os
-import socket
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -27,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from met_lightning.atomic import atomic_path, write_text
+from met_lightning.paths import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ def wandb_api_key() -> str | None:
         return None
 
 
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", WANDB_HOST))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def wandb_mode() -> str:
     """online / offline / disabled: WANDB_MODE (default online), offline without key or network."""
     if os.environ.get("WANDB_MODE") == "":  # wandb itself rejects an empty WANDB_MODE
@@ -66,7 +57,7 @@ def wandb_mode() -> str:
         warn_once("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline; "
                   "upload later with `wandb sync <run folder>/wandb/offline-run-*`")  # fmt: skip
         return "offline"
-    if not wandb_reachable():
+    if not host_reachable(os.environ.get("WANDB_BASE_URL", WANDB_HOST)):
         warn_once("wandb: the server cannot be reached: logging offline; upload later with "
                   "`wandb sync <run folder>/wandb/offline-run-*`")  # fmt: skip
         return "offline"

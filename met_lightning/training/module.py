@@ -171,8 +171,7 @@ class MultiExitClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Logits of every exit [B, K, C] (`batch` is images, or (images, labels))."""
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.net(images).logits
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     # ------------------------------------------------------------------ epoch ends
     def _log_accuracy(self, stage: str) -> torch.Tensor:

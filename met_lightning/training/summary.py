@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from met_lightning.atomic import write_text
-from met_lightning.checkpoint.packing import storage_bytes
+from met_lightning.checkpoint.trainable import storage_bytes
 from met_lightning.inference.analysis import BudgetReport
 from met_lightning.inference.budget import BudgetPoint
 from met_lightning.macs import format_macs, model_exit_costs

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from met_lightning.checkpoint import FILENAME, load_lightning_checkpoint, load_trainable
-from met_lightning.checkpoint.packing import export_state
+from met_lightning.checkpoint.trainable import export_state
 from tests.reliability.inprocess import EPOCHS, best_checkpoint, run
 
 
