@@ -26,9 +26,12 @@ def _export_of(checkpoint_file, run_dir):
 
 
 @pytest.mark.parametrize("test", [False, True])
-def test_the_best_epoch_is_exported_and_named(tmp_path, test):
-    run_dir = tmp_path / "run"
-    metrics = run(run_dir, f"test={str(test).lower()}")
+def test_the_best_epoch_is_exported_and_named(tmp_path, test, request):
+    if test:  # test=true is the default: the resume tests' uninterrupted run, made once
+        run_dir, metrics = request.getfixturevalue("reference_run")
+    else:
+        run_dir = tmp_path / "run"
+        metrics = run(run_dir, "test=false")
     best = best_checkpoint(run_dir)
     saved = load_lightning_checkpoint(best)
     assert saved["epoch"] < EPOCHS - 1, "the test needs a best epoch before the last one"

@@ -16,16 +16,13 @@ from tests.reliability.inprocess import (
     epoch_of,
     killed_run,
     resume,
-    run,
 )
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, reference_run):
     """(uninterrupted run, the same run stopped right after its last.ckpt of the best epoch)."""
-    root = tmp_path_factory.mktemp("moved")
-    reference, original = root / "reference", root / "original"
-    run(reference)
+    (reference, _), original = reference_run, tmp_path_factory.mktemp("moved") / "original"
     best = epoch_of(best_checkpoint(reference))
     assert best < EPOCHS - 1, "the test needs a best epoch before the last one"
 

@@ -17,7 +17,6 @@ from tests.reliability.inprocess import (
     killed_run,
     listing,
     resume,
-    run,
 )
 
 
@@ -27,9 +26,10 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_kill_between_best_and_last_checkpoint_then_resume_leaves_no_orphans(tmp_path):
-    reference, victim = tmp_path / "reference", tmp_path / "run"
-    run(reference)
+def test_kill_between_best_and_last_checkpoint_then_resume_leaves_no_orphans(
+    tmp_path, reference_run
+):
+    (reference, _), victim = reference_run, tmp_path / "run"
     killed_at = []
 
     def after_a_new_best(checkpoint, path):
