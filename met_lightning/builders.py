@@ -50,11 +50,12 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def backbone_arguments(backbone_cfg: Mapping[str, Any]) -> tuple[Callable[..., nn.Module], dict]:
-    """(function, keyword arguments) a recorded `backbone` config builds with; CheckpointError
-    for anything a checkpoint may not set."""
+def build_backbone(backbone_cfg: Mapping[str, Any], meta: bool = False) -> nn.Module:
+    """The frozen timm ViT a recorded `backbone` config describes (CheckpointError for anything a
+    checkpoint may not set); `meta`: its architecture on the meta device (no weights read,
+    nothing allocated)."""
     config = dict(backbone_cfg)
-    target = config.get("_target_")
+    target = config.pop("_target_", None)
     if target not in BACKBONES:
         raise CheckpointError(
             f"the checkpoint's backbone._target_={target!r} is not one of {sorted(BACKBONES)}"
@@ -82,17 +83,10 @@ def backbone_arguments(backbone_cfg: Mapping[str, Any]) -> tuple[Callable[..., n
             f"the checkpoint's backbone.model_kwargs sets {refused[:5]}, which a checkpoint may "
             "not set (only architecture values of timm's VisionTransformer)"
         )
-    arguments = {k: v for k, v in config.items() if k != "_target_"}
-    return BACKBONES[target], {**arguments, "model_kwargs": dict(kwargs)}
-
-
-def build_backbone(backbone_cfg: Mapping[str, Any], meta: bool = False) -> nn.Module:
-    """The frozen timm ViT described by a recorded `backbone` config (`backbone_arguments`);
-    `meta`: its architecture on the meta device (no weights read, nothing allocated)."""
-    build, arguments = backbone_arguments(backbone_cfg)
+    kwargs = config["model_kwargs"] = dict(kwargs)
     if meta:
-        return freeze(meta_backbone(arguments["name"], arguments["model_kwargs"]))
-    return build(**arguments)
+        return freeze(meta_backbone(name, kwargs))
+    return BACKBONES[target](**config)
 
 
 def rebuild_network(config: Mapping[str, Any], backbone: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
+import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -71,11 +71,9 @@ def error_message(err: MetError) -> str:
 def _try_folder(folder: str, key: str) -> None:
     """Create `folder` (as Hydra is about to) and a file in it; a ConfigError if either fails."""
     path = check_writable(folder, key)
-    probe = path / f".met_write_test_{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=path).close()  # removed as it closes
     except OSError as err:
         reason = err.strerror or type(err).__name__
         where = f": {err.filename}" if err.filename and str(err.filename) != str(path) else ""

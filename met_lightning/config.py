@@ -51,10 +51,9 @@ def check_moved_overrides(overrides: list[str]) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed training config before anything is built; raise ConfigError if wrong."""
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
-    _require(
-        not unknown,
-        f"unknown top-level config key(s) {unknown}; valid keys: {sorted(TOP_LEVEL_KEYS)}",
-    )
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s) {unknown}; valid keys: "
+                          f"{sorted(TOP_LEVEL_KEYS)}")  # fmt: skip
     for old in MOVED_KEYS:
         if OmegaConf.select(cfg, old, default=None) is not None:  # a config file's old spelling
             raise ConfigError(moved_key_error(old))
@@ -68,27 +67,19 @@ def validate_config(cfg: DictConfig) -> None:
     loss = OmegaConf.to_container(model.loss)
     check_loss(len(exits), **{k: v for k, v in loss.items() if not k.startswith("_")})
 
-    data = cfg.get("data") or {}
     for key in ("batch_size", "eval_batch_size"):
-        value = data.get(key)
-        _require(
-            value is None or (type(value) is int and value > 0),
-            f"data.{key}={value} must be a positive integer",
+        value = (cfg.get("data") or {}).get(key)
+        if not (value is None or (type(value) is int and value > 0)):
+            raise ConfigError(f"data.{key}={value} must be a positive integer")
+    epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    if not (epochs is None or (isinstance(epochs, int) and (epochs >= 1 or epochs == -1))):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs} must be >= 1 (or -1 with trainer.max_steps)"
         )
-    max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
-    _require(
-        max_epochs is None
-        or (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)),
-        f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with trainer.max_steps)",
-    )
-    _require(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
     check_targets(cfg)  # data / trainer / optimizer / ... keys: unknown names, strings for numbers
     check_output_dir(cfg)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 # Config groups instantiated with Hydra: one `_target_` node, or a dict of them.
@@ -157,8 +148,6 @@ def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
     functions = [obj]
     if inspect.isclass(obj):
         functions = [k.__init__ for k in obj.__mro__ if k is not object and "__init__" in vars(k)]
-    if not functions:
-        return None, True
     params: dict[str, Any] = {}
     for fn in functions:
         sig = _signature(fn)
@@ -184,34 +173,30 @@ def _signature(fn: Any) -> inspect.Signature | None:
     return None
 
 
+# annotations that admit only such values, as an error message names them
+KINDS = {bool: "true or false", int: "an integer", float: "a number", type(None): "null"}
+
+
 def _non_string_kind(annotation: Any) -> str | None:
     """'an integer' / 'a number' / 'true or false' (+ ' or null') if `annotation` admits only
     such values; None if it admits a string or cannot be told."""
-    origin = typing.get_origin(annotation)
-    union = origin is typing.Union or origin is types.UnionType
-    members = typing.get_args(annotation) if union else (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     kinds = set()
-    for member in members:
-        if member is type(None):
-            kinds.add("null")
-        elif typing.get_origin(member) is typing.Literal:
+    for member in typing.get_args(annotation) if union else (annotation,):
+        if typing.get_origin(member) is typing.Literal:
             if any(isinstance(v, str) for v in typing.get_args(member)):
                 return None
             kinds.add("a number")
-        elif member is bool:
-            kinds.add("true or false")
-        elif member is int:
-            kinds.add("an integer")
-        elif member is float or (isinstance(member, type) and issubclass(member, torch.Tensor)):
+        elif isinstance(member, type) and issubclass(member, torch.Tensor):
             kinds.add("a number")
+        elif member in KINDS:
+            kinds.add(KINDS[member])
         else:
             return None
+    if "a number" in kinds:
+        kinds.discard("an integer")
     named = [k for k in ("an integer", "a number", "true or false") if k in kinds]
-    if not named:
-        return None
-    if "an integer" in named and "a number" in named:
-        named.remove("an integer")
-    return " or ".join(named + (["null"] if "null" in kinds else []))
+    return " or ".join(named + (["null"] if "null" in kinds else [])) if named else None
 
 
 def check_output_dir(cfg: DictConfig) -> None:

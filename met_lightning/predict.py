@@ -84,15 +84,10 @@ def list_images(inputs: str | Sequence[str]) -> list[Path]:
 def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
     """The files PIL can read: headers checked and a DataError naming the bad ones, or with
     `skip_bad` every image decoded and the bad ones dropped with a warning naming them."""
-    check = decode_error if skip_bad else header_error
-    good, bad, first = [], [], ""
-    for path in files:
-        error = check(path)
-        if error is None:
-            good.append(path)
-        else:
-            bad.append(path)
-            first = first or error
+    errors = [(decode_error if skip_bad else header_error)(path) for path in files]
+    good = [path for path, error in zip(files, errors, strict=True) if error is None]
+    bad = [path for path, error in zip(files, errors, strict=True) if error is not None]
+    first = next((error for error in errors if error is not None), "")
     shown = ", ".join(map(str, bad[:SHOWN])) + (", ..." if len(bad) > SHOWN else "")
     if bad and not skip_bad:
         raise DataError(

@@ -11,7 +11,6 @@ LitServe's worker and queue manager, and exit 0.
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import ctypes
 import io
@@ -22,6 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -68,6 +68,7 @@ try:  # the [serve] extra
     from starlette.responses import JSONResponse, Response
 
     from met_lightning.serve_metrics import (
+        ENV,
         LoadBoard,
         ServeMetrics,
         enable_multiprocess,
@@ -139,34 +140,6 @@ class Rejected:
         return JSONResponse({"detail": self.reason}, status_code=self.status)
 
 
-def image_field(body: dict) -> str | Rejected:
-    """The base64 string of a JSON body's field `image`."""
-    value = body.get("image")
-    if value is None:
-        return Rejected(422, f"missing field 'image' in the JSON body; {USAGE}")
-    if not isinstance(value, str):
-        return Rejected(422, "field 'image' must be a base64 string of an image file")
-    return value
-
-
-def request_image(request: Any) -> bytes | Rejected:
-    """The image file bytes of a request: JSON (a dict) or a multipart form."""
-    if isinstance(request, dict):
-        value = image_field(request)
-        if isinstance(value, Rejected):
-            return value
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as err:
-            return Rejected(400, f"field 'image' is not valid base64: {err}")
-    upload = request.get("file") if hasattr(request, "get") else None
-    if upload is None:
-        return Rejected(422, f"missing field 'file' in the multipart form; {USAGE}")
-    if isinstance(upload, str):
-        return Rejected(422, "field 'file' must be a file upload (curl -F file=@image.png)")
-    return upload.file.read()
-
-
 # a JPEG over the pixel limit is decoded at the first of these reductions that fits it
 DRAFT_SCALES = (2, 4, 8)
 
@@ -193,11 +166,16 @@ def too_large(width: int, height: int, max_pixels: int) -> Rejected:
 
 
 def decode(request: Any, session: Session, max_pixels: int) -> torch.Tensor | Rejected:
-    """A request as the model's input [C, H, W], or why not (whatever a decoder raises: 400)."""
+    """A request `RequestGuard` passed (JSON `{"image": base64}` or a form with a file 'file') as
+    the model's input [C, H, W], or why not (whatever a decoder raises: 400)."""
     try:
-        data = request_image(request)
-        if isinstance(data, Rejected):
-            return data
+        if isinstance(request, dict):
+            try:
+                data = base64.b64decode(request["image"], validate=True)
+            except ValueError as err:  # binascii.Error too
+                return Rejected(400, f"field 'image' is not valid base64: {err}")
+        else:
+            data = request["file"].file.read()
         with warnings.catch_warnings():  # Pillow's bomb warning: fit_pixels decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
@@ -237,23 +215,18 @@ class RequestGuard:
     a shutdown's drain time is over gets a 503."""
 
     def __init__(
-        self, app: Any, max_upload_mb: float, path: str = API_PATH,
-        metrics: ServeMetrics | None = None, board: LoadBoard | None = None,
+        self, app: Any, max_upload_mb: float, metrics: ServeMetrics | None = None,
+        board: LoadBoard | None = None,
     ) -> None:  # fmt: skip
         self.app = app
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 2**20)
-        self.path = path
         self.metrics = metrics  # requests by status, latency, queue depth
         self.board = board  # what the SLO controllers read
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        if self.metrics is None:
-            await self.guarded(scope, receive, send)
-            return
+        if scope["type"] != "http" or scope["path"] != API_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
         began, status = time.monotonic(), [0]
 
         async def counted(message: dict) -> None:
@@ -263,40 +236,31 @@ class RequestGuard:
 
         if self.board is not None:
             self.board.arrived()
-        self.metrics.queue.inc()
+        if self.metrics is not None:
+            self.metrics.queue.inc()
         try:
-            await self.guarded(scope, receive, counted)
-        finally:
-            latency = time.monotonic() - began
-            self.metrics.queue.dec()
-            if self.board is not None:
-                self.board.answered(latency)
-            self.metrics.requests.labels(str(status[0] or "none")).inc()
-            self.metrics.latency.observe(latency)
-
-    async def guarded(self, scope: dict, receive: Any, send: Any) -> None:
-        body = await self.checked_body(scope, receive)
-        if isinstance(body, Rejected):
-            await body.response()(scope, replay(None), send)
-        if not isinstance(body, bytes):  # refused, or the client went away
-            return
-        started = False
-
-        async def watched(message: dict) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))  # the JSON may be rewritten
-        try:
-            await self.app({**scope, "headers": headers}, replay(body, receive), watched)
+            body = await self.checked_body(scope, receive)
+            if isinstance(body, Rejected):
+                await body.response()(scope, replay(None), counted)
+            elif body is not None:  # None: the client went away
+                # the JSON may be rewritten: its length too
+                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await self.app({**scope, "headers": headers}, replay(body, receive), counted)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when drain_timeout is over: answer, do not leave
             # the client with a dropped connection (nor the log with a traceback)
-            if not started:
+            if not status[0]:
                 stopped = Rejected(503, "the server stopped before answering (drain_timeout)")
-                await stopped.response()(scope, replay(None), send)
+                await stopped.response()(scope, replay(None), counted)
+        finally:
+            latency = time.monotonic() - began
+            if self.board is not None:
+                self.board.answered(latency)
+            if self.metrics is not None:
+                self.metrics.queue.dec()
+                self.metrics.requests.labels(str(status[0] or "none")).inc()
+                self.metrics.latency.observe(latency)
 
     async def checked_body(self, scope: dict, receive: Any) -> bytes | Rejected | None:
         """The body to pass on, or why it is refused (None: the client went away)."""
@@ -334,20 +298,28 @@ def json_body(body: bytes) -> bytes | Rejected:
         return Rejected(400, f"the body is not valid JSON: {err}")
     if not isinstance(parsed, dict):
         return Rejected(422, f"the JSON body must be an object; {USAGE}")
-    value = image_field(parsed)
-    if isinstance(value, Rejected):
-        return value
+    value = parsed.get("image")
+    if value is None:
+        return Rejected(422, f"missing field 'image' in the JSON body; {USAGE}")
+    if not isinstance(value, str):
+        return Rejected(422, "field 'image' must be a base64 string of an image file")
     return body if len(parsed) == 1 else json.dumps({"image": value}).encode()
 
 
 async def form_problem(scope: dict, body: bytes) -> Rejected | None:
-    """A 400 if the multipart body does not parse (the parser's error would be LitServe's 500)."""
+    """Why a multipart body is refused: 400 if it does not parse (the parser's error would be
+    LitServe's 500), 422 without a file in field 'file'; None if it is fine."""
     try:  # the parts a request may have (the form is parsed again by LitServe)
         form = await Request(scope, replay(body)).form(max_files=4, max_fields=16)
         await form.close()
     except Exception as err:
         detail = getattr(err, "detail", None) or getattr(err, "message", None) or err
         return Rejected(400, f"the multipart body cannot be parsed: {detail}; {USAGE}")
+    upload = form.get("file")
+    if upload is None:
+        return Rejected(422, f"missing field 'file' in the multipart form; {USAGE}")
+    if isinstance(upload, str):
+        return Rejected(422, "field 'file' must be a file upload (curl -F file=@image.png)")
     return None
 
 
@@ -501,9 +473,6 @@ def die_with_parent() -> None:
 
 
 # ---------------------------------------------------------------------- server
-INFO_OPTIONS = ("budget", "max_batch_size", "batch_timeout", "max_image_pixels")
-
-
 def server_info(plan: Plan, options: DictConfig, slo: SloSetup | None = None) -> dict[str, Any]:
     """What `GET /info` reports under "model" (with an SLO: "slo", its points and changes)."""
     info = {
@@ -518,7 +487,8 @@ def server_info(plan: Plan, options: DictConfig, slo: SloSetup | None = None) ->
         "macs_per_exit": list(plan.macs_per_exit),
         "input_size": list(plan.input_spec.input_size),
         "precision": plan.precision,
-        **{key: options[key] for key in INFO_OPTIONS},
+        **{key: options[key] for key in ("budget", "max_batch_size", "batch_timeout")},
+        "max_image_pixels": options.max_image_pixels,
         "macs": "multiply-accumulates per image",
     }
     if slo is not None:
@@ -572,8 +542,9 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
-    """(LitServer, /info model dict): every option checked, the session resolved (meta device)."""
+def serve_options(cfg: DictConfig) -> DictConfig:
+    """`cfg` as `ServeOptions` with the serving keys checked (`SERVE_CHECKS`); ConfigError if
+    one is wrong or the [serve] extra is missing."""
     options = typed_options(cfg, ServeOptions, "serve")
     if ls is None:
         raise ConfigError("serving needs LitServe: pip install 'met_lightning[serve]'")
@@ -584,6 +555,12 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         options.budget is not None or options.thresholds is not None
     ):
         raise ConfigError("slo_ms= chooses the thresholds by load: give no budget= or thresholds=")
+    return options
+
+
+def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """(LitServer, /info model dict): every option checked, the session resolved (meta device)."""
+    options = serve_options(cfg)
     plan = resolve(options)  # checkpoint, thresholds, confidence, precision, device, mode
     device = torch.device(plan.device)
     if device.type not in ("cpu", "cuda") or (device.index or 0) != 0:
@@ -605,7 +582,7 @@ def build_server(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         )
     slo = slo_setup(plan, options) if options.slo_ms is not None else None
     info = server_info(plan, options, slo)
-    folder = enable_multiprocess(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    folder, _ = enable_multiprocess()  # `serve` made it already (and removes it at its end)
     guard = {"max_upload_mb": options.max_upload_mb, "metrics": ServeMetrics(),
              "board": slo.board if slo is not None else None}  # fmt: skip
     server = ls.LitServer(
@@ -763,16 +740,22 @@ def watch_workers(workers: list, uv: Any, died: list[str]) -> None:
 
 def serve(cfg: DictConfig) -> None:
     """Check everything, then run the server until SIGINT or SIGTERM (then drain, exit 0)."""
-    cfg = typed_options(cfg, ServeOptions, "serve")
+    cfg = serve_options(cfg)
     check_port_free(cfg.host, cfg.port)
-    server, info = build_server(cfg)  # checks the rest of the config
-    thresholds = ", ".join(map(str, info["thresholds"]))
-    print(
-        f"serving {cfg.checkpoint} on http://{cfg.host}:{cfg.port}{API_PATH} "
-        f"(exits {info['exits']}, thresholds [{thresholds}])",
-        flush=True,
-    )
-    run_server(server, cfg)
+    folder, made = enable_multiprocess()  # the metric files of every process of the server
+    try:
+        server, info = build_server(cfg)  # checks the rest of the config
+        thresholds = ", ".join(map(str, info["thresholds"]))
+        print(
+            f"serving {cfg.checkpoint} on http://{cfg.host}:{cfg.port}{API_PATH} "
+            f"(exits {info['exits']}, thresholds [{thresholds}])",
+            flush=True,
+        )
+        run_server(server, cfg)
+    finally:  # every worker has exited: remove the folder made here (never the user's)
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+            del os.environ[ENV]
 
 
 _task = user_task(serve)

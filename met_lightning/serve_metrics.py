@@ -32,28 +32,25 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def enable_multiprocess(folder: str | None = None) -> str:
-    """Use `folder` (default: a new temporary one) for every process's metric files, from now
-    on in this process and in the workers it starts (they inherit the environment)."""
-    folder = folder or tempfile.mkdtemp(prefix="met-metrics-")
+def enable_multiprocess() -> tuple[str, bool]:
+    """Put every process's metric files in the folder `PROMETHEUS_MULTIPROC_DIR` names (unset: a
+    new temporary one), from now on in this process and in the workers it starts (they inherit
+    the environment). Returns (the folder, whether it was made here: then its maker removes it)."""
+    made = not os.environ.get(ENV)
+    folder = os.environ[ENV] = os.environ.get(ENV) or tempfile.mkdtemp(prefix="met-metrics-")
     os.makedirs(folder, exist_ok=True)
-    os.environ[ENV] = folder
     values.ValueClass = values.get_value_class()  # chosen at import; metrics made now use it
-    return folder
-
-
-def exposition(folder: str) -> bytes:
-    """The Prometheus text exposition of every process's metrics in `folder`."""
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
-    return generate_latest(registry)
+    return folder, made
 
 
 def metrics_endpoint(folder: str):  # noqa: ANN201 - a Starlette endpoint
+    """`GET /metrics`: the Prometheus text exposition of every process's metrics in `folder`."""
     from starlette.responses import Response  # the [serve] extra, as the server
 
     async def metrics(request: object) -> Response:
-        return Response(exposition(folder), media_type=CONTENT_TYPE_LATEST)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=folder)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

@@ -51,13 +51,6 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a callbacks / logger group."""
-    if not group:
-        return []
-    return [instantiate(item) for item in group.values() if item and "_target_" in item]
-
-
 def instantiate_model(
     model: DictConfig, backbone: nn.Module, num_classes: int
 ) -> L.LightningModule:
@@ -139,7 +132,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loggers = build_loggers(cfg.get("logger"))
     try:
-        callbacks = instantiate_group(cfg.get("callbacks"))
+        group = cfg.get("callbacks") or {}
+        callbacks = [instantiate(c) for c in group.values() if c and "_target_" in c]
         if not loggers:  # nothing to report learning rates to
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         trainer: L.Trainer = instantiate(
@@ -237,23 +231,22 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _sweep_job(cfg: DictConfig) -> dict[str, float]:
-    """A multirun job: a user error is logged as one line and raised, never `sys.exit`, so the
-    sweeper's failure handling applies (Optuna: a failed trial, within max_failure_rate)."""
-    if cfg.get("resume"):
-        raise ConfigError("resume= continues a single run, not a multirun job (drop -m)")
-    try:
-        return train(cfg)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is not None:
-            log.error("error: %s", cause)
-        raise
-
-
 def _task(cfg: DictConfig) -> float | None:
+    """`train`, returning `optimized_metric`. In a multirun job a user error is logged as one line
+    and raised, never `sys.exit`, so the sweeper's failure handling applies (Optuna: a failed
+    trial, within max_failure_rate)."""
     multirun = is_multirun()
-    metrics = _sweep_job(cfg) if multirun else exit_on_user_error(lambda: train(cfg))
+    if not multirun:
+        metrics = exit_on_user_error(lambda: train(cfg))
+    elif cfg.get("resume"):
+        raise ConfigError("resume= continues a single run, not a multirun job (drop -m)")
+    else:
+        try:
+            metrics = train(cfg)
+        except Exception as err:
+            if (cause := user_error(err)) is not None:
+                log.error("error: %s", cause)
+            raise
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:
         message = f"optimized_metric={metric!r} is not among this run's metrics: {sorted(metrics)}"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from asgi_lifespan import LifespanManager  # noqa: E402
 from litserve.utils import wrap_litserve_start  # noqa: E402
 
 from met_lightning.serve import build_server, serve  # noqa: E402
+from met_lightning.serve_metrics import ENV  # noqa: E402
 
 ROW_KEYS = ("class", "class_name", "confidence", "exit", "block", "macs")
 
@@ -187,13 +189,13 @@ def test_server_refuses_to_start_with_a_reason(tiny_run, tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "cannot be used" in result.stderr
 
 
-def start_server(checkpoint, *overrides):
+def start_server(checkpoint, *overrides, env=None):
     """A real server process on 127.0.0.1 (its own process group), once healthy: (process, url)."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "met_lightning.serve", f"checkpoint={checkpoint}", f"port={port}",
          "device=cpu", *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_healthy(server, url, 120)
@@ -309,8 +311,13 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
     files = sorted(inputs.iterdir())
     threshold = mixed_threshold(tiny_run, inputs)
     expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
+    temp = tmp_path / "temp"  # where the server makes its metrics folder (no PROMETHEUS_... given)
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     server, url = start_server(tiny_run, f"thresholds=[{threshold!r}]", "max_batch_size=8",
-                               "batch_timeout=0.01", "drain_timeout=20")  # fmt: skip
+                               "batch_timeout=0.01", "drain_timeout=20",
+                               env={**env, "TMPDIR": str(temp)})  # fmt: skip
+    assert len(list(temp.glob("met-metrics-*"))) == 1
     try:
         results, wrong = [], []
         stop = time.monotonic() + 3.0
@@ -340,3 +347,20 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
         raise
     stop_while_in_flight(server, url, lambda: os.killpg(server.pid, signal.SIGINT), files[:3],
                          expected, drain_timeout=20)  # fmt: skip
+    assert not list(temp.glob("met-metrics-*"))  # the metrics folder it made is gone with it
+
+
+def test_serve_removes_the_metrics_folder_it_made_never_the_users(tiny_run, tmp_path, monkeypatch):
+    """serve() makes a PROMETHEUS_MULTIPROC_DIR folder when none is given and removes it when it
+    stops (here: a config error once it was made); a folder the user gave is left alone."""
+    cfg = serve_cfg(checkpoint=str(tiny_run), device="cpu", port=free_port(), precision="8")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ConfigError, match="precision='8'"):
+        serve(cfg)
+    assert list(tmp_path.iterdir()) == [] and ENV not in os.environ
+    user = tmp_path / "user"
+    monkeypatch.setenv(ENV, str(user))
+    with pytest.raises(ConfigError, match="precision='8'"):
+        serve(cfg)
+    assert user.is_dir() and os.environ[ENV] == str(user)

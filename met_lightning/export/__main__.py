@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +45,8 @@ def export(cfg: DictConfig) -> dict:
     if cfg.confidence is not None:
         check_confidence(cfg.confidence)
     check_writable(cfg.out, "out")
-    try:  # the [onnx] extra: the runner needs it; say so now
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'") from None
+    if importlib.util.find_spec("onnxruntime") is None:  # the [onnx] extra: the runner needs it
+        raise ConfigError("ONNX export needs onnx: pip install 'met_lightning[onnx]'")
     net, config = load_trainable(cfg.checkpoint, cfg.weights_file)
     folder = run_folder(cfg.checkpoint)
     manifest = export_onnx(net, config, Path(cfg.out), folder, cfg.confidence, cfg.opset)

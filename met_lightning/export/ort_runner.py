@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,18 +26,11 @@ from met_lightning.data.transforms import NORMALIZATIONS
 from met_lightning.errors import CheckpointError, ConfigError
 from met_lightning.export.onnx_export import FORMAT, MANIFEST
 from met_lightning.inference.confidence import CONFIDENCE_KINDS, check_confidence
-from met_lightning.inference.engine import answer, check_thresholds, early_exit
+from met_lightning.inference.engine import EarlyExitResult, answer, check_thresholds, early_exit
 from met_lightning.inference.session import checkpoint_transform
 
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest is kilobytes (class names included)
 EXPORT_HINT = "export again with python -m met_lightning.export checkpoint=RUN out=FOLDER"
-
-
-class OrtResult(NamedTuple):
-    predictions: np.ndarray  # [B] class index
-    confidence: np.ndarray  # [B] confidence of the exit that answered
-    exit_index: np.ndarray  # [B] 0-based exit that answered
-    logits: np.ndarray  # [B, C] logits of that exit
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:
@@ -200,15 +193,6 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def manifest_thresholds(manifest: dict, budget: float) -> list[float]:
-    """The thresholds the manifest lists for `budget` (one of the run's budgets)."""
-    for entry in manifest["budgets"]:
-        if math.isclose(entry["budget"], float(budget)):
-            return [float(t) for t in entry["thresholds"]]
-    listed = [b["budget"] for b in manifest["budgets"]]
-    raise ConfigError(f"budget={budget} is not one of the exported run's budgets {listed}")
-
-
 class OrtEarlyExit:
     """ONNX Runtime early-exit inference over exported stage graphs (see module docstring)."""
 
@@ -228,8 +212,13 @@ class OrtEarlyExit:
         k = len(manifest["exits"])
         if thresholds is not None and budget is not None:
             raise ConfigError("give either budget= or thresholds=, not both")
-        if budget is not None:
-            thresholds = manifest_thresholds(manifest, budget)
+        if budget is not None:  # the thresholds the manifest lists for one of the run's budgets
+            listed = {b["budget"]: b["thresholds"] for b in manifest["budgets"]}
+            match = [t for b, t in listed.items() if math.isclose(b, float(budget))]
+            if not match:
+                message = f"budget={budget} is not one of the exported run's budgets {list(listed)}"
+                raise ConfigError(message)
+            thresholds = [float(t) for t in match[0]]
         if thresholds is None:
             thresholds = [math.inf] * k  # no early exit
         self.thresholds = check_thresholds(thresholds, k)
@@ -255,12 +244,12 @@ class OrtEarlyExit:
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
         self.transform = checkpoint_transform(manifest["input"])  # its input_spec and normalize
 
-    def __call__(self, images: np.ndarray | torch.Tensor) -> OrtResult:
+    def __call__(self, images: np.ndarray | torch.Tensor) -> EarlyExitResult:
         """images [B, C, H, W] -> the answer of each image's exit, by the engine's loop."""
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.float32)))
         limits = torch.tensor(self.thresholds, dtype=torch.float64)
         exit_index, (predictions, scores, logits) = early_exit(self._stage, x, limits)
-        return OrtResult(predictions.numpy(), scores.numpy(), exit_index.numpy(), logits.numpy())
+        return EarlyExitResult(*(t.numpy() for t in (predictions, scores, exit_index, logits)))
 
     def _stage(self, k: int, x: torch.Tensor):
         """Stage graph k on the rows x: a stage of `engine.early_exit`, scored as the engine's."""

@@ -24,8 +24,8 @@ from met_lightning.inference.budget import (
     anytime_points,
     budget_candidates,
     budget_curve,
-    cheapest_keeping,
     evaluate,
+    keeping,
     resolve_budget,
     select_for_budget,
 )
@@ -109,7 +109,7 @@ def analyze(
     curve = budget_curve(calib, evalu, macs, p_values)
     anytime = anytime_points(evalu, macs)
     candidates = [pt for _, pt in curve] + anytime
-    keep = {f: cheapest_keeping(candidates, anytime[-1].accuracy, f) for f in KEEP_FRACTIONS}
+    keep = {f: (keeping(candidates, anytime[-1].accuracy, f) or [None])[0] for f in KEEP_FRACTIONS}
     report = BudgetReport(
         kind, calibration_split, evaluation_split, store.exits, macs, curve, anytime, keep
     )

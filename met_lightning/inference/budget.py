@@ -205,10 +205,14 @@ def select_for_budget(
     return max(feasible, key=lambda c: (c.accuracy, -c.mean_macs))
 
 
-def cheapest_keeping(
+def keeping(
     points: Sequence[BudgetPoint], reference_accuracy: float, fraction: float
-) -> BudgetPoint | None:
-    """The lowest-MACs point whose accuracy is at least `fraction` of `reference_accuracy`."""
-    target = fraction * reference_accuracy - 1e-12
-    keeping = [p for p in points if p.accuracy >= target]
-    return min(keeping, key=lambda p: (p.mean_macs, -p.accuracy)) if keeping else None
+) -> list[BudgetPoint]:
+    """The Pareto points (cheapest first, each more accurate than the one before) whose accuracy
+    is at least `fraction` of `reference_accuracy`."""
+    kept = [p for p in points if p.accuracy >= fraction * reference_accuracy - 1e-12]
+    frontier: list[BudgetPoint] = []
+    for p in sorted(kept, key=lambda p: (p.mean_macs, -p.accuracy)):
+        if not frontier or p.accuracy > frontier[-1].accuracy:
+            frontier.append(p)
+    return frontier

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -34,6 +33,8 @@ _ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-t
 
 
 class EarlyExitResult(NamedTuple):
+    """The engine's answers (torch tensors; numpy arrays from the ONNX runner)."""
+
     predictions: torch.Tensor  # [B] class index
     confidence: torch.Tensor  # [B] confidence of the exit that answered
     exit_index: torch.Tensor  # [B] 0-based exit that answered
@@ -216,7 +217,7 @@ class EarlyExitEngine:
         self.kind = check_confidence(kind)
         self.thresholds = check_thresholds(thresholds, net.num_exits)
         self.precision = check_precision(precision)
-        self.mode = check_mode(mode, _device_of(net) if mode == "graphs" else None)
+        self.mode = check_mode(mode, next(net.parameters(), torch.empty(0)).device)
         self._limits: dict[torch.device, torch.Tensor] = {}  # float64 [K] per device
         self._stage = _StageGraphs(self._scored) if self.mode == "graphs" else self._scored
 
@@ -245,19 +246,3 @@ class EarlyExitEngine:
             limits = self.limits(images.device)
             exit_index, (predictions, scores, logits) = early_exit(self._stage, images, limits)
         return EarlyExitResult(predictions, scores, exit_index, logits)
-
-
-def _device_of(net: torch.nn.Module) -> torch.device:
-    param = next(net.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def warn_precision_mismatch(store_precision: str | None, precision: str) -> None:
-    """Warn when the engine runs in another precision than the logit store was made in."""
-    if store_precision is not None and check_precision(store_precision) != precision:
-        warnings.warn(
-            f"the thresholds were calibrated on logits made in precision {store_precision}, "
-            f"but prediction runs in {precision}: confidences may differ slightly, so exits may "
-            f"too (pass precision={store_precision} for parity)",
-            stacklevel=2,
-        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,9 @@ from met_lightning.inference.confidence import DEFAULT_CONFIDENCE, check_confide
 from met_lightning.inference.engine import (
     PRECISIONS,
     EarlyExitEngine,
-    EarlyExitResult,
     check_mode,
     check_precision,
     check_thresholds,
-    warn_precision_mismatch,
 )
 from met_lightning.inference.logit_store import FILENAME as STORE_FILE
 from met_lightning.inference.logit_store import LogitStore, recorded_precision
@@ -133,23 +132,19 @@ def choose_precision(options: Any) -> str:
         recorded = recorded_precision(path)  # the header only
     if options.precision is not None:
         precision = check_precision(options.precision)
-        warn_precision_mismatch(recorded, precision)
+        if recorded is not None and check_precision(recorded) != precision:
+            warnings.warn(
+                f"the thresholds were calibrated on logits made in precision {recorded}, but "
+                f"prediction runs in {precision}: confidences may differ slightly, so exits may "
+                f"too (pass precision={recorded} for parity)",
+                stacklevel=2,
+            )
         return precision
     try:
         return check_precision(recorded)  # None: 32-true
     except ConfigError:
         log.warning("logit store precision %r unknown to the engine: using 32-true", recorded)
         return "32-true"
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` (cuda if available, else cpu) or a torch device name; ConfigError if invalid."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -188,7 +183,13 @@ def resolve(options: Any) -> Plan:
     costs = model_exit_costs(net)
     thresholds, how = choose_thresholds(options, costs, tuple(net.exits))
     precision = choose_precision(options)
-    device = pick_device(options.device)
+    name = options.device  # auto: cuda if available, else cpu
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a torch device: {err}") from None
     mode = check_mode(options.engine_mode, device)
     return Plan(
         checkpoint=str(options.checkpoint),
@@ -223,11 +224,9 @@ class Session:
         return self.plan.input_spec
 
     def classify(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
-        """The rows of [C, H, W] inputs, run as one batch (the engine applies the precision)."""
-        return self.rows(self.engine(torch.stack(images).to(self.device)))
-
-    def rows(self, result: EarlyExitResult) -> list[dict[str, Any]]:
-        """One dict per image: class, class_name, confidence, exit (1-based), block, macs."""
+        """[C, H, W] inputs run as one batch (the engine applies the precision) -> one dict per
+        image: class, class_name, confidence, exit (1-based), block, macs."""
+        result = self.engine(torch.stack(images).to(self.device))
         names, exits, macs = self.plan.class_names, self.plan.exits, self.plan.macs_per_exit
         columns = (result.predictions, result.confidence, result.exit_index)
         return [

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from met_lightning.inference.budget import SplitScores, budget_candidates, simulate_exits
+from met_lightning.inference.budget import SplitScores, budget_candidates, keeping, simulate_exits
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,7 @@ def operating_points(
     """The Pareto points (cheapest first, each more accurate than the one before) of the budget
     candidates whose val accuracy is >= `accuracy_floor` x the last exit's."""
     candidates = budget_candidates(scores, exit_macs)  # the p sweep, then each exit alone
-    reference = candidates[-1].accuracy  # "exit K only"
-    target = accuracy_floor * reference - 1e-12
-    kept = sorted(
-        (c for c in candidates if c.accuracy >= target), key=lambda c: (c.mean_macs, -c.accuracy)
-    )
-    frontier = []
-    for c in kept:
-        if not frontier or c.accuracy > frontier[-1].accuracy:
-            frontier.append(c)
+    frontier = keeping(candidates, candidates[-1].accuracy, accuracy_floor)  # of "exit K only"
     return [
         OperatingPoint(c.label, c.thresholds, c.accuracy, c.mean_macs,
                        agreement_with_last(scores, c.thresholds))
