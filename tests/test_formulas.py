@@ -89,14 +89,15 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(pretrain, "VAL_SIZE", 64)
     out = tmp_path / "b.safetensors"
     argv = ["--epochs", "1", "--train-size", "96", "--fractal-classes", "3",
-            "--contour-classes", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+            "--contour-classes", "2", "--formula-share", "0.5", "--threads", "1",
+            "--out", str(out)]  # fmt: skip
     record = pretrain.main(argv)
     assert out.is_file() and not pretrain.partial_path(out).exists()
     assert not any(k.startswith("head.") for k in load_file(str(out)))
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert saved["data"] == {"glyph_classes": len(SOURCE_CLASSES), "fractal_classes": 3,
-                             "contour_classes": 2, "formula_share": pytest.approx(2 / 3),
+                             "contour_classes": 2, "formula_share": 0.5,
                              "real_images": 0}  # fmt: skip
     assert saved["train_images_seen"] == 96 and "fashion_mnist" not in saved["transfer_check"]
     assert 0 <= saved["transfer_check"]["pretrained_acc"] <= 1
@@ -106,7 +107,8 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
     ("argv", "message"),
     [(["--formula-share", "1.5"], "--formula-share must be in [0, 1]"),
      (["--threads", "0"], "must be positive"),
-     (["--fractal-classes", "0"], "--fractal-classes and --contour-classes must be positive")],
+     (["--formula-share", "0.5", "--fractal-classes", "0"],
+      "--fractal-classes and --contour-classes must be positive")],
 )  # fmt: skip
 def test_pretrain_refuses_impossible_arguments(argv, message, capsys) -> None:
     with pytest.raises(SystemExit):
