@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from met_lightning.cli import hydra_app, user_task
 from met_lightning.data.images import decode_image
-from met_lightning.errors import ConfigError
+from met_lightning.errors import ConfigError, MetError
 from met_lightning.inference.analysis import finite
 from met_lightning.inference.engine import EarlyExitEngine
 from met_lightning.inference.session import (
@@ -718,7 +718,8 @@ def wait_until_ready(server: Any, workers: list) -> None:
         if status == {WorkerSetupStatus.READY}:
             return
         if WorkerSetupStatus.ERROR in status or not all(w.is_alive() for w in workers):
-            raise RuntimeError("the inference worker failed to load the model (see its log above)")
+            # its cause (a missing backbone file, a damaged checkpoint, ...) is in its log above
+            raise MetError("the inference worker failed to load the model: see its error above")
         time.sleep(0.05)
 
 

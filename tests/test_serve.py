@@ -18,16 +18,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.bench_serve import free_port, wait_healthy
-from met_lightning.errors import CheckpointError, ConfigError
+from met_lightning.errors import CheckpointError, ConfigError, MetError
 from met_lightning.predict import predict
 from tests.helpers import entry_config, predict_config
 from tests.test_predict import write_digits
 
 ls = pytest.importorskip("litserve")
 from asgi_lifespan import LifespanManager  # noqa: E402
-from litserve.utils import wrap_litserve_start  # noqa: E402
+from litserve.utils import WorkerSetupStatus, wrap_litserve_start  # noqa: E402
 
-from met_lightning.serve import build_server, serve  # noqa: E402
+from met_lightning.serve import build_server, serve, wait_until_ready  # noqa: E402
 from met_lightning.serve_metrics import ENV  # noqa: E402
 
 ROW_KEYS = ("class", "class_name", "confidence", "exit", "block", "macs")
@@ -364,3 +364,11 @@ def test_serve_removes_the_metrics_folder_it_made_never_the_users(tiny_run, tmp_
     with pytest.raises(ConfigError, match="precision='8'"):
         serve(cfg)
     assert user.is_dir() and os.environ[ENV] == str(user)
+
+
+def test_a_worker_that_cannot_load_the_model_ends_the_cli_with_one_error_line() -> None:
+    """The worker logs its own error (a missing backbone file, say); the CLI then exits with
+    `error: ...` (a MetError), not a traceback of its own."""
+    server = type("Server", (), {"workers_setup_status": {0: WorkerSetupStatus.ERROR}})()
+    with pytest.raises(MetError, match="the inference worker failed to load the model"):
+        wait_until_ready(server, [])
