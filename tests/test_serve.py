@@ -4,6 +4,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,8 +312,9 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
     files = sorted(inputs.iterdir())
     threshold = mixed_threshold(tiny_run, inputs)
     expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
-    temp = tmp_path / "temp"  # where the server makes its metrics folder (no PROMETHEUS_... given)
-    temp.mkdir()
+    # where the server makes its metrics folder (no PROMETHEUS_... given); short, as it is also
+    # where multiprocessing puts its sockets (AF_UNIX paths: 107 bytes; tmp_path can be longer)
+    temp = Path(tempfile.mkdtemp(prefix="met-serve-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     server, url = start_server(tiny_run, f"thresholds=[{threshold!r}]", "max_batch_size=8",
                                "batch_timeout=0.01", "drain_timeout=20",
@@ -348,6 +350,7 @@ def test_loopback_server_under_a_short_load(tiny_run, tmp_path):
     stop_while_in_flight(server, url, lambda: os.killpg(server.pid, signal.SIGINT), files[:3],
                          expected, drain_timeout=20)  # fmt: skip
     assert not list(temp.glob("met-metrics-*"))  # the metrics folder it made is gone with it
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_serve_removes_the_metrics_folder_it_made_never_the_users(tiny_run, tmp_path, monkeypatch):
