@@ -67,18 +67,25 @@ from met_lightning.inference.session import SessionOptions, open_session, resolv
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def digit_pngs(run: Path, count: int) -> list[bytes]:
-    """The run's digits test images (never trained on) as PNG file bytes."""
+def test_digits(run: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's first `count` digits test images (never trained on) [count, 8, 8], values
+    0..16, and their labels [count]."""
     seed = OmegaConf.load(run / "config.yaml").seed
     digits = load_digits()
     _, _, test_index = stratified_split(digits.target, 0.2, 0.2, seed=seed)
-    files = []
-    for i in test_index[:count]:
-        pixels = np.round(digits.images[i] / 16 * 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, "L").save(buffer, format="PNG")
-        files.append(buffer.getvalue())
-    return files
+    return digits.images[test_index[:count]], digits.target[test_index[:count]]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A grey PNG file of `pixels` [h, w] in 0..255 (rounded, clipped)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(pixels, 0, 255)).astype(np.uint8), "L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def digit_pngs(run: Path, count: int) -> list[bytes]:
+    """The run's digits test images (never trained on) as PNG file bytes."""
+    return [png_bytes(image / 16 * 255) for image in test_digits(run, count)[0]]
 
 
 def cpu_session(run: Path, **values) -> object:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import random
 import sys
@@ -30,12 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
-from omegaconf import OmegaConf
-from PIL import Image
-from sklearn.datasets import load_digits
 
-from experiments.bench_serve import RESULTS, start_server, stop_server
-from met_lightning.data.digits import stratified_split
+from experiments.bench_serve import RESULTS, load, png_bytes, start_server, stop_server, test_digits
 from met_lightning.inference.session import SessionOptions, calibration_scores, resolve
 from met_lightning.inference.slo import operating_points
 
@@ -44,21 +39,15 @@ RAMP = (0.5, 1.0, 1.5, 2.0, 1.5, 1.0, 0.5)  # x capacity, one phase each
 
 def digits(run: Path, count: int, shift: bool, seed: int = 0) -> tuple[list[bytes], list[int]]:
     """The run's digits test images as PNGs and their labels (half noised with --shift)."""
-    data = load_digits()
-    _, _, test = stratified_split(
-        data.target, 0.2, 0.2, seed=OmegaConf.load(run / "config.yaml").seed
-    )
+    images, labels = test_digits(run, count)
     noise = np.random.default_rng(seed)
-    files, labels = [], []
-    for n, i in enumerate(test[:count]):
-        pixels = data.images[i] / 16 * 255
+    files = []
+    for n, image in enumerate(images):
+        pixels = image / 16 * 255
         if shift and n % 2:
-            pixels = np.clip(pixels + noise.normal(0, 80, pixels.shape), 0, 255)
-        buffer = io.BytesIO()
-        Image.fromarray(np.round(pixels).astype(np.uint8), "L").save(buffer, format="PNG")
-        files.append(buffer.getvalue())
-        labels.append(int(data.target[i]))
-    return files, labels
+            pixels = pixels + noise.normal(0, 80, pixels.shape)
+        files.append(png_bytes(pixels))
+    return files, [int(label) for label in labels]
 
 
 async def open_loop(url: str, pngs: list[bytes], rates: list[float], seconds: float) -> list[dict]:
@@ -90,33 +79,6 @@ async def open_loop(url: str, pngs: list[bytes], rates: list[float], seconds: fl
                 tasks.append(asyncio.create_task(one(phase, rng.randrange(len(pngs)), now)))
         await asyncio.gather(*tasks)
     return records
-
-
-async def capacity(url: str, pngs: list[bytes], seconds: float = 4.0, clients: int = 32) -> float:
-    """Answers per second of a closed loop of `clients` (the server's capacity)."""
-    done, stop = 0, time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-
-        async def loop(k: int) -> None:
-            nonlocal done
-            while time.monotonic() < stop:
-                await client.post("/predict", files={"file": ("x.png", pngs[k % len(pngs)])})
-                done += 1
-                k += 1
-
-        await asyncio.gather(*(loop(k) for k in range(clients)))
-    return done / seconds
-
-
-async def unloaded_p50_ms(url: str, pngs: list[bytes], requests: int = 30) -> float:
-    """Median latency of one request at a time (no queue): the SLO's unit."""
-    latencies = []
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        for k in range(requests):
-            sent = time.monotonic()
-            await client.post("/predict", files={"file": ("x.png", pngs[k % len(pngs)])})
-            latencies.append(time.monotonic() - sent)
-    return float(np.median(latencies) * 1000)
 
 
 def summary(records: list[dict], labels: list[int], slo_s: float, seconds: float) -> list[dict]:
@@ -184,9 +146,11 @@ def main() -> None:
             proc, url = start_server(args.run, fixed.get(name), args, extra, stderr=log)
             try:
                 if rates is None:  # keep-100 %: the ramp's unit, and the SLO's
-                    cap = asyncio.run(capacity(url, pngs))
+                    # a closed loop of 32 clients for 4 s: the server's capacity
+                    cap = asyncio.run(load(url, pngs, 32, 10**9, 4.0))["throughput"]
                     rates = [f * cap for f in RAMP]
-                    unloaded = asyncio.run(unloaded_p50_ms(url, pngs))
+                    # one request at a time (no queue): the SLO's unit
+                    unloaded = asyncio.run(load(url, pngs, 1, 30, 60.0))["p50_ms"]
                     slo_ms = slo_ms or round(args.slo_factor * unloaded)
                     print(f"capacity {cap:.1f}/s, unloaded p50 {unloaded:.1f} ms, SLO {slo_ms} ms")
                 records = asyncio.run(open_loop(url, pngs, rates, args.phase_seconds))

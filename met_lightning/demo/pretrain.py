@@ -111,11 +111,12 @@ class Sources:
     """The pretraining classes: glyphs, then fractal systems, then radial contours."""
 
     def __init__(self, fractals: int, contours: int, share: float, seed: int) -> None:
-        self.fractals = fractal_systems(fractals, seed) if share > 0 else None
-        self.contours = contour_classes(contours, seed) if share > 0 else []
+        fractals, contours = (fractals, contours) if share > 0 else (0, 0)
+        self.fractals = fractal_systems(fractals, seed)  # (maps, probabilities) of each class
+        self.contours = contour_classes(contours, seed)
         self.share = share
-        self.num_fractals = fractals if share > 0 else 0
-        self.num_classes = len(SOURCE_CLASSES) + self.num_fractals + len(self.contours)
+        self.num_fractals = fractals
+        self.num_classes = len(SOURCE_CLASSES) + fractals + contours
 
     def tensors(self, n: int, seed: int, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """`n` images [n, C, H, W] as backbone inputs and their labels [n], mixed by `share`."""
