@@ -50,7 +50,8 @@ def exit_on_user_error(fn: Callable[[], T], hint: str = "") -> T:
         cause = user_error(err)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {error_message(cause)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        # one write: the line of each DDP process stays whole on a shared stderr
+        sys.stderr.write(f"error: {error_message(cause)}" + (f" ({hint})" if hint else "") + "\n")
         sys.exit(2)
 
 
