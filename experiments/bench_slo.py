@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batch-timeout", type=float, default=0.005)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--guard-share", type=float, help="the SLO server's (default: its own)")
     parser.add_argument("--shift", action="store_true", help="noise on half of the images")
     args = parser.parse_args()
     pngs, labels = digits(args.run, 200, args.shift)
@@ -141,6 +142,8 @@ def main() -> None:
     results, rates, slo_ms = {}, None, args.slo_ms
     for name in [*fixed, "slo"]:
         extra = () if name in fixed else (f"slo_ms={slo_ms}", f"accuracy_floor={args.floor}")
+        if name not in fixed and args.guard_share is not None:
+            extra += (f"guard_share={args.guard_share}",)
         # the server's log goes to a file: a pipe nobody reads would block it once full
         with open(Path(tempfile.gettempdir()) / f"bench_slo_{tag}_{name}.log", "w") as log:
             proc, url = start_server(args.run, fixed.get(name), args, extra, stderr=log)

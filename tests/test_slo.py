@@ -74,7 +74,12 @@ def test_the_guard_moves_up_on_an_agreement_drop_and_frees_the_floor_when_it_rec
     decision = controller.step(Signals(arrival_rate=200, waiting=30))
     assert decision.index == 1 and decision.reason.startswith("guard")
     assert controller.state.guard_floor == 1 and controller.sampled == 0  # counted per point
-    controller.guarded(agreed=70, samples=100)  # still far below 0.97 at "mid"
+    # 29 of 31 (0.935): within the error bar of the 0.97 promised at "mid", yet below it: not
+    # recovered, so heavy load does not take it back below the guard's floor
+    controller.guarded(agreed=29, samples=31)
+    assert controller.step(Signals(arrival_rate=300, waiting=40)).index == 1
+    assert controller.state.guard_floor == 1
+    controller.guarded(agreed=41, samples=69)  # now far below 0.97 at "mid" (70 of 100)
     assert controller.step(Signals(arrival_rate=300, waiting=40)).index == 2
     # heavy load does not move it below the guard's floor while agreement is unknown
     assert controller.step(Signals(arrival_rate=300, waiting=40)).index == 2

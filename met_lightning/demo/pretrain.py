@@ -33,6 +33,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -86,7 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="backbone .safetensors")
+    parser.add_argument(
+        "--init", type=Path,
+        help="continue from this backbone (an earlier run's --out) instead of random weights; "
+        "the classifier head starts fresh. Give a new --seed so that the images are new too",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.init is not None and not args.init.is_file():
+        parser.error(f"--init {args.init}: no such file (an earlier run's --out .safetensors)")
     if min(args.epochs, args.train_size, args.threads) < 1:
         parser.error("--epochs, --train-size and --threads must be positive")
     if args.formula_share > 0 and min(args.fractal_classes, args.contour_classes) < 1:
@@ -230,6 +238,13 @@ def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
     save_file(tensors, str(path), metadata=metadata)
 
 
+def recorded_command(path: Path) -> dict[str, str]:
+    """The command recorded in backbone file `path` (empty if it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {"command": meta["command"]} if "command" in meta else {}
+
+
 def features(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """Class tokens [N, D] of the frozen `model` for grey `images` [N, h, w] (values 0..16)."""
     spec = InputSpec.from_timm(model)
@@ -304,6 +319,15 @@ def main(argv: list[str] | None = None) -> dict:
     sources = Sources(args.fractal_classes, args.contour_classes, args.formula_share, args.seed)
     model = timm.create_model(name, pretrained=False, num_classes=sources.num_classes,
                               **model_kwargs)  # fmt: skip
+    init = {}
+    if args.init is not None:
+        init = {"file": str(args.init), **recorded_command(args.init)}
+        missing, unexpected = model.load_state_dict(load_file(args.init), strict=False)
+        if unexpected or any(not key.startswith("head.") for key in missing):
+            raise SystemExit(
+                f"error: --init {args.init} is not a backbone of {name} {model_kwargs}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
     spec = InputSpec.from_timm(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name} {model_kwargs}: {n_params / 1e6:.2f} M parameters, input {spec}", flush=True)
@@ -315,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "epochs": args.epochs,
         "train_size_per_epoch": args.train_size,
-        "train_images_seen": args.epochs * args.train_size,
+        "train_images_seen": args.epochs * args.train_size,  # this run's; --init's in "init"
+        "init": init or None,
         "data": {
             "glyph_classes": len(SOURCE_CLASSES),
             "fractal_classes": sources.num_fractals,
@@ -351,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
             "radial contours (met_lightning.demo.glyphs, .formulas); no real image",
             "source_classes": record["source_classes"],
             "command": record["command"],
+            **({"init_command": init["command"]} if "command" in init else {}),
         },
     )
     partial_path(args.out).unlink(missing_ok=True)
