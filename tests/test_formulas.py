@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from met_lightning.demo import pretrain
 from met_lightning.demo.formulas import (
@@ -102,11 +103,30 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
     assert saved["train_images_seen"] == 96 and "fashion_mnist" not in saved["transfer_check"]
     assert 0 <= saved["transfer_check"]["pretrained_acc"] <= 1
 
+    # --init: a second run starts from that backbone (no training here: it comes out unchanged)
+    monkeypatch.setattr(pretrain, "train", lambda *a: [{"val_acc": 0.0, "train_acc": 0.0}])
+    again = tmp_path / "c.safetensors"
+    record = pretrain.main([*argv[:-1], str(again), "--seed", "1", "--init", str(out)])
+    first, second = load_file(str(out)), load_file(str(again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert record["init"] == {"file": str(out), "command": saved["command"]}
+    with safe_open(str(again), framework="pt") as f:
+        assert f.metadata()["init_command"] == saved["command"]
+
+
+def test_pretrain_init_must_be_a_backbone_of_the_architecture(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="is not a backbone of"):
+        save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+        pretrain.main(["--epochs", "1", "--train-size", "8", "--init",
+                       str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "o.safetensors")])
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--formula-share", "1.5"], "--formula-share must be in [0, 1]"),
      (["--threads", "0"], "must be positive"),
+     (["--init", "/nonexistent.safetensors"], "--init /nonexistent.safetensors: no such file"),
      (["--formula-share", "0.5", "--fractal-classes", "0"],
       "--fractal-classes and --contour-classes must be positive")],
 )  # fmt: skip
