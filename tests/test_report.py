@@ -307,7 +307,7 @@ def test_suite_row_without_missing_tasks_has_no_star(tmp_path):
     assert "Missing tasks" not in text and "*" not in _row(text, "| met | acc (%) |")[-1]
 
 
-def test_cli_writes_markdown_and_csv(runs_root, tmp_path):
+def test_cli_writes_markdown_and_csv(runs_root, tmp_path, capsys):
     out, long_csv = tmp_path / "r" / "report.md", tmp_path / "long.csv"
     result = subprocess.run(
         [sys.executable, "experiments/report.py", str(runs_root / "vtab"), str(runs_root / "c100"),
@@ -330,9 +330,8 @@ def test_cli_writes_markdown_and_csv(runs_root, tmp_path):
     # no run folder: a clear error
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = subprocess.run([sys.executable, "experiments/report.py", str(empty)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == 1 and "no run folder" in result.stderr
+    assert report.main([str(empty)]) == 1  # in-process: the subprocess above is the CLI check
+    assert "no run folder" in capsys.readouterr().err
 
 
 def test_report_reads_a_real_run_folder(tiny_run, tmp_path):
