@@ -19,20 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from met_lightning import checkpoint as ckpt
 from met_lightning.atomic import write_text
-from met_lightning.checkpoint import (
-    FILENAME,
-    FINGERPRINT_KEY,
-    SafeCheckpointIO,
-    backbone_fingerprint,
-    checkpoint_folders,
-    checkpoint_progress,
-    load_lightning_checkpoint,
-    remove_stale_files,
-    resume_argv,
-    resume_checkpoint,
-    save_trainable,
-)
 from met_lightning.cli import exit_on_user_error, hydra_app, user_error
 from met_lightning.cluster import check_world_size, resume_requeued
 from met_lightning.config import check_moved_overrides, validate_config
@@ -69,7 +57,7 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
         raise CheckpointError(
             f"ckpt_path={ckpt_path!r} does not exist; give a Lightning .ckpt file"
         )
-    load_lightning_checkpoint(ckpt_path)  # corrupt or unsafe: fails now, before anything is built
+    ckpt.load_lightning_checkpoint(ckpt_path)  # corrupt or unsafe: fails now, before the build
     return str(ckpt_path)
 
 
@@ -96,7 +84,7 @@ def rebuild_config(
         # a backbone with random weights is rebuilt from this seed (train() builds it first)
         "seed": cfg.seed,
         # timm name and weights hash of the backbone as built, checked by load_trainable
-        FINGERPRINT_KEY: fingerprint,
+        ckpt.FINGERPRINT_KEY: fingerprint,
     }
 
 
@@ -110,11 +98,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     resumed_step, relocate = None, None
     if cfg.get("resume"):  # before config.yaml is written: it is compared with the run's own
-        point = resume_checkpoint(cfg)
+        point = ckpt.resume_checkpoint(cfg)
         ckpt_path, resumed_step, relocate = point.checkpoint, point.global_step, point.relocate
         log.info("resuming %s from %s (step %d)", output_dir, ckpt_path, resumed_step)
         if rank_zero_only.rank == 0:  # what the kill left behind after last.ckpt
-            remove_stale_files(point)
+            ckpt.remove_stale_files(point)
     else:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     # the backbone's input size and normalization, from its config (meta device, no weights)
@@ -126,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     backbone = instantiate(cfg.backbone)  # first, right after seeding: see load_trainable
     # hashed as built, before the method wraps or trains any of it
-    fingerprint = backbone_fingerprint(backbone, cfg.backbone.name)
+    fingerprint = ckpt.backbone_fingerprint(backbone, cfg.backbone.name)
     module = instantiate_model(cfg.model, backbone, datamodule.num_classes)
     log.info("trainable parameters: %d of %d", module.num_trainable, module.num_total)
 
@@ -142,7 +130,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger=loggers or False,
             # atomic .ckpt writes, weights-only loading, paths of a moved run folder re-rooted,
             # restored paths and deletions kept inside the run's checkpoint folders
-            plugins=[SafeCheckpointIO(relocate=relocate, confine=checkpoint_folders(cfg))],
+            plugins=[
+                ckpt.SafeCheckpointIO(relocate=relocate, confine=ckpt.checkpoint_folders(cfg))
+            ],
         )
         if resumed_step is not None:  # rows logged after the checkpoint are logged again
             rewind_csv(loggers, resumed_step)
@@ -155,9 +145,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if analysis is not None:  # budget/* values can be a sweep's optimized_metric
             metrics.update(analysis.metrics)
         if trainer.is_global_zero:
-            save_trainable(
+            ckpt.save_trainable(
                 module.net,
-                output_dir / FILENAME,
+                output_dir / ckpt.FILENAME,
                 rebuild_config(cfg, datamodule.num_classes, input_spec, datamodule, fingerprint),
                 weights=weights,
             )
@@ -210,7 +200,7 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
             "global_step": trainer.global_step,
         }
     # Lightning has just loaded it (validate / test): only its progress fields are read here
-    epoch, global_step = checkpoint_progress(best) or (-1, -1)
+    epoch, global_step = ckpt.checkpoint_progress(best) or (-1, -1)
     score = getattr(trainer.checkpoint_callback, "best_model_score", None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
     try:
@@ -278,7 +268,7 @@ def main() -> None:
     if ENV_FILE is not None:
         load_dotenv(ENV_FILE, override=False)
     exit_on_user_error(lambda: check_moved_overrides(sys.argv[1:]))
-    sys.argv = exit_on_user_error(lambda: resume_argv(sys.argv))
+    sys.argv = exit_on_user_error(lambda: ckpt.resume_argv(sys.argv))
     hydra_app("train", _task)
 
 
