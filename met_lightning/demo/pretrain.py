@@ -1,6 +1,7 @@
 """Pretrain the demo backbone from scratch on generated images and ship its weights.
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
+        [--formula-share F] [--init EARLIER.safetensors]
 
 The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh images per epoch, no
 real image among them: rendered letter glyphs (`met_lightning.demo.glyphs`, no digits) and
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--formula-share", type=float, default=0.0,
         help="share of each epoch's images that are fractals and contours (half each); 0, the "
-        "default, reproduces the shipped glyphs-only backbone",
+        "default: glyphs only (the backbone shipped before; README: how the shipped one was made)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="backbone .safetensors")
