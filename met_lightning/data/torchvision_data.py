@@ -56,6 +56,8 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# the Debian layout: the four files, gzip-compressed, directly in one folder
+IDX_GZ = tuple(f"{name}.gz" for pair in IDX_FILES.values() for name in pair)
 IDX_UBYTE = 0x08  # the idx type code of unsigned bytes
 APT_HINT = (
     "or `apt-get install dataset-fashion-mnist` and data.root=/usr/share/datasets/fashion-mnist"
@@ -223,6 +225,11 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"data, the file holds {len(raw) - header}: truncated or corrupt"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def has_idx_layout(folder: Path) -> bool:
+    """Whether `folder` holds the Debian layout's four `.gz` idx files."""
+    return all((folder / name).is_file() for name in IDX_GZ)
 
 
 def read_idx_split(folder: Path, split: str, num_classes: int) -> tuple[torch.Tensor, ...]:
@@ -395,10 +402,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     @property
     def idx_folder(self) -> Path | None:
         """`root` when it holds the Debian layout (the four .gz idx files), else None."""
-        if not self.entry.idx_layout:
-            return None
-        names = [f"{name}.gz" for pair in IDX_FILES.values() for name in pair]
-        return self.root if all((self.root / name).is_file() for name in names) else None
+        return self.root if self.entry.idx_layout and has_idx_layout(self.root) else None
 
     def _missing(self) -> list[str]:
         if self.idx_folder is not None:
@@ -408,7 +412,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
     def _where(self) -> str:
         text = f"{_braced(self.entry.files)} under data.root={self.root}"
         if self.entry.idx_layout:
-            gz = _braced([f"{name}.gz" for pair in IDX_FILES.values() for name in pair])
+            gz = _braced(IDX_GZ)
             text += f" (torchvision's layout), or {gz} directly in it (the Debian layout)"
         return text + (f", {APT_HINT}" if self.entry.cls == "FashionMNIST" else "")
 

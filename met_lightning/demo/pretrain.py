@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from met_lightning.data.lowres import LOWRES_MAX, lowres_to_tensor
-from met_lightning.data.torchvision_data import IDX_FILES, read_idx_split
+from met_lightning.data.torchvision_data import has_idx_layout, read_idx_split
 from met_lightning.demo.formulas import (
     contour_classes,
     fractal_systems,
@@ -134,7 +134,7 @@ class Sources:
         n_fractal = n_formula // 2
         n_glyph = n - n_formula
         glyphs, glyph_labels = render_glyphs(n_glyph, seed)
-        parts = [self._input(glyphs, spec)]
+        parts = [backbone_input(glyphs, spec)]
         labels = [glyph_labels]
         if n_formula:
             offset = len(SOURCE_CLASSES)
@@ -143,13 +143,14 @@ class Sources:
             chunks = np.array_split(fractal, max(1, len(fractal) // 1024))
             drawn = [render_fractals(*self.fractals, chunk, rng) for chunk in chunks]
             drawn.append(render_contours(self.contours, contour, rng))
-            parts += [self._input(images * LOWRES_MAX, spec) for images in drawn]
+            parts += [backbone_input(images * LOWRES_MAX, spec) for images in drawn]
             labels += [fractal + offset, contour + offset + self.num_fractals]
         return torch.cat(parts), torch.from_numpy(np.concatenate(labels).astype(np.int64))
 
-    @staticmethod
-    def _input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
-        return lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
+
+def backbone_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """Grey `images` [N, h, w] (values 0..16) as the backbone's input [N, C, H, W]."""
+    return lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
 
 
 @torch.no_grad()
@@ -239,17 +240,15 @@ def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
     save_file(tensors, str(path), metadata=metadata)
 
 
-def recorded_command(path: Path) -> dict[str, str]:
-    """The command recorded in backbone file `path` (empty if it has none)."""
+def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of backbone file `path` and its metadata, in one read."""
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return {"command": meta["command"]} if "command" in meta else {}
+        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
 
 
 def features(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """Class tokens [N, D] of the frozen `model` for grey `images` [N, h, w] (values 0..16)."""
-    spec = InputSpec.from_timm(model)
-    x = lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
+    x = backbone_input(images, InputSpec.from_timm(model))
     model.eval()
     with torch.no_grad():
         feats = [model.forward_features(chunk)[:, 0] for chunk in x.split(EVAL_BATCH_SIZE)]
@@ -299,7 +298,7 @@ def transfer_check(name: str, model_kwargs: dict[str, Any], weights: Path, seed:
         "pretrained_acc": round(linear_probe(pretrained), 4),
         "random_init_acc": round(linear_probe(random), 4),
     }
-    if all((FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES["test"]):
+    if has_idx_layout(FASHION_MNIST):
         check["fashion_mnist"] = {
             "probe": f"LogisticRegression(max_iter=3000) on forward_features(x)[:, 0] of "
             f"{FASHION_PER_CLASS} Fashion-MNIST training images per class (seed 0), "
@@ -322,8 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
                               **model_kwargs)  # fmt: skip
     init = {}
     if args.init is not None:
-        init = {"file": str(args.init), **recorded_command(args.init)}
-        missing, unexpected = model.load_state_dict(load_file(args.init), strict=False)
+        tensors, metadata = read_backbone(args.init)
+        init = {"file": str(args.init)}
+        if "command" in metadata:
+            init["command"] = metadata["command"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
         if unexpected or any(not key.startswith("head.") for key in missing):
             raise SystemExit(
                 f"error: --init {args.init} is not a backbone of {name} {model_kwargs}: "
