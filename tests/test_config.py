@@ -86,7 +86,7 @@ def test_default_config_is_the_documented_demo(tmp_path):
     assert cfg.model.name == "met" and list(cfg.model.net.exits) == [3, 6, 9, 12]
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.backbone.weights_file.endswith("demo_vit_glyphs.safetensors")
-    assert list(cfg.logger) == ["csv"] and cfg.trainer.max_epochs == 20
+    assert list(cfg.logger) == ["csv"] and cfg.trainer.max_epochs == 12
 
 
 def test_experiment_composes(tmp_path):
