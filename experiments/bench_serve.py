@@ -129,8 +129,10 @@ def start_server(
         command.append(f"thresholds=[{','.join(repr(float(t)) for t in thresholds[:-1])}]")
     command.extend(extra)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # the server's torch threads
+    cpus = getattr(args, "server_cpus", None)  # the server and its workers on these cores only
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                            start_new_session=True, env=env)  # fmt: skip
+                            start_new_session=True, env=env, preexec_fn=pin)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, 300)
     return proc, url

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -118,6 +119,11 @@ def plot(records: list[dict], labels: dict[str, int], path: Path, slo_ms: float)
     fig.savefig(path, dpi=100)
 
 
+def cpu_set(text: str) -> set[int]:
+    """ "0" or "0,1": the cores a process is pinned to."""
+    return {int(c) for c in text.split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, required=True)
@@ -130,7 +136,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--guard-share", type=float, help="the SLO server's (default: its own)")
     parser.add_argument("--shift", action="store_true", help="noise on half of the images")
+    parser.add_argument("--server-cpus", type=cpu_set, help="e.g. 0: the server's cores only")
+    parser.add_argument("--client-cpus", type=cpu_set, help="e.g. 1: the load generator's cores")
     args = parser.parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     pngs, labels = digits(args.run, 200, args.shift)
     options = SessionOptions(checkpoint=str(args.run), device="cpu")
     plan = resolve(options)
@@ -168,6 +178,8 @@ def main() -> None:
     out = RESULTS / f"bench_slo_{tag}.json"
     meta = {"command": " ".join(["python -m experiments.bench_slo", *sys.argv[1:]]),
             "capacity": cap, "unloaded_p50_ms": unloaded, "slo_ms": slo_ms,
+            "server_cpus": sorted(args.server_cpus or []),
+            "client_cpus": sorted(args.client_cpus or []),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     out.write_text(json.dumps({**meta, "rates": rates, "results": results}, indent=1))
     for name, r in results.items():

@@ -219,7 +219,8 @@ def trainer_run(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         sys.path.insert(0, repo)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        n_train = args.trainer_batches * args.batch + 100  # + val_size
+        # data=cifar100 holds out 10 % of each class as its val pool (val_size draws 100 of it)
+        n_train = args.trainer_batches * args.batch * 10 // 9 + 1000
         write_cifar100(root / "data", n_train=n_train, n_test=100)
         exits = ",".join(str(e) for e in variant_kwargs("met", depth_of(args))[0]["exits"])
         measured = root / "throughput.json"
@@ -230,7 +231,8 @@ def trainer_run(args: argparse.Namespace, device: torch.device) -> dict[str, Any
             f"data.eval_batch_size={args.batch}", f"data.num_workers={args.workers}",
             "backbone=vit_tiny", f"backbone.name={args.timm_name}", "backbone.pretrained=false",
             f"++backbone.model_kwargs={{{kwargs}}}", f"model.net.exits=[{exits}]",
-            "trainer.max_epochs=1", "trainer.limit_val_batches=1", "test=false", "logger=none",
+            "trainer.max_epochs=1", f"trainer.limit_train_batches={args.trainer_batches}",
+            "trainer.limit_val_batches=1", "test=false", "logger=none",
             "callbacks.budget_analysis=null", "scheduler.warmup_epochs=0",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
             f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",

@@ -2,9 +2,9 @@
 
 Each run is its own process, `python -m met_lightning +experiment=cifar100 seed=S [--extra ...]
 hydra.run.dir=<out>/seed<S>`. The recipe holds out 5 000 training images for validation
-(data.val_size, split by data.seed = seed) and tests on the 10 000 test images. A run whose folder
-has summary.json is finished and skipped, so the launcher can be started again after an
-interruption. Then: `python experiments/report.py <out> --out report.md`.
+(data.val_fraction 0.1 of each class, split by data.seed = seed) and tests on the 10 000 test
+images. A run whose folder has summary.json is finished and skipped, so the launcher can be
+started again after an interruption. Then: `python experiments/report.py <out> --out report.md`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from met_lightning.data.cifar import CIFAR100_CLASSES
+# The fine label names of CIFAR-100 in label order (the `meta` file's `fine_label_names`).
+CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
 
 VTAB_TASK = "kitti"  # 4 classes
 VTAB_COUNTS = {"train800.txt": 8, "val200.txt": 4, "test.txt": 8}

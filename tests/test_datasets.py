@@ -1,9 +1,12 @@
-"""Real-format datasets (CIFAR-100 pickles, VTAB-1K list files, image folders) on tiny files."""
+"""Real-format datasets (CIFAR-100 pickles through `data=cifar100`'s torchvision DataModule,
+VTAB-1K list files, image folders) on tiny files."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import pickle
 import re
 import socket
@@ -14,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from met_lightning.data import cifar
+from met_lightning.data import cifar, torchvision_data
 from met_lightning.data.base import InputSpec
-from met_lightning.data.cifar import CIFAR100_CLASSES, CIFAR100_URL, Cifar100DataModule
 from met_lightning.data.image_folder import ImageFolderDataModule
 from met_lightning.data.images import stratified_indices
+from met_lightning.data.torchvision_data import DATASETS, TorchvisionDataModule
 from met_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +32,7 @@ from met_lightning.data.transforms import (
 from met_lightning.data.vtab import VTAB_TASKS, Vtab1kDataModule
 from met_lightning.errors import ConfigError, DataError
 from tests.data_fixtures import (
+    CIFAR100_CLASSES,
     VTAB_TASK,
     cifar_file,
     write_cifar100,
@@ -92,10 +96,13 @@ def cifar_root(tmp_path_factory):
     return root
 
 
+CIFAR100_URL = DATASETS["CIFAR100"].url
+
+
 def make_cifar(root, **kwargs):
-    return Cifar100DataModule(
-        root=str(root), **{"input_spec": SPEC, "val_size": 100, "batch_size": 16, **kwargs}
-    )
+    """`data=cifar100`'s DataModule; val_fraction 1/3: one of each class's 3 training images."""
+    kwargs = {"input_spec": SPEC, "val_fraction": 1 / 3, "batch_size": 16, **kwargs}
+    return TorchvisionDataModule(name="CIFAR100", root=str(root), **kwargs)
 
 
 def test_cifar_splits_labels_and_names(cifar_root):
@@ -161,7 +168,7 @@ def test_cifar_resizes_and_augments(cifar_root):
 
 
 def test_cifar_prepare_data_is_a_no_op_when_files_exist(cifar_root, monkeypatch):
-    monkeypatch.setattr(cifar, "host_reachable", pytest.fail)  # must not touch the network
+    monkeypatch.setattr(torchvision_data, "host_reachable", pytest.fail)  # no network
     before = sorted((p, p.stat().st_mtime_ns) for p in cifar_root.rglob("*"))
     make_cifar(cifar_root, download=True).prepare_data()
     assert sorted((p, p.stat().st_mtime_ns) for p in cifar_root.rglob("*")) == before
@@ -169,27 +176,25 @@ def test_cifar_prepare_data_is_a_no_op_when_files_exist(cifar_root, monkeypatch)
 
 def test_cifar_missing_files_without_download(tmp_path):
     dm = make_cifar(tmp_path, download=False)
-    expected = str(tmp_path / "cifar-100-python")
+    expected = f"cifar-100-python/{{train,test,meta}} under data.root={tmp_path}"
     with pytest.raises(DataError) as err:
         dm.prepare_data()
-    assert expected + "/{train,test,meta}" in str(err.value) and "data.download=true" in str(
-        err.value
-    )
+    assert expected in str(err.value) and "data.download=true" in str(err.value)
+    assert "cifar-100-python.tar.gz in data.root" in str(err.value)
     with pytest.raises(DataError, match=re.escape(expected)):
         ready(dm)  # setup without prepare_data
 
 
 def test_cifar_offline_download_fails_fast(tmp_path, monkeypatch):
     url = "http://127.0.0.1:9/cifar-100-python.tar.gz"  # nothing listens on port 9: refused
-    monkeypatch.setattr(cifar, "CIFAR100_URL", url)
+    monkeypatch.setitem(DATASETS, "CIFAR100", dataclasses.replace(DATASETS["CIFAR100"], url=url))
     start = time.monotonic()
     with pytest.raises(DataError) as err:
         make_cifar(tmp_path, download=True).prepare_data()
     assert time.monotonic() - start < 5
     message = str(err.value)
     assert url in message and "not reachable" in message
-    assert str(tmp_path / "cifar-100-python") + "/{train,test,meta}" in message
-    assert f"data.root={tmp_path}" in message
+    assert f"cifar-100-python/{{train,test,meta}} under data.root={tmp_path}" in message
 
 
 def test_cifar_download_probe_does_not_hang(tmp_path, monkeypatch):
@@ -198,7 +203,7 @@ def test_cifar_download_probe_does_not_hang(tmp_path, monkeypatch):
         raise OSError("timed out")  # as a real connect would, long after the probe gave up
 
     monkeypatch.setattr(socket, "create_connection", hang)  # e.g. DNS that never answers
-    monkeypatch.setattr(cifar, "PROBE_TIMEOUT", 0.3)
+    monkeypatch.setattr(torchvision_data, "PROBE_TIMEOUT", 0.3)
     start = time.monotonic()
     with pytest.raises(DataError, match=re.escape(CIFAR100_URL)):
         make_cifar(tmp_path, download=True).prepare_data()
@@ -206,13 +211,11 @@ def test_cifar_download_probe_does_not_hang(tmp_path, monkeypatch):
 
 
 def test_cifar_download_error_is_a_data_error(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tv_utils
-
     def broken(*args, **kwargs):
         raise OSError("connection reset by peer")
 
-    monkeypatch.setattr(cifar, "host_reachable", lambda *a, **k: True)
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", broken)
+    monkeypatch.setattr(torchvision_data, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", broken)
     with pytest.raises(DataError, match="connection reset by peer") as err:
         make_cifar(tmp_path, download=True).prepare_data()
     assert CIFAR100_URL in str(err.value)
@@ -222,8 +225,12 @@ def test_cifar_extracts_a_local_archive_offline(tmp_path, cifar_root, monkeypatc
     archive = tmp_path / "cifar-100-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cifar_root / "cifar-100-python", arcname="cifar-100-python")
-    monkeypatch.setattr(cifar, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    monkeypatch.setattr(cifar, "host_reachable", pytest.fail)
+    # the archive's md5 is checked; the tiny members have no official md5 (only that they exist)
+    monkeypatch.setattr("torchvision.datasets.CIFAR100.tgz_md5",
+                        hashlib.md5(archive.read_bytes()).hexdigest())  # fmt: skip
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))  # fmt: skip
+    monkeypatch.setattr(torchvision_data, "host_reachable", pytest.fail)
     dm = make_cifar(tmp_path, download=False)
     dm.prepare_data()
     assert len(ready(dm).test_set) == 100
@@ -251,7 +258,7 @@ def test_cifar_corrupt_file(tmp_path, bad):
     path = write_cifar100(tmp_path, n_train=120, n_test=10) / name
     path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=2))
     with pytest.raises(DataError, match=re.escape(str(path))) as err:
-        ready(make_cifar(tmp_path, val_size=20))
+        ready(make_cifar(tmp_path))
     assert message in str(err.value)
 
 
@@ -260,6 +267,7 @@ def test_cifar_corrupt_file(tmp_path, bad):
     [
         (dict(normalize="imagnet"), "data.normalize"),
         (dict(val_size=0), "data.val_size"),
+        (dict(val_fraction=0), "data.val_fraction"),
         (dict(num_classes=10), "data.num_classes"),
         (dict(batch_size=0), "data.batch_size"),
     ],
@@ -270,8 +278,12 @@ def test_cifar_bad_options(tmp_path, kwargs, key):
 
 
 def test_cifar_val_size_too_large(cifar_root):
-    with pytest.raises(ConfigError, match="data.val_size=300"):
-        ready(make_cifar(cifar_root, val_size=300))
+    with pytest.raises(
+        ConfigError,
+        match=r"data.val_size: class .* 1 images in the val pool, fewer than the 2 asked; "
+        r"lower data.val_size",
+    ):
+        ready(make_cifar(cifar_root, val_size=101))  # the pool: one image of each class
 
 
 # ---------------------------------------------------------------------------- VTAB-1K

@@ -14,11 +14,11 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
 from met_lightning.data.base import InputSpec
-from met_lightning.data.cifar import Cifar100DataModule
 from met_lightning.data.digits import DigitsDataModule, stratified_split
 from met_lightning.data.image_folder import ImageFolderDataModule
 from met_lightning.data.images import load_image
 from met_lightning.data.lowres import lowres_to_tensor
+from met_lightning.data.torchvision_data import TorchvisionDataModule
 from met_lightning.data.transforms import (
     BatchTransform,
     augment_seed,
@@ -54,10 +54,11 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-def make_cifar(root, **kwargs):
-    kwargs = {"input_spec": SPEC, "val_size": 100, "batch_size": 16, "eval_batch_size": 16,
+def make_cifar(root, cls=None, **kwargs):
+    """`data=cifar100`'s DataModule (or a subclass `cls`) on the 300 + 40 images of `root`."""
+    kwargs = {"input_spec": SPEC, "val_fraction": 1 / 3, "batch_size": 16, "eval_batch_size": 16,
               **kwargs}  # fmt: skip
-    return Cifar100DataModule(root=str(root), **kwargs)
+    return (cls or TorchvisionDataModule)(name="CIFAR100", root=str(root), **kwargs)
 
 
 # ---------------------------------------------------------------------- eval = CPU transform
@@ -245,7 +246,7 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class RecordingCifar(Cifar100DataModule):
+class RecordingCifar(TorchvisionDataModule):
     """Records the (epoch, batch index) each training batch's generator is seeded with."""
 
     def __init__(self, **kwargs) -> None:
@@ -260,9 +261,8 @@ class RecordingCifar(Cifar100DataModule):
 def _fit(cifar_root, seed=0):
     L.seed_everything(seed)  # the sampler's order
     spec = InputSpec((3, 16, 16), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    kwargs = dict(val_size=100, batch_size=16, eval_batch_size=16, seed=seed)
-    dm = ready(RecordingCifar(root=str(cifar_root), augment=True, normalize="half",
-                              input_spec=spec, **kwargs))  # fmt: skip
+    dm = ready(make_cifar(cifar_root, RecordingCifar, augment=True, normalize="half",
+                          input_spec=spec, seed=seed))  # fmt: skip
     module = Recorder(100, 3 * 16 * 16)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3,
                         limit_val_batches=2, limit_test_batches=2, limit_predict_batches=2,

@@ -88,7 +88,9 @@ def test_sources_mix_glyphs_fractals_and_contours_in_one_label_space() -> None:
 def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(pretrain, "FASHION_MNIST", tmp_path / "absent")  # no Fashion-MNIST probe
     monkeypatch.setattr(pretrain, "VAL_SIZE", 64)
-    digits = pretrain.load_digits()  # the probe on 300 of them: the record, not the score, is tested
+    digits = (
+        pretrain.load_digits()
+    )  # the probe on 300 of them: the record, not the score, is tested
     digits.images, digits.target = digits.images[:300], digits.target[:300]
     monkeypatch.setattr(pretrain, "load_digits", lambda: digits)
     out = tmp_path / "b.safetensors"
@@ -108,8 +110,9 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
 
     # --init: a second run starts from that backbone (no training here: it comes out unchanged)
     monkeypatch.setattr(pretrain, "train", lambda *a: [{"val_acc": 0.0, "train_acc": 0.0}])
-    monkeypatch.setattr(pretrain, "transfer_check", lambda *a: {"pretrained_acc": 0.0,
-                                                               "random_init_acc": 0.0})
+    monkeypatch.setattr(
+        pretrain, "transfer_check", lambda *a: {"pretrained_acc": 0.0, "random_init_acc": 0.0}
+    )
     again = tmp_path / "c.safetensors"
     record = pretrain.main([*argv[:-1], str(again), "--seed", "1", "--init", str(out)])
     first, second = load_file(str(out)), load_file(str(again))
@@ -123,8 +126,18 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
 def test_pretrain_init_must_be_a_backbone_of_the_architecture(tmp_path) -> None:
     with pytest.raises(SystemExit, match="is not a backbone of"):
         save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
-        pretrain.main(["--epochs", "1", "--train-size", "8", "--init",
-                       str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "o.safetensors")])
+        pretrain.main(
+            [
+                "--epochs",
+                "1",
+                "--train-size",
+                "8",
+                "--init",
+                str(tmp_path / "x.safetensors"),
+                "--out",
+                str(tmp_path / "o.safetensors"),
+            ]
+        )
 
 
 @pytest.mark.parametrize(

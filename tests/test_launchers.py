@@ -425,7 +425,8 @@ def test_ablation_dry_run_with_a_hydra_launcher_and_launcher_errors(tmp_path, ca
     argv = ["--dry-run", "--settings", "met", "lora", "--seeds", "0", "1", "--out", str(out)]
     assert run_ablation.main([*argv, "--launcher", "slurm", "--launcher-arg", "partition=cpu"]) == 0
     assert [c[4:] for c in commands(capsys.readouterr().out)] == [
-        ["hydra/launcher=slurm", "hydra.launcher.partition=cpu", *overrides, "seed=0,1",
+        ["hydra/launcher=slurm", "hydra.launcher.partition=cpu", *run_ablation.SCHEDULE,
+         *overrides, "seed=0,1",
          f"hydra.sweep.dir={out}/{setting}", "hydra.sweep.subdir=seed${seed}"]
         for setting, overrides in (("met", ["method=met"]), ("lora", ["method=lora"]))
     ]  # fmt: skip

@@ -44,8 +44,9 @@ def make_run(
                     "task": task, "split": split, "num_classes": 100, "seed": seed}  # fmt: skip
         experiment = f"vtab1k/{task}"
     else:
-        data_cfg = {"_target_": "met_lightning.data.cifar.Cifar100DataModule", "root": "/d",
-                    "num_classes": 100, "val_size": 5000, "seed": seed}  # fmt: skip
+        data_cfg = {"_target_": "met_lightning.data.torchvision_data.TorchvisionDataModule",
+                    "name": "CIFAR100", "root": "/d", "num_classes": 100, "val_fraction": 0.1,
+                    "seed": seed}  # fmt: skip
         experiment = data
     config = {
         "paths": {"output_dir": str(folder)},

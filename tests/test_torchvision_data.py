@@ -189,7 +189,11 @@ def test_download_offline_fails_fast(tmp_path, monkeypatch):
     import met_lightning.data.torchvision_data as module
 
     monkeypatch.setattr(module, "host_reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(DataError, match=r"cannot download SVHN: ufldl.stanford.edu is not reach"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot download SVHN from http://ufldl.stanford.edu/housenumbers/train_32x32.mat: "
+        r"ufldl.stanford.edu is not reach",
+    ):
         make(tmp_path, "SVHN", download=True).check_files()
 
 

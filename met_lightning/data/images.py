@@ -106,6 +106,19 @@ class LabelledImages(Dataset):
         return (image if self.transform is None else self.transform(image)), int(self.labels[index])
 
 
+class TensorImageDataset(LabelledImages):
+    """(uint8 image [C, h, w], label) from in-memory tensors, through a uint8 -> uint8 `transform`
+    if given."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:  # noqa: ANN001
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
 class ImageListDataset(LabelledImages):
     """(image, label) from (path, label) samples; `source` (a list file, a folder) is named in
     errors; `transform` maps the PIL image in the backbone's colour mode to a tensor, by default

@@ -14,7 +14,9 @@ of classes, the files it needs under `data.root`, and the host it downloads from
 Reading: torchvision's classes read the real formats (download=False unless `data.download`),
 except the Debian layout of Fashion-MNIST / MNIST / KMNIST (the four `.gz` idx files directly in
 `data.root`: `apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/
-fashion-mnist/), read here by `read_idx`, which checks the magic number and the sizes. Images
+fashion-mnist/), read here by `read_idx`, which checks the magic number and the sizes, and
+CIFAR-10 / -100, read by `cifar.read_split` (no code runs from a pickle, no md5 needed). An
+archive of the download already in `data.root` is extracted without the network. Images
 keep their stored size and mode: arrays (MNIST family, CIFAR, SVHN, STL10) as uint8 tensors (grey
 stays one channel and is replicated on the device, as the image-mode rule of `transforms` says),
 PIL images through `transforms.to_input_mode`.
@@ -41,9 +43,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from met_lightning.data import cifar
 from met_lightning.data.base import ImageClassificationDataModule, check_fractions
-from met_lightning.data.cifar import TensorImageDataset
-from met_lightning.data.images import LabelledImages, stratified_indices
+from met_lightning.data.images import LabelledImages, TensorImageDataset, stratified_indices
 from met_lightning.data.transforms import to_input_mode
 from met_lightning.errors import ConfigError, DataError
 from met_lightning.paths import host_reachable
@@ -59,6 +61,8 @@ IDX_FILES = {
 # the Debian layout: the four files, gzip-compressed, directly in one folder
 IDX_GZ = tuple(f"{name}.gz" for pair in IDX_FILES.values() for name in pair)
 IDX_UBYTE = 0x08  # the idx type code of unsigned bytes
+# Seconds the download host may take to accept a connection before we call the machine offline.
+PROBE_TIMEOUT = 3.0
 APT_HINT = (
     "or `apt-get install dataset-fashion-mnist` and data.root=/usr/share/datasets/fashion-mnist"
 )
@@ -92,6 +96,12 @@ def _train_test(cls: str, num_classes: int, files: Sequence[str], url: str, **ex
     return TvDataset(cls, num_classes, train, None, test, tuple(files), url, **extra)
 
 
+def _cifar(cls: str, url: str) -> TvDataset:
+    fmt = cifar.FORMATS[cls]
+    files = [f"{fmt.folder}/{n}" for n in (*fmt.splits["train"], *fmt.splits["test"], fmt.meta)]
+    return _train_test(cls, fmt.num_classes, files, url, flag=True)
+
+
 def _mnist_like(cls: str, url: str) -> TvDataset:
     files = [f"{cls}/raw/{name}" for pair in IDX_FILES.values() for name in pair]
     return _train_test(cls, 10, files, url, flag=True, idx_layout=True)
@@ -111,16 +121,9 @@ DATASETS: dict[str, TvDataset] = {
         "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip", flag=True,
         extra={"split": "balanced"},
     ),
-    "CIFAR10": _train_test(
-        "CIFAR10", 10,
-        [f"cifar-10-batches-py/{n}" for n in
-         (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")],
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", flag=True,
-    ),
-    "CIFAR100": _train_test(
-        "CIFAR100", 100, [f"cifar-100-python/{n}" for n in ("train", "test", "meta")],
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", flag=True,
-    ),
+    # read by `cifar.read_split` (a safe unpickler), not by torchvision's pickle.load
+    "CIFAR10": _cifar("CIFAR10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "CIFAR100": _cifar("CIFAR100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
     "SVHN": _train_test(
         "SVHN", 10, ("train_32x32.mat", "test_32x32.mat"),
         "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
@@ -404,6 +407,12 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         """`root` when it holds the Debian layout (the four .gz idx files), else None."""
         return self.root if self.entry.idx_layout and has_idx_layout(self.root) else None
 
+    @property
+    def archive(self) -> Path | None:
+        """The download's archive when it is already in `root` (extracted, not fetched)."""
+        path = self.root / Path(urlparse(self.entry.url).path).name
+        return path if path.suffix in (".gz", ".tgz", ".zip") and path.is_file() else None
+
     def _missing(self) -> list[str]:
         if self.idx_folder is not None:
             return []
@@ -420,21 +429,24 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         return DataError(
             f"{self.name} not found ({len(self._missing())} of {len(self.entry.files)} expected "
             f"paths missing): expected {self._where()}. Set data.download=true to fetch it from "
-            f"{urlparse(self.entry.url).hostname}."
+            f"{self.entry.url}, or put {Path(urlparse(self.entry.url).path).name} in data.root."
         )
 
     def _probe(self) -> None:
-        if not host_reachable(self.entry.url):
+        if not host_reachable(self.entry.url, PROBE_TIMEOUT):
             raise DataError(
-                f"cannot download {self.name}: {urlparse(self.entry.url).hostname} is not "
-                f"reachable (offline?). Put {self._where()}."
+                f"cannot download {self.name} from {self.entry.url}: "
+                f"{urlparse(self.entry.url).hostname} is not reachable (offline?). Put "
+                f"{self._where()}."
             )
 
     def check_files(self) -> bool:
-        """Before the backbone is built: the files are there (False), or a download can fetch
-        them (True); else a DataError naming the files."""
+        """Before the backbone is built: the files are there (False), or prepare_data can extract
+        the archive in root or download it (True); else a DataError naming the files."""
         if not self._missing():
             return False
+        if self.archive is not None:  # torchvision checks its md5 and extracts it, offline
+            return True
         if not self.download:
             raise self._not_found()
         self._probe()
@@ -447,15 +459,15 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         except DataError:
             raise
         except Exception as err:  # noqa: BLE001 - torchvision raises many kinds on bad data
-            what = "download" if download else "read"
+            what = f"download {self.entry.url} to" if download else "read"
             raise DataError(
                 f"torchvision could not {what} {self.name} ({', '.join(map(str, kwargs.items()))})"
-                f" from data.root={self.root} ({type(err).__name__}: {err}); expected "
+                f" in data.root={self.root} ({type(err).__name__}: {err}); expected "
                 f"{self._where()}"
             ) from None
 
     def prepare_data(self) -> None:
-        """Download what is missing (rank 0 only) when `download`."""
+        """Extract the archive in root, or download what is missing when `download` (rank 0)."""
         if not self.check_files():
             return
         self.root.mkdir(parents=True, exist_ok=True)
@@ -472,6 +484,10 @@ class TorchvisionDataModule(ImageClassificationDataModule):
             return None
         if self.idx_folder is not None:
             images, labels = read_idx_split(self.idx_folder, split, self.num_classes)
+            return self._tensor_maker(images, labels), labels.numpy()
+        if self.entry.cls in cifar.FORMATS:
+            fmt = cifar.FORMATS[self.entry.cls]
+            images, labels, self.class_names = cifar.read_split(self.root / fmt.folder, split, fmt)
             return self._tensor_maker(images, labels), labels.numpy()
         dataset = self._construct(kwargs)
         labels = dataset_labels(dataset)

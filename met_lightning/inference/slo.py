@@ -187,8 +187,10 @@ def decide(
             return move(current, f"guard: {agreement} < {promise}; at the most accurate point")
         return move(current + 1, f"guard: {agreement} < {promise}", guard_floor=current + 1)
     # recovered: the promise met, not merely "not yet shown to fail" (few samples at a new point)
-    if failing is False and state.guard_floor > 0 and (
-        signals.guard_agreement >= points[current].agreement
+    if (
+        failing is False
+        and state.guard_floor > 0
+        and (signals.guard_agreement >= points[current].agreement)
     ):
         floor_freed = replace(state, guard_floor=0)
         decision, new = decide(points, config, floor_freed, signals, cost)

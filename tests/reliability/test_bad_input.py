@@ -82,7 +82,8 @@ SCENARIOS = {
         "data.root={data}/nowhere",
         "data.download=false",
         expect=(
-            "CIFAR-100 not found: missing {data}/nowhere/cifar-100-python/train",
+            "CIFAR100 not found (3 of 3 expected paths missing): expected "
+            "cifar-100-python/{{train,test,meta}} under data.root={data}/nowhere",
             "data.download=true",
         ),
     ),

@@ -11,7 +11,13 @@ import torch
 
 from met_lightning.data import cifar
 from met_lightning.errors import DataError
-from tests.data_fixtures import cifar_file, py2_pickle, write_cifar100, write_cifar100_py2
+from tests.data_fixtures import (
+    CIFAR100_CLASSES,
+    cifar_file,
+    py2_pickle,
+    write_cifar100,
+    write_cifar100_py2,
+)
 
 
 class Payload:
@@ -118,7 +124,7 @@ def test_real_format_files_load_as_plain_pickle_reads_them(tmp_path, writer, spl
     assert images.dtype == torch.uint8 and images.shape == (len(expected_labels), 3, 32, 32)
     assert images.is_contiguous() and torch.equal(images, expected_images)
     assert labels.dtype == torch.int64 and torch.equal(labels, expected_labels)
-    assert names == expected_names == list(cifar.CIFAR100_CLASSES)
+    assert names == expected_names == list(CIFAR100_CLASSES)
 
 
 def test_bytes_keys_and_names_are_read(tmp_path):
