@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from met_lightning.demo.formulas import (
 from met_lightning.demo.glyphs import SOURCE_CLASSES
 from met_lightning.spec import InputSpec
 
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 SPEC = InputSpec((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
@@ -121,6 +123,35 @@ def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> N
     assert record["init"] == {"file": str(out), "command": saved["command"]}
     with safe_open(str(again), framework="pt") as f:
         assert f.metadata()["init_command"] == saved["command"]
+
+
+def test_shipped_runs_the_two_recorded_stages(tmp_path, monkeypatch) -> None:
+    """`--shipped` = stage 1, then stage 2 with --init; SHIPPED holds what the records say."""
+    stage1 = json.loads((RESULTS / "pretrain_formulas_cpu.json").read_text())  # the candidate
+    stage2 = json.loads(pretrain.DEFAULT_OUT.with_suffix(".json").read_text())  # shipped
+    for argv, record in zip(pretrain.SHIPPED, (stage1, stage2), strict=True):
+        args = pretrain.parse_args(argv)
+        assert (args.epochs, args.train_size, args.seed, args.threads, args.formula_share) == (
+            record["epochs"], record["train_size_per_epoch"], record["seed"], record["threads"],
+            record["data"]["formula_share"],
+        )  # fmt: skip
+        assert (args.fractal_classes, args.contour_classes) == (
+            record["data"]["fractal_classes"], record["data"]["contour_classes"]
+        )  # fmt: skip
+    calls = []
+    monkeypatch.setattr(pretrain, "main", lambda argv: calls.append(argv) or {"n": len(calls)})
+    out = tmp_path / "b.safetensors"
+    assert pretrain.shipped(out) == {"n": 2}
+    first = str(tmp_path / "b_stage1.safetensors")
+    assert calls == [[*pretrain.SHIPPED[0], "--out", first],
+                     [*pretrain.SHIPPED[1], "--init", first, "--out", str(out)]]  # fmt: skip
+
+
+def test_shipped_takes_only_out(capsys) -> None:
+    assert pretrain.parse_args(["--shipped", "--out", "x.safetensors"]).shipped
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--shipped", "--epochs", "3"])
+    assert "--shipped runs the recipe as recorded: give only --out" in capsys.readouterr().err
 
 
 def test_pretrain_init_must_be_a_backbone_of_the_architecture(tmp_path) -> None:

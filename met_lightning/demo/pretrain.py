@@ -2,6 +2,7 @@
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
         [--formula-share F] [--init EARLIER.safetensors]
+    python -m met_lightning.demo.pretrain --shipped [--out PATH]   # the shipped file, ~3 h CPU
 
 The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh images per epoch, no
 real image among them: rendered letter glyphs (`met_lightning.demo.glyphs`, no digits) and
@@ -58,6 +59,14 @@ from met_lightning.spec import InputSpec
 BACKBONE_CONFIG = Path(config_dir()) / "backbone" / "demo_vit.yaml"
 DEFAULT_OUT = ASSETS_DIR / "demo_vit_glyphs.safetensors"
 
+# The shipped backbone (ASSETS_DIR/demo_vit_glyphs.*), made in two runs: 10 epochs from random
+# weights with 2/3 formula images, then (`--init`) 14 more on new images (seed 1), half formulas.
+SHIPPED = (
+    ["--epochs", "10", "--train-size", "90000", "--threads", "1", "--formula-share", repr(2 / 3)],
+    ["--epochs", "14", "--train-size", "90000", "--threads", "1", "--formula-share", "0.5",
+     "--seed", "1"],
+)  # fmt: skip
+
 VAL_SIZE = 5000
 VAL_STREAM = 1_000_000  # seed stream of the validation glyphs; epochs use streams 0, 1, ...
 BATCH_SIZE = 128
@@ -93,7 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue from this backbone (an earlier run's --out) instead of random weights; "
         "the classifier head starts fresh. Give a new --seed so that the images are new too",
     )  # fmt: skip
+    parser.add_argument(
+        "--shipped", action="store_true",
+        help="run the two stages of the shipped backbone (SHIPPED): stage 1 to "
+        "<out>_stage1.safetensors, stage 2 from it to --out; no other option",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.shipped and [a for a in argv if a.startswith("--") and a not in ("--shipped", "--out")]:
+        parser.error("--shipped runs the recipe as recorded: give only --out")
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file (an earlier run's --out .safetensors)")
     if min(args.epochs, args.train_size, args.threads) < 1:
@@ -309,9 +325,18 @@ def transfer_check(name: str, model_kwargs: dict[str, Any], weights: Path, seed:
     return check
 
 
+def shipped(out: Path) -> dict:
+    """Both runs of `SHIPPED`: stage 1 to `<out>_stage1.safetensors`, stage 2 from it to `out`."""
+    first = out.with_name(f"{out.stem}_stage1.safetensors")
+    main([*SHIPPED[0], "--out", str(first)])
+    return main([*SHIPPED[1], "--init", str(first), "--out", str(out)])
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.shipped:
+        return shipped(args.out)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
