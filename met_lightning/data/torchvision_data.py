@@ -15,8 +15,8 @@ Reading: torchvision's classes read the real formats (download=False unless `dat
 except the Debian layout of Fashion-MNIST / MNIST / KMNIST (the four `.gz` idx files directly in
 `data.root`: `apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/
 fashion-mnist/), read here by `read_idx`, which checks the magic number and the sizes, and
-CIFAR-10 / -100, read by `cifar.read_split` (no code runs from a pickle, no md5 needed). An
-archive of the download already in `data.root` is extracted without the network. Images
+CIFAR-10 / -100, read by `cifar.read_split` (no code runs from a pickle, no md5 needed; their
+archive already in `data.root` is unpacked there without the network). Images
 keep their stored size and mode: arrays (MNIST family, CIFAR, SVHN, STL10) as uint8 tensors (grey
 stays one channel and is replicated on the device, as the image-mode rule of `transforms` says),
 PIL images through `transforms.to_input_mode`.
@@ -40,6 +40,7 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -409,9 +410,10 @@ class TorchvisionDataModule(ImageClassificationDataModule):
 
     @property
     def archive(self) -> Path | None:
-        """The download's archive when it is already in `root` (extracted, not fetched)."""
+        """CIFAR's archive when it is already in `root`: prepare_data unpacks it there, offline
+        (no md5 needed: the files are read by the safe reader)."""
         path = self.root / Path(urlparse(self.entry.url).path).name
-        return path if path.suffix in (".gz", ".tgz", ".zip") and path.is_file() else None
+        return path if self.entry.cls in cifar.FORMATS and path.is_file() else None
 
     def _missing(self) -> list[str]:
         if self.idx_folder is not None:
@@ -445,7 +447,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         the archive in root or download it (True); else a DataError naming the files."""
         if not self._missing():
             return False
-        if self.archive is not None:  # torchvision checks its md5 and extracts it, offline
+        if self.archive is not None:
             return True
         if not self.download:
             raise self._not_found()
@@ -471,6 +473,17 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         if not self.check_files():
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.archive is not None:
+            try:
+                download_utils.extract_archive(str(self.archive), str(self.root))
+            except Exception as err:  # noqa: BLE001 - tar / gzip errors alike
+                raise DataError(
+                    f"cannot extract {self.archive} ({type(err).__name__}: {err}): delete it, "
+                    f"or put {self._where()}"
+                ) from None
+            if self._missing():
+                raise DataError(f"{self.archive} did not give {_braced(self._missing())}")
+            return
         for split in SPLITS:
             kwargs = getattr(self.entry, split)
             if kwargs is not None:
