@@ -46,7 +46,8 @@ METHODS = ("met", "multi_exit_linear", "linear_probe", "adapter", "lora", "full_
 BASELINES = ("logreg", "svm_rbf")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path("experiments/results")
-MINUTES_PER_RUN = {"fashion_mnist_1k": (1.0, 4.0), "fashion_mnist": (20.0, 40.0)}  # 2-core CPU
+# 2-core CPU, measured (results/fashion_mnist_*_cpu.md): 1k 1-2 min a run, full 4-15 min
+MINUTES_PER_RUN = {"fashion_mnist_1k": (1.0, 4.0), "fashion_mnist": (4.0, 15.0)}
 # C of each baseline, the one with the best validation accuracy is kept
 C_GRID = {"logreg": (0.01, 0.1, 1.0, 10.0), "svm_rbf": (1.0, 10.0)}
 
@@ -201,9 +202,9 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dic
 
 def render(rows, baselines, header: str) -> str:  # noqa: ANN001
     lines = [header, "",
-             "| method | test acc (%) | acc per exit (block: %) | trainable | MACs per exit "
-             "| keep 100 %: MACs (acc) | keep 99 %: MACs (acc) | min / run |",
-             "| --- | ---: | --- | ---: | --- | --- | --- | ---: |"]  # fmt: skip
+             "| method | test acc (%) | seeds | acc per exit (block: %) | trainable "
+             "| MACs per exit | keep 100 %: MACs (acc) | keep 99 %: MACs (acc) | min / run |",
+             "| --- | ---: | ---: | --- | ---: | --- | --- | --- | ---: |"]  # fmt: skip
     for row in rows:
         per_exit = " / ".join(
             f"{b}: {_stat(a)}" for b, a in zip(row["blocks"], row["exit_accuracy"], strict=True)
@@ -215,7 +216,8 @@ def render(rows, baselines, header: str) -> str:  # noqa: ANN001
             cells.append("–" if p is None else f"{100 * p['macs_fraction']:.0f} % "
                          f"({p['speedup']:.2f}x; {_stat(p['accuracy'])})")  # fmt: skip
         minutes = f"{statistics.mean(row['minutes']):.1f}" if row["minutes"] else "–"
-        lines.append(f"| `{row['method']}` | {_stat(row['test_accuracy'])} | {per_exit} | "
+        lines.append(f"| `{row['method']}` | {_stat(row['test_accuracy'])} | {row['seeds']} | "
+                     f"{per_exit} | "
                      f"{_count(row['params_trainable'])} | {macs} | {cells[0]} | {cells[1]} | "
                      f"{minutes} |")  # fmt: skip
     by_kind: dict[str, list] = {}
@@ -227,7 +229,8 @@ def render(rows, baselines, header: str) -> str:  # noqa: ANN001
         cs = sorted({r["C"] for r in results})
         minutes = statistics.mean(r["seconds"] for r in results) / 60
         lines.append(f"| {kind} on pixels (C={'/'.join(map(str, cs))}) | "
-                     f"{_stat([r['test_accuracy'] for r in results])} | – | {_count(params)} | "
+                     f"{_stat([r['test_accuracy'] for r in results])} | {len(results)} | – | "
+                     f"{_count(params)} | "
                      f"{_macs(macs)} | – | – | {minutes:.1f} |")  # fmt: skip
     lines += ["", "test acc: the last exit's accuracy on the test split, mean ± sample std over "
               "seeds (one value: one seed). MACs per exit: multiply-accumulates per image up to "

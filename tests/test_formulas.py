@@ -149,6 +149,7 @@ def test_shipped_runs_the_two_recorded_stages(tmp_path, monkeypatch) -> None:
 
 def test_shipped_takes_only_out(capsys) -> None:
     assert pretrain.parse_args(["--shipped", "--out", "x.safetensors"]).shipped
+    assert pretrain.parse_args(["--shipped", "--out=x.safetensors"]).shipped
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--shipped", "--epochs", "3"])
     assert "--shipped runs the recipe as recorded: give only --out" in capsys.readouterr().err

@@ -50,6 +50,6 @@ def test_baselines_see_the_runs_split_and_the_table_renders(tmp_path):
     rows = script.collect(tmp_path / "out", ["met", "lora"], [0])
     assert [r["method"] for r in rows] == ["met"]
     table = script.render(rows, results, "# title")
-    assert "| `met` | 80.00 | 3: 50.00 / 6: 60.00 / 9: 70.00 / 12: 80.00 | 44.8 k |" in table
-    assert "50 % (2.00x; 80.00)" in table and "logreg on pixels" in table
+    assert "| `met` | 80.00 | 1 | 3: 50.00 / 6: 60.00 / 9: 70.00 / 12: 80.00 | 44.8 k |" in table
+    assert "50 % (2.00x; 80.00)" in table and "logreg on pixels (C=" in table
     assert np.isfinite(results[1]["test_accuracy"])

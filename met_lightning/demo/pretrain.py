@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "<out>_stage1.safetensors, stage 2 from it to --out; no other option",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.shipped and [a for a in argv if a.startswith("--") and a not in ("--shipped", "--out")]:
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a[:2] == "--"}
+    if args.shipped and given - {"--shipped", "--out"}:
         parser.error("--shipped runs the recipe as recorded: give only --out")
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file (an earlier run's --out .safetensors)")
