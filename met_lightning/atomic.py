@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -23,11 +23,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _create_temporary(path)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points to it
-        finally:
-            os.close(fd)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # the data is on disk before the name points to it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -38,11 +35,9 @@ def _create_temporary(path: Path) -> Path:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.{os.getpid()}.tmp")
-        try:
+        with suppress(FileExistsError):
             os.close(os.open(tmp, flags, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
+            return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 

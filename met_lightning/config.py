@@ -35,17 +35,16 @@ TOP_LEVEL_KEYS = {
 BackboneSchema = target_config(create_backbone, name="???")
 
 
-def moved_key_error(key: str) -> str | None:
+def moved_key_error(key: str) -> ConfigError:
     """The error for a key under one that moved (`migrate.MOVED_KEYS`), naming its new spelling."""
-    new = moved_key(key)
-    return f"{key} moved to {new}: write that instead" if new else None
+    return ConfigError(f"{key} moved to {moved_key(key)}: write that instead")
 
 
 def check_moved_overrides(overrides: list[str]) -> None:
     """ConfigError for a command-line override of a key that moved (`model.adapter.rank=4`)."""
     for override in overrides:
         if migrate_override(override) != override:  # migrate's own parsing of an override
-            raise ConfigError(moved_key_error(override.partition("=")[0].lstrip("+~")))
+            raise moved_key_error(override.partition("=")[0].lstrip("+~"))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -56,7 +55,7 @@ def validate_config(cfg: DictConfig) -> None:
                           f"{sorted(TOP_LEVEL_KEYS)}")  # fmt: skip
     for old in MOVED_KEYS:
         if OmegaConf.select(cfg, old, default=None) is not None:  # a config file's old spelling
-            raise ConfigError(moved_key_error(old))
+            raise moved_key_error(old)
     model = typed(cfg, "model", ModelConfig)
     backbone = typed(cfg, "backbone", BackboneSchema)
     net = model.net
@@ -121,11 +120,9 @@ def check_target_node(node: DictConfig, key: str) -> None:
     except OmegaConfBaseException:  # an interpolation Hydra reports when it instantiates
         return
     for name, value in values.items():
-        if name.startswith("_"):
+        if name.startswith("_") or (name not in params and open_kwargs):
             continue
         if name not in params:
-            if open_kwargs:
-                continue
             close = difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean {key}.{close[0]}? " if close else ""
             valid = sorted(params)
@@ -153,13 +150,10 @@ def _target_parameters(obj: Any) -> tuple[dict[str, Any] | None, bool]:
         sig = _signature(fn)
         if sig is None:
             return None, True
-        takes_kwargs = False
         for name, param in sig.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                takes_kwargs = True
-            elif param.kind is not inspect.Parameter.VAR_POSITIONAL and name != "self":
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and name != "self":
                 params.setdefault(name, param)
-        if not takes_kwargs:
+        if all(param.kind is not param.VAR_KEYWORD for param in sig.parameters.values()):
             return params, False
     return params, True  # every one passes **kwargs on
 

@@ -66,7 +66,6 @@ def exit_costs(
 
 def model_exit_costs(model) -> ExitCosts:  # noqa: ANN001 - MultiExitViT, avoids an import cycle
     """`exit_costs` for a built MultiExitViT."""
-    # (spec, exits, num_classes, adapter_rank, num_sites, separate_cls)
     return exit_costs(
         model.spec, model.exits, model.num_classes, model.rank, len(model.sites), model.separate_cls
     )

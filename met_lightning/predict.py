@@ -86,13 +86,12 @@ def check_readable(files: Sequence[Path], skip_bad: bool) -> list[Path]:
     `skip_bad` every image decoded and the bad ones dropped with a warning naming them."""
     errors = [(decode_error if skip_bad else header_error)(path) for path in files]
     good = [path for path, error in zip(files, errors, strict=True) if error is None]
-    bad = [path for path, error in zip(files, errors, strict=True) if error is not None]
-    first = next((error for error in errors if error is not None), "")
-    shown = ", ".join(map(str, bad[:SHOWN])) + (", ..." if len(bad) > SHOWN else "")
+    bad = [(path, error) for path, error in zip(files, errors, strict=True) if error is not None]
+    shown = ", ".join(str(path) for path, _ in bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
     if bad and not skip_bad:
         raise DataError(
-            f"cannot read {len(bad)} input image(s): {shown} (first: {first}). Remove them from "
-            "the input or pass skip_bad_images=true"
+            f"cannot read {len(bad)} input image(s): {shown} (first: {bad[0][1]}). Remove them "
+            "from the input or pass skip_bad_images=true"
         )
     if bad:
         log.warning("skipped %d undecodable image(s) (skip_bad_images=true): %s", len(bad), shown)

@@ -430,8 +430,8 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
 
     def publish(self, decision: Decision, signals: Signals) -> None:
         """Log a decision, set the metrics; a change (or the start) goes to /info too."""
-        point, controller = self.controller.point, self.controller
-        agreement = controller.agree / controller.sampled if controller.sampled else None
+        controller = self.controller
+        point, agreement = controller.point, controller.agreement
         self.metrics.point.set(decision.index)
         self.metrics.point_macs.set(point.mean_macs)
         if agreement is not None:
@@ -551,9 +551,8 @@ def serve_options(cfg: DictConfig) -> DictConfig:
     for key, (valid, rule) in SERVE_CHECKS.items():
         if not valid(options[key]):
             raise ConfigError(f"{key}={options[key]} {rule}")
-    if options.slo_ms is not None and (
-        options.budget is not None or options.thresholds is not None
-    ):
+    chosen = options.budget is not None or options.thresholds is not None
+    if options.slo_ms is not None and chosen:
         raise ConfigError("slo_ms= chooses the thresholds by load: give no budget= or thresholds=")
     return options
 

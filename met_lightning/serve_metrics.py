@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
+from functools import partial
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -60,34 +61,30 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         # registry=None: collected from the files, never from a process's default registry
-        self.requests = Counter("met_requests", "POST /predict requests answered, by HTTP status",
-                                ["status"], registry=None)  # fmt: skip
-        self.latency = Histogram("met_request_latency_seconds", "end-to-end latency of POST "
-                                 "/predict in the HTTP process", buckets=LATENCY_BUCKETS,
-                                 registry=None)  # fmt: skip
-        self.model_time = Histogram("met_batch_model_seconds", "model time of a batch (engine)",
-                                    buckets=LATENCY_BUCKETS, registry=None)  # fmt: skip
+        counter = partial(Counter, registry=None)
+        seconds = partial(Histogram, buckets=LATENCY_BUCKETS, registry=None)
+        gauge = partial(Gauge, multiprocess_mode="liveall", registry=None)  # one series per worker
+        self.requests = counter("met_requests", "POST /predict requests answered, by HTTP status",
+                                ["status"])  # fmt: skip
+        self.latency = seconds("met_request_latency_seconds", "end-to-end latency of POST "
+                               "/predict in the HTTP process")  # fmt: skip
+        self.model_time = seconds("met_batch_model_seconds", "model time of a batch (engine)")
         self.batch_size = Histogram("met_batch_size", "images per batch run by the engine",
                                     buckets=BATCH_BUCKETS, registry=None)  # fmt: skip
-        self.answers = Counter("met_answers", "answers by exit (1-based)", ["exit"],
-                               registry=None)  # fmt: skip
-        self.macs = Counter("met_macs_served", "multiply-accumulates spent on answers",
-                            registry=None)  # fmt: skip
-        self.queue = Gauge("met_queue_depth", "requests accepted and not answered yet",
-                           multiprocess_mode="livesum", registry=None)  # fmt: skip
-        self.point = Gauge("met_operating_point", "the SLO controller's point per worker "
-                           "(0: cheapest)", multiprocess_mode="liveall", registry=None)  # fmt: skip
-        self.point_macs = Gauge("met_operating_point_mean_macs", "val mean MACs per image of "
-                                "the current point", multiprocess_mode="liveall",
-                                registry=None)  # fmt: skip
-        self.agreement = Gauge("met_guard_agreement", "sampled agreement with the last exit at "
-                               "the current point", multiprocess_mode="liveall",
-                               registry=None)  # fmt: skip
-        self.guard = Counter("met_guard_samples", "guard samples run to the last exit, by "
-                             "whether the served answer agreed", ["agreed"],
-                             registry=None)  # fmt: skip
-        self.decisions = Counter("met_slo_changes", "the controller's point changes, by reason",
-                                 ["reason"], registry=None)  # fmt: skip
+        self.answers = counter("met_answers", "answers by exit (1-based)", ["exit"])
+        self.macs = counter("met_macs_served", "multiply-accumulates spent on answers")
+        self.queue = gauge("met_queue_depth", "requests accepted and not answered yet",
+                           multiprocess_mode="livesum")  # fmt: skip
+        self.point = gauge("met_operating_point", "the SLO controller's point per worker "
+                           "(0: cheapest)")  # fmt: skip
+        self.point_macs = gauge("met_operating_point_mean_macs", "val mean MACs per image of "
+                                "the current point")  # fmt: skip
+        self.agreement = gauge("met_guard_agreement", "sampled agreement with the last exit at "
+                               "the current point")  # fmt: skip
+        self.guard = counter("met_guard_samples", "guard samples run to the last exit, by "
+                             "whether the served answer agreed", ["agreed"])  # fmt: skip
+        self.decisions = counter("met_slo_changes", "the controller's point changes, by reason",
+                                 ["reason"])  # fmt: skip
 
     def batch(self, exits: Iterable[int], macs: float, seconds: float, size: int) -> None:
         self.model_time.observe(seconds)
@@ -113,8 +110,8 @@ class LoadBoard:
             self.array[0] += 1
             self.array[1] += 1
 
-    def answered(self, latency_s: float, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+    def answered(self, latency_s: float) -> None:
+        now = time.monotonic()
         with self.array.get_lock():
             self.array[1] -= 1
             slot = int(self.array[2])

@@ -25,8 +25,7 @@ class InputSpec:
         """Normalization from a timm model's pretrained config; size from its patch embedding
         (the pretrained config keeps 224 when `img_size` is overridden)."""
         cfg = resolve_data_config({}, model=model)
-        patch_embed = model.patch_embed
-        size = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
         return cls(tuple(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
 
     @classmethod

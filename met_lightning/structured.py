@@ -79,12 +79,11 @@ def typed(cfg: DictConfig, key: str, schema: type) -> DictConfig:
         plain = OmegaConf.to_container(cfg[key], resolve=True)
         return OmegaConf.merge(OmegaConf.structured(schema), plain)
     except ConfigKeyError as err:
-        parent = ".".join(str(err.full_key).split(".")[:-1])
+        parent, _, name = str(err.full_key).rpartition(".")
         node = OmegaConf.select(OmegaConf.structured(schema), parent) if parent else None
         if not isinstance(node, DictConfig):
             node = OmegaConf.structured(schema)
         valid = [str(k) for k in node.keys() if not str(k).startswith("_")]
-        name = str(err.full_key).split(".")[-1]
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean {key}.{parent + '.' if parent else ''}{close[0]}?" if close else ""
         raise ConfigError(

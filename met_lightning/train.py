@@ -124,15 +124,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [instantiate(c) for c in group.values() if c and "_target_" in c]
         if not loggers:  # nothing to report learning rates to
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        safe_io = ckpt.SafeCheckpointIO(relocate=relocate, confine=ckpt.checkpoint_folders(cfg))
         trainer: L.Trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers or False,
-            # atomic .ckpt writes, weights-only loading, paths of a moved run folder re-rooted,
-            # restored paths and deletions kept inside the run's checkpoint folders
-            plugins=[
-                ckpt.SafeCheckpointIO(relocate=relocate, confine=ckpt.checkpoint_folders(cfg))
-            ],
+            plugins=[safe_io],
         )
         if resumed_step is not None:  # rows logged after the checkpoint are logged again
             rewind_csv(loggers, resumed_step)
@@ -203,10 +200,8 @@ def exported_weights(trainer: L.Trainer, best: str | None, run_dir: Path) -> dic
     epoch, global_step = ckpt.checkpoint_progress(best) or (-1, -1)
     score = getattr(trainer.checkpoint_callback, "best_model_score", None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
-    try:
-        name = Path(best).resolve().relative_to(Path(run_dir).resolve())
-    except ValueError:
-        name = Path(best)
+    resolved, root = Path(best).resolve(), Path(run_dir).resolve()
+    name = resolved.relative_to(root) if resolved.is_relative_to(root) else Path(best)
     return {
         "source": "best checkpoint" if monitor is not None else "latest checkpoint",
         "checkpoint": name.as_posix(),

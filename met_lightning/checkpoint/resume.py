@@ -228,9 +228,8 @@ def _refusal(override: Override, conf: Path) -> str | None:
     value = override.value()
     if (conf / key).is_dir():  # a config group: the value selects one of its shipped files
         ok = isinstance(value, str) and OPTION.fullmatch(value) and ".." not in value
-        if not ok or not (conf / key / f"{value}.yaml").is_file():
-            return f"not a config option of group {key!r}"
-        return None
+        ok = ok and (conf / key / f"{value}.yaml").is_file()
+        return None if ok else f"not a config option of group {key!r}"
     if any(part.startswith("_") for part in key.split(".")):
         return "a key that names code (_target_, _partial_, ...)"
     if override.type is OverrideType.ADD:  # `++key=value` may override an existing key
@@ -285,12 +284,8 @@ def resume_argv(argv: list[str]) -> list[str]:
             "`python -m met_lightning`; give one (outputs/train/runs/<date_time>), or start from "
             "a checkpoint in a new run with ckpt_path=..."
         )
-    mine = {override_key(arg) for arg in argv[1:] if "=" in arg and not arg.startswith("-")}
-    theirs = [
-        o
-        for o in saved_overrides(Path(run_dir))
-        if override_key(o) not in mine and override_key(o) not in IGNORED
-    ]
+    skip = {override_key(a) for a in argv[1:] if "=" in a and not a.startswith("-")} | {*IGNORED}
+    theirs = [o for o in saved_overrides(Path(run_dir)) if override_key(o) not in skip]
     # hydra.output_subdir=null: the run's own .hydra/ stays as it was, so a resume that fails
     # (e.g. a bad extra override) does not change what the next resume= composes
     return [*argv[:index], *theirs, *argv[index:], f"hydra.run.dir={_quote(run_dir)}",
@@ -446,7 +441,6 @@ def remove_stale_files(point: ResumePoint) -> list[Path]:
     for path in sorted(run_dir.rglob("*.tmp")):
         match = TMP_FILE.fullmatch(path.name)
         if match and path.is_file() and not _writer_running(int(match.group(1))):
-            path.unlink()
             removed.append(path)
     known = _paths(point.callbacks) | {os.path.realpath(point.checkpoint)}
     folders = {os.path.realpath(run_dir / LAST_CHECKPOINT.parent)} | {
@@ -460,8 +454,8 @@ def remove_stale_files(point: ResumePoint) -> list[Path]:
                 continue
             progress = checkpoint_progress(path)  # unreadable: not ours, never removed
             if progress is not None and progress[1] > point.global_step:
-                path.unlink()
                 removed.append(path)
     for path in removed:
+        path.unlink()
         log.info("removed %s: written after %s, unused by the resumed run", path, point.checkpoint)
     return removed

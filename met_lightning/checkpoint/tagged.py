@@ -17,10 +17,9 @@ def write_tagged(
     path: str | Path, tensors: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]
 ) -> Path:
     """Write `tensors` with `metadata` and `format: fmt` to `path` atomically."""
-    path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": fmt, **metadata})
-    return path
+    return Path(path)
 
 
 def read_tagged(

@@ -101,7 +101,7 @@ def check_shapes(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) 
             f"checkpoint {source!r} does not match the network its config builds "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
-    wrong = [n for n in sorted(expected) if tuple(shapes[n]) != expected[n]]
+    wrong = [n for n in sorted(expected) if shapes[n] != expected[n]]
     if wrong:
         name = wrong[0]
         raise CheckpointError(

@@ -45,7 +45,6 @@ FORMATS = {
         "fine_labels", "meta", "fine_label_names", 100,
     ),
 }  # fmt: skip
-CIFAR100 = FORMATS["CIFAR100"]
 
 
 def _latin1(text: str, encoding: str = "utf-8") -> bytes:
@@ -141,7 +140,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
 
 
 def read_split(
-    folder: Path, split: str, fmt: CifarFormat = CIFAR100
+    folder: Path, split: str, fmt: CifarFormat = FORMATS["CIFAR100"]
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 images [N, 3, 32, 32], int64 labels [N] of the `train` / `test` files of `fmt` in
     `folder` (e.g. root/cifar-100-python) and the label names of its meta file, checked."""

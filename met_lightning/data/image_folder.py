@@ -121,16 +121,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return check_images(samples, str(folder), folder, self.skip_bad_images)
 
     def check_files(self) -> None:
-        """Find the images of every split and check them (kept for setup)."""
-        if self._splits is None:
-            self._splits = self._sample_lists()
-
-    def _build_splits(self) -> tuple[ImageListDataset, ...]:
-        self.check_files()
-        return tuple(ImageListDataset(s, self.input_spec, source=src) for s, src in self._splits)
-
-    def _sample_lists(self) -> list[tuple[list[Sample], str]]:
-        """[(samples, source)] of train, val, test: the images of each split and where from."""
+        """Find the images of every split and check them (kept for setup in `_splits`)."""
+        if self._splits is not None:
+            return
         everything, source = self._scan(self.train_dir, is_train=True), str(self.train_dir)
         train = (everything, source)
         val, test = (
@@ -165,4 +158,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 f"{self.val_fraction}: the validation split is empty; raise data.val_fraction "
                 f"or add images{folder}"
             )
-        return [train, val, test]
+        self._splits = [train, val, test]
+
+    def _build_splits(self) -> tuple[ImageListDataset, ...]:
+        self.check_files()
+        return tuple(ImageListDataset(s, self.input_spec, source=src) for s, src in self._splits)

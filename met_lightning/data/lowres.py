@@ -28,6 +28,5 @@ def lowres_to_tensor(
     mode = "bicubic" if interpolation == "bicubic" else "bilinear"
     x = resize_unit(x.unsqueeze(1), input_size[1:], mode)  # antialiased, clamped to [0, 1]
     x = x.expand(-1, int(input_size[0]), -1, -1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
     return ((x - mean_t) / std_t).contiguous()

@@ -350,9 +350,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
 
     `root`: torchvision's root (the folder holding e.g. FashionMNIST/raw/), or, for the MNIST
     family, a folder with the four `.gz` idx files. `download`: fetch what is missing in
-    prepare_data (offline: a one-line DataError). `val_fraction` / `test_fraction`: the per-class
-    shares held out where the dataset has no official val / test split. Few-shot:
-    `train_per_class` / `val_per_class` or `train_size` / `val_size` (class-balanced totals).
+    prepare_data (offline: a one-line DataError).
     """
 
     def __init__(
@@ -519,12 +517,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         grey = None
         if self.input_spec.input_size[0] == 1 and images.shape[1] == 3:
             grey = v2.Grayscale(1)  # RGB to luma for a 1-channel backbone
-
-        def make(idx: np.ndarray) -> Dataset:
-            index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            return TensorImageDataset(images[index], labels[index].long(), grey)
-
-        return make
+        return lambda idx: TensorImageDataset(images[idx], labels[idx].long(), grey)
 
     def split_indices(self, labels: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
         """{split: (source split, indices)} for train / val / test, from the official splits'
@@ -543,14 +536,11 @@ class TorchvisionDataModule(ImageClassificationDataModule):
         }
         if not has_test and self.test_fraction == 0.0:
             out["test"] = out["val"]
-        for offset, split in enumerate(("train", "val")):
-            key, counts = self.draws[split]
+        for offset, (split, (key, counts)) in enumerate(self.draws.items()):  # train, val
             if counts is not None:
                 source, pool = out[split]
-                chosen = draw_per_class(
-                    pool, labels[source], counts, self.seed * 2 + offset, key, split
-                )
-                out[split] = (source, chosen)
+                seed = self.seed * 2 + offset
+                out[split] = source, draw_per_class(pool, labels[source], counts, seed, key, split)
         for split, (_, idx) in out.items():
             if len(idx) == 0:
                 raise ConfigError(

@@ -164,14 +164,11 @@ def resolve_normalization(
     "none"), or None for no normalization."""
     if isinstance(normalize, bool):
         normalize = "backbone" if normalize else "none"
-    stats = {
-        "backbone": (tuple(spec.mean), tuple(spec.std)),
-        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-        "half": ((0.5,), (0.5,)),
-    }
     if check_normalize(normalize) == "none":
         return None
-    return tuple(_fit_channels(values, spec.input_size[0]) for values in stats[normalize])
+    fixed = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,), (0.5,))}
+    stats = fixed.get(normalize, (spec.mean, spec.std))  # backbone: the checkpoint's
+    return tuple(_fit_channels(values, spec.input_size[0]) for values in stats)
 
 
 def _normalize_steps(spec: InputSpec, normalize: bool | str) -> list[torch.nn.Module]:

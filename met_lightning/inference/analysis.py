@@ -66,10 +66,8 @@ class BudgetReport:
 
     def to_json(self) -> dict[str, Any]:
         def point(p: BudgetPoint) -> dict[str, Any]:
-            row = asdict(p)
-            row["thresholds"] = [finite(t) for t in p.thresholds]
-            row["speedup"] = self.speedup(p)
-            return row
+            thresholds = [finite(t) for t in p.thresholds]  # in asdict's place
+            return {**asdict(p), "thresholds": thresholds, "speedup": self.speedup(p)}
 
         return {
             "confidence": self.confidence,
@@ -102,7 +100,7 @@ def analyze(
     evaluation_split: str = "test",
 ) -> BudgetReport:
     """Calibrate thresholds on `calibration_split` for each p and each budget; evaluate them."""
-    check_confidence(kind, "confidence")
+    check_confidence(kind)
     calib = SplitScores.from_logits(*store[calibration_split], kind)
     evalu = SplitScores.from_logits(*store[evaluation_split], kind)
     macs = store.exit_macs
@@ -142,20 +140,19 @@ def curve_rows(report: BudgetReport) -> tuple[list[str], list[list[Any]]]:
         + [f"share_exit{i + 1}" for i in range(k)]
         + ["mean_macs", "mean_gmacs", "macs_fraction", "speedup", "accuracy"]
     )
-    rows = []
-    for p, pt in report.curve:
-        rows.append(
-            [round(p, 6)]
-            + [finite(t) for t in pt.thresholds]
-            + [round(s, 6) for s in pt.shares]
-            + [
-                round(pt.mean_macs),
-                round(pt.mean_macs / 1e9, 6),
-                round(pt.mean_macs / report.full_macs, 6),
-                round(report.speedup(pt), 4),
-                round(pt.accuracy, 6),
-            ]
-        )
+    rows = [
+        [round(p, 6)]
+        + [finite(t) for t in pt.thresholds]
+        + [round(s, 6) for s in pt.shares]
+        + [
+            round(pt.mean_macs),
+            round(pt.mean_macs / 1e9, 6),
+            round(pt.mean_macs / report.full_macs, 6),
+            round(report.speedup(pt), 4),
+            round(pt.accuracy, 6),
+        ]
+        for p, pt in report.curve
+    ]
     return header, rows
 
 

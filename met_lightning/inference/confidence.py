@@ -24,14 +24,11 @@ def confidence(logits: torch.Tensor, kind: str = DEFAULT_CONFIDENCE) -> torch.Te
     neg_entropy: minus the entropy of the softmax (0 for a one-hot prediction).
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if kind == "max_softmax":
+    if check_confidence(kind) == "max_softmax":  # a ConfigError if unknown
         return log_probs.max(dim=-1).values.exp()
     if kind == "margin":
         if logits.shape[-1] < 2:
             return torch.ones(logits.shape[:-1], device=logits.device)
         top2 = log_probs.topk(2, dim=-1).values.exp()
         return top2[..., 0] - top2[..., 1]
-    if kind == "neg_entropy":
-        return (log_probs.exp() * log_probs).sum(dim=-1)
-    check_confidence(kind)
-    raise AssertionError("unreachable")
+    return (log_probs.exp() * log_probs).sum(dim=-1)  # neg_entropy

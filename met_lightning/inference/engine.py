@@ -168,7 +168,7 @@ class _StageGraphs:
     def __init__(self, stage: Callable) -> None:
         self.stage = stage
         self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph
 
     def _capture(self, k: int, x: Any, size: int) -> tuple:
         static_in = _map(lambda t: t.new_zeros((size, *t.shape[1:])), x)
@@ -179,8 +179,6 @@ class _StageGraphs:
                 self.stage(k, static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = self.stage(k, static_in)
         return graph, static_in, static_out

@@ -56,10 +56,7 @@ class LogitStore:
         for name, split in self.splits.items():
             tensors[f"{name}/logits"] = split.logits.detach().float().cpu().contiguous()
             tensors[f"{name}/labels"] = split.labels.detach().long().cpu().contiguous()
-        metadata = {
-            "exits": json.dumps(list(self.exits)),
-            "exit_macs": json.dumps(list(self.exit_macs)),
-        }
+        metadata = {key: json.dumps(list(getattr(self, key))) for key in ("exits", "exit_macs")}
         if self.precision is not None:
             metadata["precision"] = str(self.precision)
         return write_tagged(path, tensors, FORMAT, metadata)
@@ -70,12 +67,8 @@ class LogitStore:
         tensors, metadata = read_tagged(path, FILENAME, FORMAT, "logit store", MISSING_HINT)
         names = sorted({key.split("/")[0] for key in tensors})
         splits = {n: SplitLogits(tensors[f"{n}/logits"], tensors[f"{n}/labels"]) for n in names}
-        return cls(
-            splits,
-            tuple(json.loads(metadata["exits"])),
-            tuple(json.loads(metadata["exit_macs"])),
-            metadata.get("precision"),
-        )
+        exits, exit_macs = (tuple(json.loads(metadata[key])) for key in ("exits", "exit_macs"))
+        return cls(splits, exits, exit_macs, metadata.get("precision"))
 
 
 def recorded_precision(path: str | Path) -> str | None:

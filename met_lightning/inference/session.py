@@ -127,9 +127,8 @@ def choose_precision(options: Any) -> str:
     """`precision=`, else the logit store's, else 32-true; a warning when it differs from the
     store's (calibration and prediction would see other numbers)."""
     path = store_path(options.checkpoint, options.store)
-    recorded = None
-    if path.is_file() or (path.is_dir() and (path / STORE_FILE).is_file()):
-        recorded = recorded_precision(path)  # the header only
+    found = path.is_file() or (path / STORE_FILE).is_file()
+    recorded = recorded_precision(path) if found else None  # the header only
     if options.precision is not None:
         precision = check_precision(options.precision)
         if recorded is not None and check_precision(recorded) != precision:

@@ -174,9 +174,8 @@ def decide(
     def move(index: int, reason: str, **changes) -> tuple[Decision, ControlState]:
         index = min(max(index, 0), top)
         changed = index != current
-        new = replace(state, index=index, **changes)
-        if changed:
-            new = replace(new, since_change=0)
+        since = 0 if changed else state.since_change
+        new = replace(state, index=index, since_change=since, **changes)
         return Decision(index, changed, reason, predicted), new
 
     failing = guard_failing(points[current], config, signals)
@@ -187,11 +186,8 @@ def decide(
             return move(current, f"guard: {agreement} < {promise}; at the most accurate point")
         return move(current + 1, f"guard: {agreement} < {promise}", guard_floor=current + 1)
     # recovered: the promise met, not merely "not yet shown to fail" (few samples at a new point)
-    if (
-        failing is False
-        and state.guard_floor > 0
-        and (signals.guard_agreement >= points[current].agreement)
-    ):
+    recovered = failing is False and signals.guard_agreement >= points[current].agreement
+    if recovered and state.guard_floor > 0:
         floor_freed = replace(state, guard_floor=0)
         decision, new = decide(points, config, floor_freed, signals, cost)
         return replace(decision, reason=f"guard: recovered ({agreement}); {decision.reason}"), new
@@ -233,6 +229,11 @@ class Controller:
     def point(self) -> OperatingPoint:
         return self.points[self.state.index]
 
+    @property
+    def agreement(self) -> float | None:
+        """The guard's sampled agreement at the current point (None: no sample yet)."""
+        return self.agree / self.sampled if self.sampled else None
+
     def measured(self, macs: float, seconds: float) -> None:
         self.cost = self.cost.measured(macs, seconds)
 
@@ -241,11 +242,7 @@ class Controller:
         self.sampled += samples
 
     def step(self, signals: Signals) -> Decision:
-        signals = replace(
-            signals,
-            guard_agreement=self.agree / self.sampled if self.sampled else None,
-            guard_samples=self.sampled,
-        )
+        signals = replace(signals, guard_agreement=self.agreement, guard_samples=self.sampled)
         decision, self.state = decide(self.points, self.config, self.state, signals, self.cost)
         if decision.changed:  # agreement is measured per point
             self.agree = self.sampled = 0

@@ -64,9 +64,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad
 
 
-def binarize(weight: torch.Tensor) -> torch.Tensor:
-    """The 1-bit version of `weight`, differentiable with a straight-through gradient."""
-    return _StraightThrough.apply(weight)
+binarize = _StraightThrough.apply  # the 1-bit version of a weight, with a straight-through gradient
 
 
 class QuantLinear(nn.Linear):
@@ -143,8 +141,7 @@ class LoRAQKV(nn.Module):
 def add_lora(blocks: nn.ModuleList, rank: int, sites: Sequence[str], scale: float) -> None:
     """Wrap `attn.qkv` of every block in `LoRAQKV` (in place); ValueError, before any change, if
     a block is already wrapped."""
-    wrapped = [i for i, blk in enumerate(blocks) if isinstance(blk.attn.qkv, LoRAQKV)]
-    if wrapped:
+    if wrapped := [i for i, blk in enumerate(blocks) if isinstance(blk.attn.qkv, LoRAQKV)]:
         raise ValueError(
             f"attn.qkv of block(s) {wrapped} is already wrapped in LoRAQKV: this backbone already "
             "carries a LoRA; build the new LoRA network on a fresh backbone (e.g. create_backbone "

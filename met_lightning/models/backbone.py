@@ -52,8 +52,7 @@ def _check_supported(model: nn.Module, name: str) -> None:
             f"backbone.name={name!r} has no class-token readout (global_pool="
             f"{model.global_pool!r}); MET reads class tokens. Pick a ViT with a class token."
         )
-    bad = {type(b).__name__ for b in model.blocks if not isinstance(b, Block)}
-    if bad:
+    if bad := {type(b).__name__ for b in model.blocks if not isinstance(b, Block)}:
         raise BackboneError(
             f"backbone.name={name!r} uses blocks of type {sorted(bad)}; MET inserts adapters "
             "before attention and MLP of timm's pre-norm `Block` only."
@@ -179,11 +178,8 @@ def _hub_offline() -> Iterator[None]:
 
 def freeze(model: nn.Module) -> nn.Module:
     """Turn off gradients and dropout of every parameter of `model`."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else ""
+    return (str(err).strip().splitlines() or [""])[0][:300]

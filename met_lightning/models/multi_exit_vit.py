@@ -15,14 +15,7 @@ attention) and the early tokens as a small side stream, fast on a GPU; ``joint``
 them once per stage and runs the mask (fewer kernel launches, fast on a CPU); ``auto``: streams on
 CUDA, joint elsewhere. Between stages the state is the two streams. Both run in `StreamBlock`, a
 timm pre-norm `Block` (same submodules and parameter names, timm's `forward` kept) with two more
-entry points:
-
-- `forward_streams`: main ``x`` [B, T, d] (``c_K, R, P``) runs unmasked, flash-eligible
-  attention; the early class tokens ``e`` [B, E, d] attend to the main keys / values of ``R, P``
-  and to their own (the ``c_K`` column replaced by the token's own score and value), reading the
-  main keys and values in place as strided views of the qkv projection: nothing of size T is
-  copied. Nothing in the main path reads ``e``.
-- `forward_joint`: the joint sequence ``[early, main]`` with the same semantics as a mask.
+entry points, `forward_streams` and `forward_joint`.
 """
 
 from __future__ import annotations
@@ -82,10 +75,9 @@ class StreamBlock(Block):
     def _eye(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The identity [n, n], made once per (n, dtype, device): no allocation per call."""
         cache = self.__dict__.setdefault("_eye_cache", {})
-        key = (n, dtype, device)
-        if key not in cache:
-            cache[key] = torch.eye(n, dtype=dtype, device=device)
-        return cache[key]
+        if (n, dtype, device) not in cache:
+            cache[n, dtype, device] = torch.eye(n, dtype=dtype, device=device)
+        return cache[n, dtype, device]
 
     def _qkv(self, h: torch.Tensor):
         """h [B, n, d] -> q, k, v [B, heads, n, head_dim] (timm's projection and qk norms) and
@@ -150,11 +142,14 @@ class StreamBlock(Block):
     def forward_streams(
         self, x: torch.Tensor, e: torch.Tensor | None, adapters: BlockAdapters = NO_ADAPTERS
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block on main tokens x [B, T, d] and early tokens e [B, E, d] (or None)."""
+        """One block on main tokens x [B, T, d] (``c_K, R, P``) and early tokens e [B, E, d] (or
+        None). x runs unmasked, flash-eligible attention; e attends to the main keys / values of
+        ``R, P`` and to its own (the ``c_K`` column replaced by the token's own score and value),
+        reading the main keys and values in place as strided views of the qkv projection: nothing
+        of size T is copied. Nothing in the main path reads e."""
         adapt_attn, adapt_mlp, parallel = adapters
         if adapt_attn is not None:
-            x = adapt_attn(x, "main")
-            e = adapt_attn(e, "early") if e is not None else None
+            x, e = adapt_attn(x, "main"), None if e is None else adapt_attn(e, "early")
         h = self.norm1(x)
         q, k, v, kv = self._qkv(h)
         x_attn = self._out(self._attend_main(q, k, v), h)
@@ -164,8 +159,7 @@ class StreamBlock(Block):
             e = e + self._out(self._attend_early(q_e, k_e, v_e, k, v, kv), h_e)
         x = x + x_attn
         if adapt_mlp is not None:
-            x = adapt_mlp(x, "main")
-            e = adapt_mlp(e, "early") if e is not None else None
+            x, e = adapt_mlp(x, "main"), None if e is None else adapt_mlp(e, "early")
         x = x + self._mlp(x, parallel)
         if e is not None:
             e = e + self._mlp(e, parallel)
@@ -357,15 +351,14 @@ class MultiExitViT(nn.Module):
         """Boolean [T, T] over ``[c_1..c_{K-1}, c_K, R, P]``: True where a query (row) may attend
         to a key (column)."""
         key = ("mask", n_early, num_tokens, device)
-        mask = self._joint_cache.get(key)
-        if mask is None:
+        if key not in self._joint_cache:
             mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool, device=device)
             mask[n_early:, n_early:] = True  # c_K, R, P: the plain ViT
             early = torch.arange(n_early, device=device)
             mask[early, early] = True  # c_k sees itself ...
             mask[:n_early, n_early + 1 :] = True  # ... and R, P, not c_K nor other c_j
             self._joint_cache[key] = mask
-        return mask
+        return self._joint_cache[key]
 
     def gamma_rows(self, stage: int) -> tuple[int, slice]:
         """E-adapter gamma rows of `stage`'s main stream (one exit) and early tokens (one each)."""
@@ -379,14 +372,12 @@ class MultiExitViT(nn.Module):
         if not self.exit_specific:
             return 0
         key = ("gamma", stage, num_tokens, device)
-        index = self._joint_cache.get(key)
-        if index is None:
+        if key not in self._joint_cache:
             main_row, early_rows = self.gamma_rows(stage)
             rows = [*range(early_rows.start, early_rows.stop)]
             rows += [main_row] * (num_tokens - len(rows))
-            index = torch.tensor(rows, dtype=torch.long, device=device)
-            self._joint_cache[key] = index
-        return index
+            self._joint_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._joint_cache[key]
 
     def block_adapters(
         self, block: int, stage: int, joint_rows: int | torch.Tensor | None = None

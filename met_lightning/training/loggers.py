@@ -35,8 +35,7 @@ WANDB_HOST = "https://api.wandb.ai"
 
 def wandb_api_key() -> str | None:
     """The key wandb would use: WANDB_API_KEY, else the one `wandb login` stored in ~/.netrc."""
-    key = os.environ.get("WANDB_API_KEY")
-    if key:
+    if key := os.environ.get("WANDB_API_KEY"):
         return key
     try:
         host = urlparse(os.environ.get("WANDB_BASE_URL", WANDB_HOST)).hostname
@@ -91,10 +90,10 @@ def make_wandb(item: DictConfig) -> WandbLogger | None:
 
 def build_loggers(group: DictConfig | None) -> list[Logger]:
     """Instantiate every `_target_` entry of the `logger` group (wandb through `make_wandb`)."""
-    items = [item for item in (group or {}).values() if item and "_target_" in item]
     loggers = [
         make_wandb(i) if str(i["_target_"]).endswith("WandbLogger") else instantiate(i)
-        for i in items
+        for i in (group or {}).values()
+        if i and "_target_" in i
     ]
     return [logger for logger in loggers if logger is not None]
 
@@ -212,6 +211,5 @@ def rewind_csv(loggers: list[Logger], step: int) -> None:
     """Resuming from a checkpoint at `step`: drop metrics.csv rows of the lost part of the run."""
     for logger in loggers:
         if isinstance(logger, CSVLogger) and rank_zero_only.rank == 0:
-            dropped = logger.experiment.drop_after(step)
-            if dropped:
+            if dropped := logger.experiment.drop_after(step):
                 log.info("metrics.csv: %d row(s) after step %d dropped", dropped, step)

@@ -313,8 +313,7 @@ class MultiExitClassifier(L.LightningModule):
                 if path and os.path.isfile(path)
             ]
             start = trainer.ckpt_path
-        last = max(saved, key=os.path.getmtime) if saved else ""
-        if last:
+        if last := max(saved, key=os.path.getmtime, default=""):
             kept = f"the last good checkpoint is {last}"
         elif start:
             kept = f"this run wrote no checkpoint; it started from {start}"
