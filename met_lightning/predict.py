@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +175,7 @@ def print_results(rows: list[dict[str, Any]], totals: dict[str, Any], show: int)
 
 
 _task = user_task(predict)
-
-
-def main() -> None:
-    """Console entry point (`met-predict`)."""
-    hydra_app("predict", _task)
+main = partial(hydra_app, "predict", _task)  # the console entry point `met-predict`
 
 
 if __name__ == "__main__":

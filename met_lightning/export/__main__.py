@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -58,11 +59,7 @@ def export(cfg: DictConfig) -> dict:
 
 
 _task = user_task(export)
-
-
-def main() -> None:
-    """Console entry point (`met-export`)."""
-    hydra_app("export", _task)
+main = partial(hydra_app, "export", _task)  # the console entry point `met-export`
 
 
 if __name__ == "__main__":
