@@ -64,7 +64,9 @@ class _StraightThrough(torch.autograd.Function):
         return grad
 
 
-binarize = _StraightThrough.apply  # the 1-bit version of a weight, with a straight-through gradient
+def binarize(weight: torch.Tensor) -> torch.Tensor:
+    """The 1-bit version of `weight`, differentiable with a straight-through gradient."""
+    return _StraightThrough.apply(weight)
 
 
 class QuantLinear(nn.Linear):
