@@ -60,8 +60,7 @@ def build_backbone(backbone_cfg: Mapping[str, Any], meta: bool = False) -> nn.Mo
         raise CheckpointError(
             f"the checkpoint's backbone._target_={target!r} is not one of {sorted(BACKBONES)}"
         )
-    unknown = sorted(set(config) - set(BACKBONE_KEYS))
-    if unknown:
+    if unknown := sorted(set(config) - set(BACKBONE_KEYS)):
         raise CheckpointError(f"the checkpoint's backbone has unknown keys {unknown[:5]}")
     name = config.get("name")
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):

@@ -49,8 +49,7 @@ def check_moved_overrides(overrides: list[str]) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed training config before anything is built; raise ConfigError if wrong."""
-    unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
-    if unknown:
+    if unknown := sorted(set(cfg.keys()) - TOP_LEVEL_KEYS):
         raise ConfigError(f"unknown top-level config key(s) {unknown}; valid keys: "
                           f"{sorted(TOP_LEVEL_KEYS)}")  # fmt: skip
     for old in MOVED_KEYS:
@@ -130,10 +129,8 @@ def check_target_node(node: DictConfig, key: str) -> None:
             raise ConfigError(
                 f"{key}.{name}: unknown key; {hint}({target.rsplit('.', 1)[-1]} takes: {listed})"
             )
-        if isinstance(value, str):
-            wanted = _non_string_kind(params[name].annotation)
-            if wanted:
-                raise ConfigError(f"{key}.{name}={value!r} must be {wanted}, not a string")
+        if isinstance(value, str) and (wanted := _non_string_kind(params[name].annotation)):
+            raise ConfigError(f"{key}.{name}={value!r} must be {wanted}, not a string")
         if params[name].annotation in (bool, "bool") and not isinstance(value, bool):
             raise ConfigError(f"{key}.{name}={value!r} must be true or false")
 

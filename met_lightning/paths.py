@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,13 +69,11 @@ def host_reachable(url: str, timeout: float = 3.0) -> bool:
     result: list[bool] = []
 
     def probe() -> None:
-        try:
+        with suppress(OSError, ValueError):  # unreachable: no result
             socket.create_connection((parsed.hostname, port), timeout=timeout).close()
             result.append(True)
-        except (OSError, ValueError):
-            result.append(False)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(result and result[0])
+    return bool(result)

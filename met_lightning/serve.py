@@ -272,17 +272,16 @@ class RequestGuard:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return Rejected(413, f"request body of {declared} bytes is too large; {limit}")
-        chunks, size, more = [], 0, True
+        received, more = bytearray(), True
         while more:
             message = await receive()
             if message["type"] != "http.request":
                 return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
+            received += message.get("body", b"")
+            if len(received) > self.max_bytes:
                 return Rejected(413, f"request body over {self.max_bytes} bytes; {limit}")
             more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = bytes(received)
         if media == "application/json":
             return json_body(body)
         return await form_problem(scope, body) or body
@@ -430,8 +429,7 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
 
     def publish(self, decision: Decision, signals: Signals) -> None:
         """Log a decision, set the metrics; a change (or the start) goes to /info too."""
-        controller = self.controller
-        point, agreement = controller.point, controller.agreement
+        point, agreement = self.controller.point, self.controller.agreement
         self.metrics.point.set(decision.index)
         self.metrics.point_macs.set(point.mean_macs)
         if agreement is not None:
@@ -440,7 +438,7 @@ class EarlyExitAPI(ls.LitAPI if ls is not None else object):
             "time": time.time(), "worker": os.getpid(), "point": point.label,
             "index": decision.index, "reason": decision.reason, "rate": signals.arrival_rate,
             "waiting": signals.waiting, "p95_ms": signals.p95_ms, "agreement": agreement,
-            "guard_samples": controller.sampled,
+            "guard_samples": self.controller.sampled,
         }  # fmt: skip
         if not (decision.changed or decision.reason == "start"):
             log.debug("slo: %s", record)

@@ -115,8 +115,7 @@ class LoadBoard:
         with self.array.get_lock():
             self.array[1] -= 1
             slot = int(self.array[2])
-            self.array[3 + 2 * slot] = now
-            self.array[4 + 2 * slot] = latency_s
+            self.array[3 + 2 * slot : 5 + 2 * slot] = [now, latency_s]
             self.array[2] = (slot + 1) % RING
 
     def read(self, window_s: float, now: float | None = None) -> tuple[float, float, float | None]:
@@ -125,6 +124,5 @@ class LoadBoard:
         with self.array.get_lock():
             raw = self.array[:]
         recent = sorted(raw[4 + 2 * i] for i in range(RING) if 0 < now - raw[3 + 2 * i] <= window_s)
-        if not recent:
-            return raw[0], raw[1], None
-        return raw[0], raw[1], 1000 * recent[max(math.ceil(0.95 * len(recent)) - 1, 0)]
+        p95 = 1000 * recent[max(math.ceil(0.95 * len(recent)) - 1, 0)] if recent else None
+        return raw[0], raw[1], p95

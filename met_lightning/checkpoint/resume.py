@@ -293,12 +293,10 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat or {prefix[:-1]: {}}
-    return {prefix[:-1]: value}
+    if not isinstance(value, dict) or not value:  # a leaf, or an empty mapping as one
+        return {prefix[:-1]: value}
+    parts = (_flatten(item, f"{prefix}{key}.") for key, item in value.items())
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -398,8 +396,7 @@ def resume_checkpoint(cfg: DictConfig) -> ResumePoint:
     if origin != here:
         log.info("run folder moved or copied from %s: checkpoint paths re-rooted", origin)
         callbacks = reroot(callbacks, origin, here)
-    outside = outside_paths(callbacks, checkpoint_folders(cfg))
-    if outside:
+    if outside := outside_paths(callbacks, checkpoint_folders(cfg)):
         raise CheckpointError(
             f"resume={cfg.resume}: {last} names files outside the run's checkpoint folders "
             f"({', '.join(map(repr, outside[:3]))}), which the resumed run would delete. A run "

@@ -101,8 +101,7 @@ def check_shapes(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) 
             f"checkpoint {source!r} does not match the network its config builds "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
-    wrong = [n for n in sorted(expected) if shapes[n] != expected[n]]
-    if wrong:
+    if wrong := [n for n in sorted(expected) if shapes[n] != expected[n]]:
         name = wrong[0]
         raise CheckpointError(
             f"checkpoint {source!r}: {name} has shape {list(shapes[name])}, the network its "
@@ -215,8 +214,7 @@ def check_recorded(config: Any, source: str) -> None:
 
     if not isinstance(config, dict):
         fail("is not a mapping")
-    interpolated = _interpolations(config)
-    if interpolated:
+    if interpolated := _interpolations(config):
         fail(f"holds an interpolation (${{...}}) in {interpolated[0]}, which is never resolved")
     for key in ("model", "backbone", "input_spec"):
         if not isinstance(config.get(key), dict):

@@ -138,8 +138,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         """The DataModule's generator on `device`, seeded for one training batch from
         (data.seed, global rank, epoch, batch index): the draws survive a resume."""
         device = torch.device(device)
-        generator = self._generators.get(device)
-        if generator is None:
+        if (generator := self._generators.get(device)) is None:
             generator = self._generators[device] = torch.Generator(device=device)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         generator.manual_seed(augment_seed(self.seed, rank, epoch, batch_idx))

@@ -82,8 +82,7 @@ class _CifarUnpickler(pickle.Unpickler):
         self.path, self.what = path, what
 
     def find_class(self, module: str, name: str) -> object:
-        found = self.allowed.get((module, name))
-        if found is None:
+        if (found := self.allowed.get((module, name))) is None:
             raise DataError(
                 f"{self.what} file {self.path} refers to the Python global {module}.{name}, which "
                 f"{self.what} files never do (it could run code): refused. Delete "

@@ -100,8 +100,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def _scan(self, folder: Path, is_train: bool) -> list[Sample]:
         """(path, label) of every image of `folder`'s class folders, checked."""
         names = class_folders(folder)
-        unknown = sorted(set(names) - set(self.class_names))
-        if unknown:
+        if unknown := sorted(set(names) - set(self.class_names)):
             raise DataError(
                 f"class folder(s) {', '.join(unknown)} in {folder} are not in {self.train_dir}; "
                 f"the classes are the folders of {self.train_dir}"

@@ -195,8 +195,7 @@ def lookup(name: str) -> TvDataset:
     """The table entry of `name` (case, `-` and `_` ignored: fashion_mnist is FashionMNIST); else
     a ConfigError listing the known names, with a did-you-mean."""
     by_key = {_key(known): entry for known, entry in DATASETS.items()}
-    entry = by_key.get(_key(str(name)))
-    if entry is not None:
+    if (entry := by_key.get(_key(str(name)))) is not None:
         return entry
     close = difflib.get_close_matches(_key(str(name)), list(by_key), n=1, cutoff=0.6)
     hint = f" Did you mean {by_key[close[0]].cls}?" if close else ""
@@ -255,8 +254,7 @@ def read_idx_split(folder: Path, split: str, num_classes: int) -> tuple[torch.Te
 def dataset_labels(dataset: Dataset) -> np.ndarray:
     """int64 labels of a torchvision dataset without decoding its images."""
     for attr in ("targets", "labels", "_labels", "y"):
-        value = getattr(dataset, attr, None)
-        if value is not None:
+        if (value := getattr(dataset, attr, None)) is not None:
             return np.asarray(value, dtype=np.int64).reshape(-1)
     samples = getattr(dataset, "_samples", None) or getattr(dataset, "samples", None)
     if samples is not None:
@@ -483,21 +481,18 @@ class TorchvisionDataModule(ImageClassificationDataModule):
                 raise DataError(f"{self.archive} did not give {_braced(self._missing())}")
             return
         for split in SPLITS:
-            kwargs = getattr(self.entry, split)
-            if kwargs is not None:
+            if (kwargs := getattr(self.entry, split)) is not None:
                 self._construct(kwargs, download=True)
 
     # ------------------------------------------------------------------ splits
     def _load(self, split: str) -> tuple[Callable, np.ndarray] | None:
         """(make(indices) -> Dataset, labels) of an official split, None if it has none."""
-        kwargs = getattr(self.entry, split)
-        if kwargs is None:
+        if (kwargs := getattr(self.entry, split)) is None:
             return None
         if self.idx_folder is not None:
             images, labels = read_idx_split(self.idx_folder, split, self.num_classes)
             return self._tensor_maker(images, labels), labels.numpy()
-        if self.entry.cls in cifar.FORMATS:
-            fmt = cifar.FORMATS[self.entry.cls]
+        if fmt := cifar.FORMATS.get(self.entry.cls):
             images, labels, self.class_names = cifar.read_split(self.root / fmt.folder, split, fmt)
             return self._tensor_maker(images, labels), labels.numpy()
         dataset = self._construct(kwargs)
@@ -508,8 +503,7 @@ class TorchvisionDataModule(ImageClassificationDataModule):
             names = getattr(dataset, "classes", None)
             if isinstance(names, list | tuple) and len(names) == self.num_classes:
                 self.class_names = [str(n) for n in names]
-        array = dataset_array(dataset)
-        if array is not None:
+        if (array := dataset_array(dataset)) is not None:
             return self._tensor_maker(array, torch.from_numpy(labels)), labels
         return (lambda idx: TorchvisionImages(dataset, idx, labels, self.input_spec)), labels
 

@@ -268,14 +268,9 @@ def crops_from_draws(
     fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
     first = fits.to(torch.float32).argmax(dim=1, keepdim=True)  # the first fitting attempt
     found = fits.any(dim=1)
-    # torchvision's fallback: a centre crop of the largest box within the aspect range
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fb_w, fb_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fb_w, fb_h = int(round(height * max(ratio))), height
-    else:
-        fb_w, fb_h = width, height
+    # torchvision's fallback: a centre crop of the largest box within the aspect range (a side is
+    # cut only where the image is wider than max(ratio) or taller than min(ratio) allows)
+    fb_w, fb_h = min(width, round(height * max(ratio))), min(height, round(width / min(ratio)))
     crop_w = torch.where(found, crop_w.gather(1, first).squeeze(1), float(fb_w))
     crop_h = torch.where(found, crop_h.gather(1, first).squeeze(1), float(fb_h))
     extra = draws[:, 2 * CROP_ATTEMPTS :]
@@ -364,8 +359,7 @@ class BatchTransform:
             raise ValueError(f"resize mode {self.mode!r} is not one of {', '.join(MODES)}")
         self.augment = bool(augment)
         self.value_max = float(value_max)
-        stats = resolve_normalization(spec, normalize)
-        self.mean, self.std = (None, None) if stats is None else stats
+        self.mean, self.std = resolve_normalization(spec, normalize) or (None, None)
         # mean / std tensors [1, C, 1, 1] per device, made once (a host-to-device copy syncs)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -124,8 +124,7 @@ class Vtab1kDataModule(ImageClassificationDataModule):
             samples.append((path.parent / relative, label))
         if not samples:
             raise DataError(f"VTAB-1K list file {path} lists no images. {PREPARE_HINT}.")
-        missing = [image for image, _ in samples if not image.is_file()]
-        if missing:
+        if missing := [image for image, _ in samples if not image.is_file()]:
             raise DataError(
                 f"{len(missing)} image(s) listed in {path} do not exist: {listing(missing)}. "
                 f"{PREPARE_HINT}"

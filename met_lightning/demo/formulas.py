@@ -56,8 +56,7 @@ def fractal_systems(classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             theta, phi = rng.uniform(0, 2 * math.pi, 2)
             signs = np.diag(rng.choice([-1.0, 1.0], 2))
             A = _rotation(theta) @ np.diag([s1, s2]) @ _rotation(phi) @ signs
-            maps[c, k, :, :2] = A
-            maps[c, k, :, 2] = rng.uniform(-1, 1, 2)
+            maps[c, k] = np.column_stack([A, rng.uniform(-1, 1, 2)])  # A | b
             probs[c, k] = abs(np.linalg.det(A)) + 1e-3
         probs[c] /= probs[c].sum()
     return maps, probs

@@ -149,8 +149,7 @@ class Sources:
         rng = np.random.default_rng(seed)
         n_formula = round(n * self.share)
         n_fractal = n_formula // 2
-        n_glyph = n - n_formula
-        glyphs, glyph_labels = render_glyphs(n_glyph, seed)
+        glyphs, glyph_labels = render_glyphs(n - n_formula, seed)
         parts = [backbone_input(glyphs, spec)]
         labels = [glyph_labels]
         if n_formula:
@@ -257,12 +256,6 @@ def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
     save_file(tensors, str(path), metadata=metadata)
 
 
-def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of backbone file `path` and its metadata, in one read."""
-    with safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
-
-
 def features(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """Class tokens [N, D] of the frozen `model` for grey `images` [N, h, w] (values 0..16)."""
     x = backbone_input(images, InputSpec.from_timm(model))
@@ -347,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
                               **model_kwargs)  # fmt: skip
     init = {}
     if args.init is not None:
-        tensors, metadata = read_backbone(args.init)
+        with safe_open(str(args.init), framework="pt") as f:  # tensors and metadata, one read
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
         init = {"file": str(args.init)}
         if "command" in metadata:
             init["command"] = metadata["command"]

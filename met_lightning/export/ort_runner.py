@@ -35,8 +35,7 @@ EXPORT_HINT = "export again with python -m met_lightning.export checkpoint=RUN o
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest.json of an export folder, checked (`check_manifest`)."""
-    folder = Path(folder)
-    path = folder / MANIFEST
+    path = Path(folder) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: export with python -m met_lightning.export")
     with open(path, "rb") as f:
@@ -176,9 +175,7 @@ def _check_external_data(file: Path, folder: Path, where: str) -> None:
             f"{file} ({where}) is not an ONNX graph ({_first_line(err)}); {EXPORT_HINT}"
         ) from None
     root = os.path.realpath(folder)
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
+    for tensor in filter(uses_external_data, _get_all_tensors(model)):
         location = ExternalDataInfo(tensor).location
         real = os.path.realpath(os.path.join(root, location))
         if os.path.isabs(location) or os.path.commonpath([root, real]) != root:

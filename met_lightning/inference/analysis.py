@@ -158,9 +158,7 @@ def curve_rows(report: BudgetReport) -> tuple[list[str], list[list[Any]]]:
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buffer).writerows([header, *rows])
     return write_text(path, buffer.getvalue())
 
 

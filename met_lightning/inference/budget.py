@@ -126,10 +126,9 @@ def forced_thresholds(exit_index: int, num_exits: int) -> tuple[float, ...]:
 
 def anytime_points(scores: SplitScores, exit_macs: Sequence[int]) -> list[BudgetPoint]:
     """Every image out at exit k, for each k: each exit's own accuracy at its own cost."""
-    k_exits = scores.num_exits
     return [
-        evaluate(scores, forced_thresholds(k, k_exits), exit_macs, f"exit {k + 1} only")
-        for k in range(k_exits)
+        evaluate(scores, forced_thresholds(k, scores.num_exits), exit_macs, f"exit {k + 1} only")
+        for k in range(scores.num_exits)
     ]
 
 

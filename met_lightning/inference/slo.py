@@ -69,8 +69,7 @@ class CostModel:
     sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     def measured(self, macs: float, seconds: float) -> CostModel:
-        d = self.decay
-        w, x, y, xx, xy = (d * s for s in self.sums)
+        w, x, y, xx, xy = (self.decay * s for s in self.sums)
         w, x, y, xx, xy = w + 1, x + macs, y + seconds, xx + macs * macs, xy + macs * seconds
         overhead, slope = self.overhead_s, self.s_per_mac
         spread = w * xx - x * x
@@ -188,11 +187,9 @@ def decide(
     # recovered: the promise met, not merely "not yet shown to fail" (few samples at a new point)
     recovered = failing is False and signals.guard_agreement >= points[current].agreement
     if recovered and state.guard_floor > 0:
-        floor_freed = replace(state, guard_floor=0)
-        decision, new = decide(points, config, floor_freed, signals, cost)
+        decision, new = decide(points, config, replace(state, guard_floor=0), signals, cost)
         return replace(decision, reason=f"guard: recovered ({agreement}); {decision.reason}"), new
-    floor = state.guard_floor
-    slo = config.slo_ms
+    floor, slo = state.guard_floor, config.slo_ms
     meeting = [i for i in range(floor, top + 1) if predicted[i] <= slo]
     best = max(meeting) if meeting else floor
     load = f"rate {signals.arrival_rate:.1f}/s, waiting {signals.waiting:.0f}"

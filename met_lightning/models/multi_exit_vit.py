@@ -202,8 +202,7 @@ def check_exits(exits: Sequence[int], depth: int, key: str = "model.net.exits") 
     given = [int(e) for e in exits]
     if not given:
         raise ConfigError(f"{key} is empty; give at least the last block, e.g. {key}=[{depth}]")
-    bad = [e for e in given if not (1 <= e <= depth or -depth <= e <= -1)]
-    if bad:
+    if bad := [e for e in given if not (1 <= e <= depth or -depth <= e <= -1)]:
         raise ConfigError(
             f"{key}={given}: block(s) {bad} outside 1..{depth} (the backbone has {depth} "
             f"blocks; exits are 1-based block indices, or -1..-{depth} counted from the end)"

@@ -85,9 +85,8 @@ class BudgetAnalysis(L.Callback):
         # DistributedSampler(shuffle=False) gives rank r the samples r, r + W, ... and pads the
         # last round with the first samples again: interleave the ranks and cut the padding.
         size = min(self._sizes[split], world * len(data.labels))
-        logits = pl_module.all_gather(data.logits).transpose(0, 1).flatten(0, 1)[:size]
-        labels = pl_module.all_gather(data.labels).transpose(0, 1).flatten(0, 1)[:size]
-        return SplitLogits(logits.cpu(), labels.cpu())
+        gathered = (pl_module.all_gather(t).transpose(0, 1).flatten(0, 1)[:size] for t in data)
+        return SplitLogits(*(t.cpu() for t in gathered))  # logits, then labels
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._batches["val"] or not self._batches["test"]:

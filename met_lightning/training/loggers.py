@@ -52,15 +52,13 @@ def wandb_mode() -> str:
     mode = os.environ.get("WANDB_MODE") or "online"
     if mode != "online":
         return mode
-    if not wandb_api_key():
-        warn_once("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline; "
-                  "upload later with `wandb sync <run folder>/wandb/offline-run-*`")  # fmt: skip
-        return "offline"
-    if not host_reachable(os.environ.get("WANDB_BASE_URL", WANDB_HOST)):
-        warn_once("wandb: the server cannot be reached: logging offline; upload later with "
-                  "`wandb sync <run folder>/wandb/offline-run-*`")  # fmt: skip
-        return "offline"
-    return "online"
+    key = wandb_api_key()
+    if key and host_reachable(os.environ.get("WANDB_BASE_URL", WANDB_HOST)):
+        return "online"
+    cause = "the server cannot be reached" if key else "no API key (WANDB_API_KEY or `wandb login`)"
+    warn_once(f"wandb: {cause}: logging offline; upload later with "
+              "`wandb sync <run folder>/wandb/offline-run-*`")  # fmt: skip
+    return "offline"
 
 
 @rank_zero_only

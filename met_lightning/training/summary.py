@@ -76,18 +76,17 @@ def run_summary(  # noqa: ANN001 - net is a MultiExitViT
     stage = "test" if "test/acc" in metrics else "val"
     costs = model_exit_costs(net)
     trainable, total = count_parameters(net)
-    exits = []
-    for k, block in enumerate(net.exits):
-        acc = metrics.get(f"{stage}/acc_exit{k + 1}")
-        exits.append(
-            {
-                "exit": k + 1,
-                "block": block,
-                "accuracy": None if acc is None else float(acc),
-                "macs": costs.to_exit[k],
-                "macs_fraction": costs.fraction(k),
-            }
-        )
+    accuracies = [metrics.get(f"{stage}/acc_exit{k + 1}") for k in range(len(net.exits))]
+    exits = [
+        {
+            "exit": k + 1,
+            "block": block,
+            "accuracy": None if acc is None else float(acc),
+            "macs": costs.to_exit[k],
+            "macs_fraction": costs.fraction(k),
+        }
+        for k, (block, acc) in enumerate(zip(net.exits, accuracies, strict=True))
+    ]
     return {
         "split": stage,
         "exits": exits,
@@ -147,12 +146,11 @@ def report_summary(  # noqa: ANN001 - net is a MultiExitViT
     """Print the summary tables and write them to `output_dir/summary.json`, with `weights` (the
     evaluated and exported ones, `train.exported_weights`) under the key `weights`."""
     summary = {"method": method, **run_summary(net, metrics, budget)}
-    if weights is not None:
-        summary["weights"] = dict(weights)
     console = Console()
     title = "MET run summary" if method == "met" else f"{method} run summary"
     console.print(summary_table(summary, title=title))
     if weights is not None:
+        summary["weights"] = dict(weights)
         console.print(weights_line(weights))
     if summary["budget"] is not None:
         console.print(budget_table(summary["budget"]))
