@@ -93,6 +93,12 @@ def cpu_session(run: Path, **values) -> object:
     return open_session(resolve(SessionOptions(checkpoint=str(run), device="cpu", **values)))
 
 
+def offline_rows(session, pngs: list[bytes]) -> list[dict]:
+    """The session's rows for PNG files, run offline as one batch: what a server must answer."""
+    with torch.inference_mode():
+        return session.classify(list(tensors(session, pngs)))
+
+
 def tensors(session, pngs: list[bytes]) -> torch.Tensor:
     out = []
     for data in pngs:
@@ -575,8 +581,7 @@ def faults(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     pngs = digit_pngs(run, 60)
     session = cpu_session(run, budget=args.budget)
-    with torch.inference_mode():
-        expected = session.rows(session.engine(tensors(session, pngs)))
+    expected = offline_rows(session, pngs)
     thresholds, how = session.plan.thresholds, session.plan.how
     del session
     mix = fault_mix(pngs, expected)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.bench_serve import free_port, wait_healthy
+from experiments.bench_serve import cpu_session, free_port, offline_rows, wait_healthy
 from met_lightning.errors import CheckpointError, ConfigError, MetError
 from met_lightning.predict import predict
 from tests.helpers import entry_config, predict_config
@@ -97,6 +97,19 @@ def upload(path):
 
 def as_json(path):
     return {"json": {"image": base64.b64encode(path.read_bytes()).decode()}}
+
+
+def test_bench_serve_expects_predicts_rows(tiny_run, tmp_path):
+    """The rows `bench_serve --faults` checks served answers against are predict's rows."""
+    inputs = write_digits(tmp_path / "in", range(24))
+    threshold = mixed_threshold(tiny_run, inputs)
+    expected = expected_rows(tiny_run, inputs, thresholds=[threshold])
+    files = sorted(inputs.iterdir())
+    session = cpu_session(tiny_run, thresholds=[threshold])
+    rows = offline_rows(session, [p.read_bytes() for p in files])
+    served = {p.name: {k: r[k] for k in ROW_KEYS} for p, r in zip(files, rows, strict=True)}
+    assert_rows_equal(served, expected)
+    assert len({r["exit"] for r in rows}) == 2  # both exits answer some images
 
 
 @pytest.mark.demo
