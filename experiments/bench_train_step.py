@@ -333,6 +333,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results stem (default results/bench_train_step_"
                    "<device>)")  # fmt: skip
     args = p.parse_args(argv)
+    if 0 < args.trainer_batches <= args.warmup + 1:  # the callback times batches after warm-up
+        p.error(
+            f"--trainer-batches {args.trainer_batches} leaves no batch to time after "
+            f"--warmup {args.warmup}: give at least {args.warmup + 2} (or 0: no Trainer run)"
+        )
     if args.backend is None:
         args.backend = "inductor" if args.device.startswith("cuda") else "aot_eager"
     if args.model == "demo":
