@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,38 @@ def test_sources_mix_glyphs_fractals_and_contours_in_one_label_space() -> None:
     assert torch.equal(x, x2) and torch.equal(y, y2)
     only_glyphs = pretrain.Sources(fractals=5, contours=4, share=0.0, seed=0)
     assert only_glyphs.num_classes == len(SOURCE_CLASSES)
+
+
+def test_epoch_images_are_made_in_seeded_parts_by_a_pool() -> None:
+    """--data-workers W: W parts of about n / W images, part i drawn with data_seed(seed, i); the
+    same images whatever the pool (threads here, spawned processes in the script)."""
+    sources = pretrain.Sources(fractals=5, contours=4, share=0.5, seed=0)
+    x, y = pretrain.epoch_images(sources, 100, 7, SPEC, None, 1)
+    x1, y1 = sources.tensors(100, 7, SPEC)
+    assert torch.equal(x, x1) and torch.equal(y, y1)
+    with ThreadPoolExecutor(3) as pool:
+        x, y = pretrain.epoch_images(sources, 100, 7, SPEC, pool, 3)
+    parts = [sources.tensors(n, pretrain.data_seed(7, i), SPEC) for i, n in enumerate((34, 33, 33))]
+    assert torch.equal(x, torch.cat([p[0] for p in parts]))
+    assert torch.equal(y, torch.cat([p[1] for p in parts]))
+    with ThreadPoolExecutor(4) as pool:  # fewer images than parts: the empty parts are skipped
+        assert pretrain.epoch_images(sources, 3, 7, SPEC, pool, 4)[0].shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("gpu", "--device gpu: not a device; give cpu, cuda or cuda:N"),
+        ("mps", "--device mps: pretraining runs on cpu or cuda"),
+        ("cuda", "--device cuda: no CUDA device is visible here; use --device cpu"),
+    ],
+)
+def test_pretrain_device_is_checked_before_anything_runs(device, reason, capsys) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--device", device])
+    assert reason in capsys.readouterr().err
 
 
 def test_pretrain_writes_the_backbone_and_its_record(tmp_path, monkeypatch) -> None:

@@ -1,7 +1,7 @@
 """Pretrain the demo backbone from scratch on generated images and ship its weights.
 
     python -m met_lightning.demo.pretrain [--epochs E] [--seed S] [--train-size N] [--out PATH]
-        [--formula-share F] [--init EARLIER.safetensors]
+        [--formula-share F] [--init EARLIER.safetensors] [--device cuda] [--data-workers W]
     python -m met_lightning.demo.pretrain --shipped [--out PATH]   # the shipped file, ~3 h CPU
 
 The architecture of `conf/backbone/demo_vit.yaml`, trained on `N` fresh images per epoch, no
@@ -11,17 +11,22 @@ The backbone is saved without its head as fp16 safetensors, next to a JSON recor
 and of transfer checks (logistic-regression probes on the frozen class token, vs random weights:
 scikit-learn's digits, and Fashion-MNIST's 1k protocol where the Debian package is installed).
 A snapshot of the backbone is saved after every epoch (`*.partial.safetensors`) until the end.
+On a GPU (`--device cuda`) the images are still made on the CPU: `--data-workers W` processes
+make each epoch's images in W seeded parts (other images than one process makes, as reproducible).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import multiprocessing as mp
 import shlex
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default: glyphs only (the backbone shipped before; README: how the shipped one was made)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--data-workers", type=int, default=1,
+        help="processes making each epoch's images (1: in this process, the shipped recipe's)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="backbone .safetensors")
     parser.add_argument(
         "--init", type=Path,
@@ -113,8 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--shipped runs the recipe as recorded: give only --out")
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file (an earlier run's --out .safetensors)")
-    if min(args.epochs, args.train_size, args.threads) < 1:
-        parser.error("--epochs, --train-size and --threads must be positive")
+    if min(args.epochs, args.train_size, args.threads, args.data_workers) < 1:
+        parser.error("--epochs, --train-size, --threads and --data-workers must be positive")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device; give cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: pretraining runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     if args.formula_share > 0 and min(args.fractal_classes, args.contour_classes) < 1:
         parser.error("--fractal-classes and --contour-classes must be positive")
     if not 0 <= args.formula_share <= 1:
@@ -164,6 +182,24 @@ class Sources:
         return torch.cat(parts), torch.from_numpy(np.concatenate(labels).astype(np.int64))
 
 
+def _part(sources: Sources, spec: InputSpec, size_seed: tuple[int, int]) -> tuple:
+    x, y = sources.tensors(size_seed[0], size_seed[1], spec)
+    return x.numpy(), y.numpy()  # numpy pickles to the parent without torch's shared memory
+
+
+def epoch_images(
+    sources: Sources, n: int, seed: int, spec: InputSpec, pool: Executor | None, workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sources.tensors(n, seed, spec)`, or with a `pool` of `workers` processes that many parts
+    of about n / workers images, part i drawn with `data_seed(seed, i)`: [n, C, H, W], [n]."""
+    if pool is None:
+        return sources.tensors(n, seed, spec)
+    sizes = [n // workers + (i < n % workers) for i in range(workers)]
+    jobs = [(size, data_seed(seed, i)) for i, size in enumerate(sizes) if size]
+    parts = list(pool.map(functools.partial(_part, sources, spec), jobs))
+    return tuple(torch.from_numpy(np.concatenate(arrays)) for arrays in zip(*parts, strict=True))
+
+
 def backbone_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """Grey `images` [N, h, w] (values 0..16) as the backbone's input [N, C, H, W]."""
     return lowres_to_tensor(images, spec.input_size, spec.mean, spec.std, spec.interpolation)
@@ -173,8 +209,9 @@ def backbone_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of `x` that `model`, in eval mode, classifies as `y`."""
     model.eval()
-    predicted = torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)])
-    return (predicted == y).float().mean().item()
+    device = next(model.parameters()).device
+    predicted = [model(chunk.to(device)).argmax(dim=1) for chunk in x.split(EVAL_BATCH_SIZE)]
+    return (torch.cat(predicted) == y.to(device)).float().mean().item()
 
 
 def warmup_cosine(total_steps: int) -> Callable[[int], float]:
@@ -195,21 +232,27 @@ def train(
     sources: Sources,
     args: argparse.Namespace,
     val: tuple[torch.Tensor, torch.Tensor],
+    pool: Executor | None = None,
 ) -> list[dict[str, float]]:
-    """Train `model` in place; returns per-epoch train loss and val accuracy (+ last train acc).
-    A backbone snapshot is saved after each epoch next to `args.out`."""
+    """Train `model` in place on `args.device` (each epoch's images made by `pool`'s processes,
+    if given); returns per-epoch train loss and val accuracy (+ last train acc). A backbone
+    snapshot is saved after each epoch next to `args.out`."""
     epochs, train_size, seed = args.epochs, args.train_size, args.seed
+    device = torch.device(args.device)
     steps_per_epoch = math.ceil(train_size / BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch))
     history = []
     for epoch in range(epochs):
         started = time.perf_counter()
-        x, y = sources.tensors(train_size, data_seed(seed, epoch), spec)
+        x, y = epoch_images(
+            sources, train_size, data_seed(seed, epoch), spec, pool, args.data_workers
+        )
+        x, y = x.to(device), y.to(device)
         made = time.perf_counter() - started
         model.train()
-        order = torch.randperm(train_size)
-        total_loss = 0.0
+        order = torch.randperm(train_size).to(device)  # the CPU generator on every device
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)  # read once an epoch
         bar = tqdm(order.split(BATCH_SIZE), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for step, idx in enumerate(bar):
             loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=LABEL_SMOOTHING)
@@ -218,12 +261,12 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             schedule.step()
-            total_loss += loss.item()
-            if step % 20 == 0:
+            total_loss += loss.detach()
+            if step % 20 == 0:  # the bar's values: a device-to-host read every 20 steps
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
         record = {
             "epoch": epoch + 1,
-            "train_loss": round(total_loss / steps_per_epoch, 4),
+            "train_loss": round(total_loss.item() / steps_per_epoch, 4),
             "val_acc": round(accuracy(model, *val), 4),
             "data_s": round(made, 1),
             "epoch_s": round(time.perf_counter() - started, 1),
@@ -248,7 +291,7 @@ def partial_path(out: Path) -> Path:
 def save_backbone(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """Save `model`'s weights without the classifier head, in fp16."""
     tensors = {
-        key: value.detach().to(torch.float16).contiguous()
+        key: value.detach().to("cpu", torch.float16).contiguous()
         for key, value in model.state_dict().items()
         if not key.startswith("head.")
     }
@@ -355,7 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name} {model_kwargs}: {n_params / 1e6:.2f} M parameters, input {spec}", flush=True)
     val = sources.tensors(VAL_SIZE, data_seed(args.seed, VAL_STREAM), spec)
-    history = train(model, spec, sources, args, val)
+    model.to(device := torch.device(args.device))
+    if args.data_workers > 1:  # spawned: no copy of this process's CUDA state; 1 thread each
+        spawn = mp.get_context("spawn")
+        with ProcessPoolExecutor(args.data_workers, spawn, torch.set_num_threads, (1,)) as pool:
+            history = train(model, spec, sources, args, val, pool)
+    else:
+        history = train(model, spec, sources, args, val)
+    model.cpu()
 
     record = {
         "command": shlex.join(["python", "-m", "met_lightning.demo.pretrain", *argv]),
@@ -418,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
             "matplotlib": matplotlib.__version__,
         },
         threads=args.threads,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        data_workers=args.data_workers,
     )
     record_file = args.out.with_suffix(".json")
     record_file.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
