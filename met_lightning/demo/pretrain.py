@@ -133,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: pretraining runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+    args.device = device  # parsed once: train() and main() use the torch.device
     if args.formula_share > 0 and min(args.fractal_classes, args.contour_classes) < 1:
         parser.error("--fractal-classes and --contour-classes must be positive")
     if not 0 <= args.formula_share <= 1:
@@ -237,8 +238,7 @@ def train(
     """Train `model` in place on `args.device` (each epoch's images made by `pool`'s processes,
     if given); returns per-epoch train loss and val accuracy (+ last train acc). A backbone
     snapshot is saved after each epoch next to `args.out`."""
-    epochs, train_size, seed = args.epochs, args.train_size, args.seed
-    device = torch.device(args.device)
+    epochs, train_size, seed, device = args.epochs, args.train_size, args.seed, args.device
     steps_per_epoch = math.ceil(train_size / BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch))
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name} {model_kwargs}: {n_params / 1e6:.2f} M parameters, input {spec}", flush=True)
     val = sources.tensors(VAL_SIZE, data_seed(args.seed, VAL_STREAM), spec)
-    model.to(device := torch.device(args.device))
+    model.to(args.device)
     if args.data_workers > 1:  # spawned: no copy of this process's CUDA state; 1 thread each
         spawn = mp.get_context("spawn")
         with ProcessPoolExecutor(args.data_workers, spawn, torch.set_num_threads, (1,)) as pool:
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
             "matplotlib": matplotlib.__version__,
         },
         threads=args.threads,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         data_workers=args.data_workers,
     )
     record_file = args.out.with_suffix(".json")
